@@ -1,0 +1,11 @@
+//! Data formats shared by every process: tokenizers, the built-in addition corpus, the data plan, and the corpus
+//! loader that turns a [`crate::spec::DataSpec`] into train/validation token streams.
+
+pub mod addition;
+pub mod corpus;
+pub mod plan;
+pub mod tokenizer;
+
+pub use corpus::Corpus;
+pub use plan::DataPlan;
+pub use tokenizer::Tokenizer;

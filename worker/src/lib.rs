@@ -1,0 +1,16 @@
+//! lockstep-worker: everything that touches tensors. The GPT model, its parameters in canonical order, the
+//! optimizer and learning-rate schedule, checkpoints, the gradient collectives (TCP ring on CPU), and the training
+//! loop driven by the coordinator's assignment over one gRPC session.
+//!
+//! It must not make run-level decisions (membership, when the run ends, which checkpoint counts): those are the
+//! coordinator's. It must not make the math depend on the world size (DESIGN §3).
+
+pub mod checkpoint;
+pub mod collective;
+pub mod error;
+pub mod generate;
+pub mod model;
+pub mod optim;
+pub mod params;
+
+pub use error::Error;
