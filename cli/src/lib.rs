@@ -1,1 +1,12 @@
-pub fn x(){}
+//! lockstep-cli: the `lockstep` command — the user's single entry point. `run` launches a local coordinator and
+//! workers and shows progress; `status` asks a coordinator; `bench` measures. It owns no training logic of its own:
+//! it starts the daemons, talks gRPC to them, and loads checkpoints through lockstep-worker for evaluation.
+
+pub mod bench;
+pub mod demo;
+pub mod error;
+pub mod procs;
+pub mod run;
+pub mod status_view;
+
+pub use error::Error;

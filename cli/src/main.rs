@@ -1,1 +1,289 @@
-fn main(){}
+//! `lockstep`: run a local training run, ask a coordinator for status, measure throughput.
+//!
+//! ```text
+//! lockstep run                      # the built-in addition demo: coordinator + 2 workers on 127.0.0.1
+//! lockstep status --coordinator http://HOST:7070 [--json] [--watch]
+//! lockstep bench train|allreduce
+//! ```
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use lockstep_cli::{bench, demo, run, status_view};
+use lockstep_common::RunSpec;
+use lockstep_common::data::corpus::Split;
+use lockstep_common::proto::coordinator_client::CoordinatorClient;
+use lockstep_common::proto::{GetStatusRequest, RunState, WatchStatusRequest};
+use lockstep_common::spec::DataSource;
+
+#[derive(Debug, Parser)]
+#[command(name = "lockstep", version, about = "Data-parallel GPT training: one fast, dependable binary")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Train on this host: a coordinator and N workers on 127.0.0.1 (default: the built-in addition demo).
+    Run(RunArgs),
+    /// Show a coordinator's run: state, step, loss, throughput, ETA and one row per worker.
+    Status(StatusArgs),
+    /// Measure training-step and all-reduce throughput (figures for docs/BENCHMARKS.md).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Worker processes to start.
+    #[arg(long, default_value_t = 2)]
+    workers: u32,
+    /// A TOML run spec (default: the built-in demo). Its cluster settings are replaced for a local run.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override train.total_steps.
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Run directory for run.toml, logs/ and checkpoints/ (default: runs/<run name>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// CPU threads per worker (default: cores / workers, at least 1).
+    #[arg(long)]
+    threads_per_worker: Option<usize>,
+    /// No progress bar (e.g. in CI logs).
+    #[arg(long)]
+    no_progress: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct StatusArgs {
+    #[arg(long, env = "LOCKSTEP_COORDINATOR", default_value = "http://127.0.0.1:7070")]
+    coordinator: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Keep printing after every change until the run ends.
+    #[arg(long)]
+    watch: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Training throughput with ms/step split into forward / backward / all-reduce / optimizer.
+    Train {
+        /// Ranks (threads in this process joined by a loopback TCP ring).
+        #[arg(long, default_value_t = 1)]
+        workers: u32,
+        /// Measured steps.
+        #[arg(long, default_value_t = 20)]
+        steps: u64,
+        #[arg(long, default_value_t = 3)]
+        warmup: u64,
+        /// A TOML run spec (default: nanoGPT's CPU shape, 12 sequences per worker).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// CPU threads for tensor math in the whole process (default: 1 per worker).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Ring all-reduce bus bandwidth, 2(n-1)/n × bytes / time, on loopback.
+    Allreduce {
+        /// Comma-separated rank counts.
+        #[arg(long, value_delimiter = ',', default_value = "2,4")]
+        ranks: Vec<u32>,
+        /// Comma-separated buffer sizes in MiB of f32.
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+        mib: Vec<usize>,
+        #[arg(long, default_value_t = 5)]
+        iters: u32,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Bench(BenchCommand::Train { workers, threads, .. }) = &cli.command {
+        let n = threads.unwrap_or(*workers as usize).max(1);
+        // candle sizes its CPU pool from this variable. SAFETY: no other thread exists yet.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run(args) => run_cmd(args).await,
+        Command::Status(args) => status_cmd(args).await,
+        Command::Bench(BenchCommand::Train { workers, steps, warmup, config, .. }) => {
+            let spec = match config {
+                Some(path) => RunSpec::load(Some(&path))?,
+                None => bench::nanogpt_cpu_spec(workers),
+            };
+            let b = tokio::task::spawn_blocking(move || bench::train(&spec, workers, warmup, steps)).await??;
+            println!(
+                "workers {}  params {}  steps {}  {:.0} tokens/s  {:.1} ms/step  (forward {:.1}, backward {:.1}, all-reduce {:.1}, optimizer {:.1})",
+                b.workers, b.params, b.steps, b.tokens_per_sec, b.step_ms, b.forward_ms, b.backward_ms, b.allreduce_ms, b.optimizer_ms
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Allreduce { ranks, mib, iters }) => {
+            for &n in &ranks {
+                for &m in &mib {
+                    let r = tokio::task::spawn_blocking(move || {
+                        lockstep_worker::collective::bench_allreduce(n, m << 20, iters)
+                    })
+                    .await??;
+                    println!(
+                        "ranks {n}  {m:>3} MiB  {:.2} ms/op  bus bandwidth {:.2} GB/s",
+                        r.secs_per_op * 1e3,
+                        r.bus_gbps
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn run_cmd(args: RunArgs) -> anyhow::Result<ExitCode> {
+    if args.workers == 0 {
+        anyhow::bail!("--workers must be at least 1");
+    }
+    let mut spec = match &args.config {
+        Some(path) => RunSpec::load(Some(path))?,
+        None => RunSpec::load(None)?,
+    };
+    let demo_cluster = demo::demo_spec(args.workers).cluster;
+    spec.cluster.listen = demo_cluster.listen;
+    spec.cluster.min_workers = args.workers;
+    spec.cluster.max_workers = args.workers;
+    if let Some(steps) = args.steps {
+        spec.train.total_steps = steps;
+        spec.train.warmup_steps = spec.train.warmup_steps.min(steps);
+    }
+    let out = args.out.unwrap_or_else(|| PathBuf::from("runs").join(&spec.run.name));
+    if args.config.is_none() {
+        spec.checkpoint.dir = out.join("checkpoints");
+    }
+    spec.validate()?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = args.threads_per_worker.unwrap_or((cores / args.workers as usize).max(1));
+    println!(
+        "lockstep run: {} ({} steps, global batch {}, {} worker(s) × {} thread(s)); logs in {}",
+        spec.run.name,
+        spec.train.total_steps,
+        spec.train.global_batch,
+        args.workers,
+        threads,
+        out.join("logs").display()
+    );
+    let opts = run::RunOptions {
+        spec: spec.clone(),
+        workers: args.workers,
+        out: out.clone(),
+        threads_per_worker: threads,
+        progress: !args.no_progress,
+    };
+    let summary = run::run_local(opts, interrupted()).await?;
+    if summary.interrupted {
+        eprintln!("interrupted: every process was stopped; logs are in {}", out.join("logs").display());
+        return Ok(ExitCode::from(130));
+    }
+    let s = &summary.status;
+    if s.state != RunState::Finished as i32 {
+        eprintln!("error: run failed: {}; logs are in {}", s.error, out.join("logs").display());
+        return Ok(ExitCode::FAILURE);
+    }
+    println!(
+        "finished {} steps in {}: loss {}  val loss {}  {}",
+        s.step,
+        status_view::duration(s.elapsed_secs),
+        s.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        s.val_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        status_view::rate(s.tokens_per_sec)
+    );
+    println!("checkpoint: {}", s.last_checkpoint);
+    let ckpt = PathBuf::from(&s.last_checkpoint);
+    if spec.data.source == DataSource::Addition {
+        let spec2 = spec.clone();
+        let acc = tokio::task::spawn_blocking(move || demo::addition_accuracy(&ckpt, &spec2, usize::MAX))
+            .await?
+            .context("evaluate the checkpoint")?;
+        println!(
+            "addition accuracy on {} held-out problems: {:.1}% ({} / {})",
+            acc.total,
+            100.0 * acc.fraction(),
+            acc.correct,
+            acc.total
+        );
+        for sample in acc.samples.iter().take(6) {
+            let prompt = sample.prompt.trim_end_matches('=');
+            println!(
+                "  {prompt} = {:<5} {}",
+                demo::readable_answer(&sample.got),
+                if sample.correct() { "✓".to_string() } else { format!("✗ (expected {})", demo::readable_answer(&sample.expected)) }
+            );
+        }
+    } else {
+        let corpus = lockstep_common::data::Corpus::load(&spec)?;
+        let (prompt, _) = corpus.window(Split::Val, 0);
+        let prompt = prompt[..prompt.len().min(16)].to_vec();
+        let text = tokio::task::spawn_blocking(move || demo::sample_text(&ckpt, &prompt, 200)).await??;
+        println!("sample:\n{text}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn status_cmd(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let channel = tonic::transport::Endpoint::from_shared(args.coordinator.clone())
+        .with_context(|| format!("--coordinator {}: not a URL; use http://HOST:PORT", args.coordinator))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the coordinator at {}; is it running?", args.coordinator))?;
+    let mut client = CoordinatorClient::new(channel);
+    let show = |s: &lockstep_common::proto::RunStatus| {
+        if args.json {
+            println!("{}", status_view::to_json(s));
+        } else {
+            println!("{}", status_view::render_table(s));
+        }
+    };
+    if args.watch {
+        let mut stream = client.watch_status(WatchStatusRequest {}).await?.into_inner();
+        while let Some(s) = stream.message().await? {
+            show(&s);
+        }
+    } else {
+        let s = client.get_status(GetStatusRequest {}).await?.into_inner();
+        show(&s);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn interrupted() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    } else {
+        let _ = ctrl_c.await;
+    }
+}

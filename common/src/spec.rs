@@ -304,7 +304,7 @@ impl RunSpec {
         if !(0.0..1.0).contains(&m.dropout) {
             return bad("model.dropout", m.dropout, "must be in [0, 1)");
         }
-        if !(m.init_std > 0.0) {
+        if m.init_std.is_nan() || m.init_std <= 0.0 {
             return bad("model.init_std", m.init_std, "must be positive");
         }
         if t.seq_len == 0 || t.seq_len > m.block_size {
@@ -319,7 +319,7 @@ impl RunSpec {
         if t.total_steps == 0 {
             return bad("train.total_steps", t.total_steps, "must be at least 1");
         }
-        if !(t.lr > 0.0) || !t.lr.is_finite() {
+        if !t.lr.is_finite() || t.lr <= 0.0 {
             return bad("train.lr", t.lr, "must be a positive number");
         }
         if !(0.0..=t.lr).contains(&t.min_lr) {
@@ -334,13 +334,13 @@ impl RunSpec {
         if !(0.0..1.0).contains(&t.beta2) {
             return bad("train.beta2", t.beta2, "must be in [0, 1)");
         }
-        if !(t.eps > 0.0) {
+        if t.eps.is_nan() || t.eps <= 0.0 {
             return bad("train.eps", t.eps, "must be positive");
         }
-        if !(t.weight_decay >= 0.0) {
+        if t.weight_decay.is_nan() || t.weight_decay < 0.0 {
             return bad("train.weight_decay", t.weight_decay, "must be zero or positive");
         }
-        if !(t.grad_clip >= 0.0) {
+        if t.grad_clip.is_nan() || t.grad_clip < 0.0 {
             return bad("train.grad_clip", t.grad_clip, "must be zero (off) or positive");
         }
         if c.min_workers == 0 {
@@ -516,5 +516,32 @@ mod tests {
         let diff = a.training_diff(&b);
         assert_eq!(diff, vec!["train.global_batch: 32 vs 64".to_string()]);
         assert_ne!(a.training_hash(), b.training_hash());
+    }
+}
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    /// The shipped examples must stay valid as the spec evolves.
+    #[test]
+    fn every_deploy_example_parses_and_validates() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                RunSpec::load_with_env(Some(&path), vec![]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 3);
+    }
+
+    /// The fully written-out demo equals the defaults it documents.
+    #[test]
+    fn addition_example_is_the_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/addition.toml");
+        assert_eq!(RunSpec::load_with_env(Some(&path), vec![]).unwrap(), RunSpec::default());
     }
 }

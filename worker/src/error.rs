@@ -18,6 +18,9 @@ pub enum Error {
     #[error("ring peer {peer}: {message}")]
     Ring { peer: String, message: String },
 
+    #[error("ring config: {0}")]
+    RingConfig(String),
+
     #[error("model: {0}")]
     Model(String),
 
@@ -29,6 +32,10 @@ pub enum Error {
 
     #[error("aborted: {0}")]
     Aborted(String),
+
+    /// A bad flag or argument; the message names it.
+    #[error("{0}")]
+    Usage(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

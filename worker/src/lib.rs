@@ -7,10 +7,13 @@
 
 pub mod checkpoint;
 pub mod collective;
+pub mod device;
 pub mod error;
 pub mod generate;
 pub mod model;
 pub mod optim;
 pub mod params;
+pub mod session;
+pub mod trainer;
 
 pub use error::Error;

@@ -1,1 +1,889 @@
-//! (in progress)
+//! The GPT decoder (nanoGPT / GPT-2 architecture), read top to bottom like nanoGPT's `model.py`:
+//! config → LayerNorm → attention → MLP → block → GPT, then the loss and the seeded initialisation.
+//!
+//! Tensor names and layouts are Hugging Face GPT-2's (`transformer.h.0.attn.c_attn.weight`, `Conv1D` weights stored
+//! `[in, out]`), so checkpoints move both ways. Every op used here has a backward pass in candle 0.11: the fused
+//! `layer_norm`/`softmax_last_dim` kernels do not (DESIGN "candle traps"), so LayerNorm and softmax are composed.
+use candle_core::{D, DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use lockstep_common::data::plan::mix;
+use lockstep_common::spec::{ModelSpec, Positions};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::{Value, json};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GptConfig {
+    pub vocab_size: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_embd: usize,
+    pub block_size: usize,
+    pub dropout: f64,
+    pub positions: Positions,
+    pub init_std: f64,
+    pub layer_norm_eps: f64,
+}
+
+impl GptConfig {
+    pub fn from_spec(spec: &ModelSpec, vocab_size: usize) -> Self {
+        Self {
+            vocab_size,
+            n_layer: spec.n_layer,
+            n_head: spec.n_head,
+            n_embd: spec.n_embd,
+            block_size: spec.block_size,
+            dropout: spec.dropout,
+            positions: spec.positions,
+            init_std: spec.init_std,
+            layer_norm_eps: 1e-5,
+        }
+    }
+
+    /// Hugging Face's `GPT2Config` schema, plus a `lockstep` object for what GPT-2 cannot express (sinusoidal
+    /// positions; `transformers` ignores unknown keys).
+    pub fn to_hf_config(&self) -> Value {
+        json!({
+            "model_type": "gpt2",
+            "architectures": ["GPT2LMHeadModel"],
+            "vocab_size": self.vocab_size,
+            "n_positions": self.block_size,
+            "n_ctx": self.block_size,
+            "n_embd": self.n_embd,
+            "n_layer": self.n_layer,
+            "n_head": self.n_head,
+            "n_inner": null,
+            "activation_function": "gelu_new",
+            "resid_pdrop": self.dropout,
+            "embd_pdrop": self.dropout,
+            "attn_pdrop": self.dropout,
+            "layer_norm_epsilon": self.layer_norm_eps,
+            "initializer_range": self.init_std,
+            "scale_attn_weights": true,
+            "scale_attn_by_inverse_layer_idx": false,
+            "reorder_and_upcast_attn": false,
+            "tie_word_embeddings": true,
+            "use_cache": true,
+            "dtype": "float32",
+            "lockstep": { "positions": positions_name(self.positions) },
+        })
+    }
+
+    /// Reads a `GPT2Config` JSON. Architecture fields are required; fields that only matter for training default
+    /// to GPT-2's values. Variants this model does not implement are rejected by name rather than mis-loaded.
+    pub fn from_hf_config(v: &Value) -> Result<Self> {
+        let usize_field = |names: &[&str]| -> Result<usize> {
+            for name in names {
+                if let Some(x) = v.get(name).filter(|x| !x.is_null()) {
+                    return x
+                        .as_u64()
+                        .and_then(|x| usize::try_from(x).ok())
+                        .ok_or_else(|| {
+                            Error::Model(format!(
+                                "config field {name} = {x} is not a non-negative integer"
+                            ))
+                        });
+                }
+            }
+            Err(Error::Model(format!(
+                "config is missing the field {}",
+                names.join(" / ")
+            )))
+        };
+        let f64_field = |name: &str, default: f64| -> Result<f64> {
+            match v.get(name).filter(|x| !x.is_null()) {
+                None => Ok(default),
+                Some(x) => x.as_f64().ok_or_else(|| {
+                    Error::Model(format!("config field {name} = {x} is not a number"))
+                }),
+            }
+        };
+        if !v.is_object() {
+            return Err(Error::Model("config is not a JSON object".into()));
+        }
+        if let Some(act) = v.get("activation_function").and_then(Value::as_str)
+            && !matches!(act, "gelu_new" | "gelu_pytorch_tanh")
+        {
+            return Err(Error::Model(format!(
+                "config field activation_function = {act:?} is not supported (only the tanh GELU, \"gelu_new\")"
+            )));
+        }
+        if v.get("tie_word_embeddings").and_then(Value::as_bool) == Some(false) {
+            return Err(Error::Model(
+                "config field tie_word_embeddings = false is not supported (the LM head is tied)"
+                    .into(),
+            ));
+        }
+        if v.get("scale_attn_by_inverse_layer_idx")
+            .and_then(Value::as_bool)
+            == Some(true)
+        {
+            return Err(Error::Model(
+                "config field scale_attn_by_inverse_layer_idx = true is not supported".into(),
+            ));
+        }
+        let positions = match v.pointer("/lockstep/positions") {
+            None => Positions::Learned,
+            Some(p) => match p.as_str() {
+                Some("learned") => Positions::Learned,
+                Some("sinusoidal") => Positions::Sinusoidal,
+                _ => {
+                    return Err(Error::Model(format!(
+                        "config field lockstep.positions = {p} is not \"learned\" or \"sinusoidal\""
+                    )));
+                }
+            },
+        };
+        let cfg = Self {
+            vocab_size: usize_field(&["vocab_size"])?,
+            n_layer: usize_field(&["n_layer"])?,
+            n_head: usize_field(&["n_head"])?,
+            n_embd: usize_field(&["n_embd"])?,
+            block_size: usize_field(&["n_positions", "n_ctx"])?,
+            dropout: f64_field("resid_pdrop", 0.1)?,
+            positions,
+            init_std: f64_field("initializer_range", 0.02)?,
+            layer_norm_eps: f64_field("layer_norm_epsilon", 1e-5)?,
+        };
+        if let Some(inner) = v.get("n_inner").and_then(Value::as_u64)
+            && inner as usize != 4 * cfg.n_embd
+        {
+            return Err(Error::Model(format!(
+                "config field n_inner = {inner} is not supported (the MLP is 4 * n_embd = {})",
+                4 * cfg.n_embd
+            )));
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.vocab_size == 0 || self.n_layer == 0 || self.block_size == 0 {
+            return Err(Error::Model(format!(
+                "vocab_size ({}), n_layer ({}) and block_size ({}) must all be at least 1",
+                self.vocab_size, self.n_layer, self.block_size
+            )));
+        }
+        if self.n_head == 0 || self.n_embd == 0 || !self.n_embd.is_multiple_of(self.n_head) {
+            return Err(Error::Model(format!(
+                "n_embd ({}) must be a positive multiple of n_head ({})",
+                self.n_embd, self.n_head
+            )));
+        }
+        if self.positions == Positions::Sinusoidal && !self.n_embd.is_multiple_of(2) {
+            return Err(Error::Model(format!(
+                "sinusoidal positions need an even n_embd, not {}",
+                self.n_embd
+            )));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::Model(format!(
+                "dropout {} is not in [0, 1)",
+                self.dropout
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn positions_name(p: Positions) -> &'static str {
+    match p {
+        Positions::Learned => "learned",
+        Positions::Sinusoidal => "sinusoidal",
+    }
+}
+
+/// How a parameter is initialised (GPT-2 / nanoGPT `_init_weights`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ParamInit {
+    Normal(f64),
+    Zeros,
+    Ones,
+}
+
+/// Every parameter of a model with this config: HF name, shape and initialisation, in HF's order. The single
+/// source of truth for `Gpt::new`, `init_varmap` and the checkpoint loader's checks.
+pub fn param_specs(cfg: &GptConfig) -> Vec<(String, Vec<usize>, ParamInit)> {
+    let (c, std) = (cfg.n_embd, cfg.init_std);
+    // GPT-2 scales the residual projections by 1/sqrt(2 * n_layer) so the residual stream's variance does not
+    // grow with depth.
+    let proj_std = std / (2.0 * cfg.n_layer as f64).sqrt();
+    let mut out = vec![(
+        "transformer.wte.weight".to_string(),
+        vec![cfg.vocab_size, c],
+        ParamInit::Normal(std),
+    )];
+    if cfg.positions == Positions::Learned {
+        out.push((
+            "transformer.wpe.weight".to_string(),
+            vec![cfg.block_size, c],
+            ParamInit::Normal(std),
+        ));
+    }
+    for i in 0..cfg.n_layer {
+        let p = |s: &str| format!("transformer.h.{i}.{s}");
+        out.extend([
+            (p("ln_1.weight"), vec![c], ParamInit::Ones),
+            (p("ln_1.bias"), vec![c], ParamInit::Zeros),
+            (
+                p("attn.c_attn.weight"),
+                vec![c, 3 * c],
+                ParamInit::Normal(std),
+            ),
+            (p("attn.c_attn.bias"), vec![3 * c], ParamInit::Zeros),
+            (
+                p("attn.c_proj.weight"),
+                vec![c, c],
+                ParamInit::Normal(proj_std),
+            ),
+            (p("attn.c_proj.bias"), vec![c], ParamInit::Zeros),
+            (p("ln_2.weight"), vec![c], ParamInit::Ones),
+            (p("ln_2.bias"), vec![c], ParamInit::Zeros),
+            (p("mlp.c_fc.weight"), vec![c, 4 * c], ParamInit::Normal(std)),
+            (p("mlp.c_fc.bias"), vec![4 * c], ParamInit::Zeros),
+            (
+                p("mlp.c_proj.weight"),
+                vec![4 * c, c],
+                ParamInit::Normal(proj_std),
+            ),
+            (p("mlp.c_proj.bias"), vec![c], ParamInit::Zeros),
+        ]);
+    }
+    out.push((
+        "transformer.ln_f.weight".to_string(),
+        vec![c],
+        ParamInit::Ones,
+    ));
+    out.push((
+        "transformer.ln_f.bias".to_string(),
+        vec![c],
+        ParamInit::Zeros,
+    ));
+    out
+}
+
+/// Fetches a parameter, refusing to let a `VarMap`-backed builder silently invent a missing one.
+fn param(vb: &VarBuilder, shape: &[usize], name: &str) -> Result<Tensor> {
+    if !vb.contains_tensor(name) {
+        let full = if vb.prefix().is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", vb.prefix())
+        };
+        return Err(Error::Model(format!(
+            "missing parameter {full} (shape {shape:?})"
+        )));
+    }
+    Ok(vb.get(shape, name)?)
+}
+
+/// Seeded dropout masks. candle's CPU RNG cannot be seeded, so masks are drawn on the host from ChaCha8 and
+/// copied to the activation's device: the same seed gives bitwise the same run.
+pub struct DropoutRng {
+    rng: ChaCha8Rng,
+}
+
+impl DropoutRng {
+    pub fn new(seed: u64) -> Self {
+        Self {
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        }
+    }
+
+    /// Inverted dropout: zero with probability `p`, scale survivors by 1/(1-p) so eval needs no rescaling.
+    fn apply(&mut self, x: &Tensor, p: f64) -> Result<Tensor> {
+        let n = x.elem_count();
+        let scale = (1.0 / (1.0 - p)) as f32;
+        let p = p as f32;
+        let mask: Vec<f32> = (0..n)
+            .map(|_| {
+                if self.rng.random::<f32>() < p {
+                    0.0
+                } else {
+                    scale
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        Ok(x.mul(&mask)?)
+    }
+}
+
+fn dropout(x: Tensor, p: f64, rng: &mut Option<&mut DropoutRng>) -> Result<Tensor> {
+    match rng {
+        Some(rng) if p > 0.0 => rng.apply(&x, p),
+        _ => Ok(x),
+    }
+}
+
+/// LayerNorm from composed ops (biased variance, as torch), because candle's fused kernel has no backward.
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn new(vb: VarBuilder, cfg: &GptConfig) -> Result<Self> {
+        let c = cfg.n_embd;
+        Ok(Self {
+            weight: param(&vb, &[c], "weight")?,
+            bias: param(&vb, &[c], "bias")?,
+            eps: cfg.layer_norm_eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?; // [.., 1]
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let xhat = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        Ok(xhat
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)?)
+    }
+}
+
+/// GPT-2's `Conv1D`: a linear layer whose weight is stored `[in, out]`, so y = x·W + b with no transpose.
+struct Conv1D {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Conv1D {
+    fn new(vb: VarBuilder, n_in: usize, n_out: usize) -> Result<Self> {
+        Ok(Self {
+            weight: param(&vb, &[n_in, n_out], "weight")?,
+            bias: param(&vb, &[n_out], "bias")?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, t, n_in) = x.dims3()?;
+        let y = x
+            .reshape((b * t, n_in))?
+            .matmul(&self.weight)?
+            .broadcast_add(&self.bias)?; // [B*T, out]
+        Ok(y.reshape((b, t, ()))?)
+    }
+}
+
+/// softmax(x) = exp(x - max) / sum, with the max detached: it only guards against overflow and cancels out
+/// mathematically, so it needs no gradient.
+fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+struct CausalSelfAttention {
+    c_attn: Conv1D,
+    c_proj: Conv1D,
+    n_head: usize,
+    dropout: f64,
+}
+
+impl CausalSelfAttention {
+    fn new(vb: VarBuilder, cfg: &GptConfig) -> Result<Self> {
+        let c = cfg.n_embd;
+        Ok(Self {
+            c_attn: Conv1D::new(vb.pp("c_attn"), c, 3 * c)?,
+            c_proj: Conv1D::new(vb.pp("c_proj"), c, c)?,
+            n_head: cfg.n_head,
+            dropout: cfg.dropout,
+        })
+    }
+
+    /// `mask`: [T, T], 0 on and below the diagonal, -inf above.
+    fn forward(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        rng: &mut Option<&mut DropoutRng>,
+    ) -> Result<Tensor> {
+        let (b, t, c) = x.dims3()?;
+        let hd = c / self.n_head;
+        let qkv = self.c_attn.forward(x)?; // [B, T, 3C]
+        let heads = |i: usize| -> Result<Tensor> {
+            // [B, T, C] -> [B, nh, T, hd]
+            Ok(qkv
+                .narrow(2, i * c, c)?
+                .reshape((b, t, self.n_head, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
+        let att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?; // [B, nh, T, T]
+        let att = softmax_last_dim(&att.broadcast_add(mask)?)?;
+        let att = dropout(att, self.dropout, rng)?;
+        let y = att.matmul(&v)?; // [B, nh, T, hd]
+        let y = y.transpose(1, 2)?.reshape((b, t, c))?; // re-assemble all head outputs side by side
+        dropout(self.c_proj.forward(&y)?, self.dropout, rng)
+    }
+}
+
+struct Mlp {
+    c_fc: Conv1D,
+    c_proj: Conv1D,
+    dropout: f64,
+}
+
+impl Mlp {
+    fn new(vb: VarBuilder, cfg: &GptConfig) -> Result<Self> {
+        let c = cfg.n_embd;
+        Ok(Self {
+            c_fc: Conv1D::new(vb.pp("c_fc"), c, 4 * c)?,
+            c_proj: Conv1D::new(vb.pp("c_proj"), 4 * c, c)?,
+            dropout: cfg.dropout,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, rng: &mut Option<&mut DropoutRng>) -> Result<Tensor> {
+        // candle's `gelu` is the tanh approximation, i.e. HF's "gelu_new".
+        let h = self.c_fc.forward(x)?.gelu()?; // [B, T, 4C]
+        dropout(self.c_proj.forward(&h)?, self.dropout, rng)
+    }
+}
+
+struct Block {
+    ln_1: LayerNorm,
+    attn: CausalSelfAttention,
+    ln_2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn new(vb: VarBuilder, cfg: &GptConfig) -> Result<Self> {
+        Ok(Self {
+            ln_1: LayerNorm::new(vb.pp("ln_1"), cfg)?,
+            attn: CausalSelfAttention::new(vb.pp("attn"), cfg)?,
+            ln_2: LayerNorm::new(vb.pp("ln_2"), cfg)?,
+            mlp: Mlp::new(vb.pp("mlp"), cfg)?,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        rng: &mut Option<&mut DropoutRng>,
+    ) -> Result<Tensor> {
+        let x = (x + self.attn.forward(&self.ln_1.forward(x)?, mask, rng)?)?;
+        Ok((&x + self.mlp.forward(&self.ln_2.forward(&x)?, rng)?)?)
+    }
+}
+
+enum PositionEmbedding {
+    /// `transformer.wpe.weight`, [block_size, C].
+    Learned(Tensor),
+    /// The fixed table, [block_size, C]; a plain tensor, so autograd never tracks it.
+    Sinusoidal(Tensor),
+}
+
+/// PE[pos, 2i] = sin(pos / 10000^(2i/C)), PE[pos, 2i+1] = cos(pos / 10000^(2i/C)) ("Attention Is All You Need").
+fn sinusoidal_table(block_size: usize, n_embd: usize, device: &Device) -> Result<Tensor> {
+    let mut table = vec![0f32; block_size * n_embd];
+    for pos in 0..block_size {
+        for i in 0..n_embd / 2 {
+            let angle = pos as f64 / 10000f64.powf(2.0 * i as f64 / n_embd as f64);
+            table[pos * n_embd + 2 * i] = angle.sin() as f32;
+            table[pos * n_embd + 2 * i + 1] = angle.cos() as f32;
+        }
+    }
+    Ok(Tensor::from_vec(table, (block_size, n_embd), device)?)
+}
+
+pub struct Gpt {
+    wte: Tensor,
+    wpe: PositionEmbedding,
+    h: Vec<Block>,
+    ln_f: LayerNorm,
+    cfg: GptConfig,
+}
+
+impl Gpt {
+    pub fn new(vb: VarBuilder, cfg: &GptConfig) -> Result<Self> {
+        cfg.validate()?;
+        let vb = vb.pp("transformer");
+        let wte = param(&vb.pp("wte"), &[cfg.vocab_size, cfg.n_embd], "weight")?;
+        let wpe = match cfg.positions {
+            Positions::Learned => PositionEmbedding::Learned(param(
+                &vb.pp("wpe"),
+                &[cfg.block_size, cfg.n_embd],
+                "weight",
+            )?),
+            Positions::Sinusoidal => PositionEmbedding::Sinusoidal(
+                sinusoidal_table(cfg.block_size, cfg.n_embd, vb.device())?.to_dtype(vb.dtype())?,
+            ),
+        };
+        let h = (0..cfg.n_layer)
+            .map(|i| Block::new(vb.pp(format!("h.{i}")), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let ln_f = LayerNorm::new(vb.pp("ln_f"), cfg)?;
+        Ok(Self {
+            wte,
+            wpe,
+            h,
+            ln_f,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &GptConfig {
+        &self.cfg
+    }
+
+    /// Logits [B, T, vocab] for token ids `idx` [B, T] (any integer dtype). `dropout`: `None` = eval mode;
+    /// `Some(rng)` = training, with masks drawn from `rng` (skipped anyway when the config's dropout is 0).
+    pub fn forward(
+        &self,
+        idx: &Tensor,
+        mut dropout_rng: Option<&mut DropoutRng>,
+    ) -> Result<Tensor> {
+        let (b, t) = idx.dims2()?;
+        if t > self.cfg.block_size {
+            return Err(Error::Model(format!(
+                "cannot forward a sequence of length {t}: the block size is only {}",
+                self.cfg.block_size
+            )));
+        }
+        let c = self.cfg.n_embd;
+        let tok_emb = self
+            .wte
+            .index_select(&idx.flatten_all()?, 0)?
+            .reshape((b, t, c))?; // [B, T, C]
+        let pos_emb = match &self.wpe {
+            PositionEmbedding::Learned(w) | PositionEmbedding::Sinusoidal(w) => {
+                w.narrow(0, 0, t)?
+            } // [T, C]
+        };
+        let x = dropout(
+            tok_emb.broadcast_add(&pos_emb)?,
+            self.cfg.dropout,
+            &mut dropout_rng,
+        )?;
+        let mask = causal_mask(t, x.dtype(), x.device())?;
+        let mut x = x;
+        for block in &self.h {
+            x = block.forward(&x, &mask, &mut dropout_rng)?;
+        }
+        let x = self.ln_f.forward(&x)?;
+        // The LM head is tied to the token embedding: logits = h · wteᵀ.
+        let logits = x.reshape((b * t, c))?.matmul(&self.wte.t()?)?; // [B*T, vocab]
+        Ok(logits.reshape((b, t, self.cfg.vocab_size))?)
+    }
+}
+
+/// [T, T]: 0 where a position may attend (itself and earlier), -inf where it may not; added before the softmax.
+fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Ok(Tensor::from_vec(mask, (t, t), device)?.to_dtype(dtype)?)
+}
+
+/// The sum (not the mean) of the token cross-entropies of `logits` [.., vocab] against `targets` [..] (integer
+/// ids), as a scalar f32 tensor. The trainer divides by the global batch's target count (DESIGN §3), so the loss
+/// is the same whatever the world size.
+pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let vocab = logits.dim(D::Minus1)?;
+    let n = targets.elem_count();
+    if logits.elem_count() != n * vocab {
+        return Err(Error::Model(format!(
+            "cross-entropy: logits {:?} do not match targets {:?}",
+            logits.dims(),
+            targets.dims()
+        )));
+    }
+    let logits = logits.reshape((n, vocab))?.to_dtype(DType::F32)?;
+    let max = logits.max_keepdim(1)?.detach(); // [N, 1]; cancels out, so no gradient needed
+    let shifted = logits.broadcast_sub(&max)?;
+    let log_sum_exp = shifted.exp()?.sum_keepdim(1)?.log()?; // [N, 1]
+    let target_logit = shifted.gather(&targets.reshape((n, 1))?, 1)?; // [N, 1]
+    Ok((log_sum_exp - target_logit)?.sum_all()?)
+}
+
+/// A fresh parameter set, deterministic from `seed`. Each tensor draws from its own ChaCha8 stream keyed by
+/// (seed, name), so adding, removing or reordering parameters never changes the others' values.
+pub fn init_varmap(cfg: &GptConfig, seed: u64, device: &Device) -> Result<VarMap> {
+    cfg.validate()?;
+    let varmap = VarMap::new();
+    {
+        let mut data = varmap
+            .data()
+            .lock()
+            .map_err(|_| Error::Model("variable map lock poisoned".into()))?;
+        for (name, shape, init) in param_specs(cfg) {
+            let n: usize = shape.iter().product();
+            let values = match init {
+                ParamInit::Zeros => vec![0f32; n],
+                ParamInit::Ones => vec![1f32; n],
+                ParamInit::Normal(std) => normal_values(mix(seed, name_hash(&name)), n, std),
+            };
+            let var = Var::from_tensor(&Tensor::from_vec(values, shape, device)?)?;
+            data.insert(name, var);
+        }
+    }
+    Ok(varmap)
+}
+
+/// FNV-1a: a stable (platform- and release-independent) hash of a parameter name.
+fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// N(0, std) samples by Box–Muller (in f64, rounded once to f32).
+fn normal_values(seed: u64, n: usize, std: f64) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        // 1 - u lies in (0, 1], so the log is finite.
+        let u1 = 1.0 - rng.random::<f64>();
+        let u2 = rng.random::<f64>();
+        let r = (-2.0 * u1.ln()).sqrt() * std;
+        let theta = 2.0 * std::f64::consts::PI * u2;
+        out.push((r * theta.cos()) as f32);
+        out.push((r * theta.sin()) as f32);
+    }
+    out.truncate(n);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::params::Params;
+
+    fn tiny(positions: Positions, dropout: f64) -> GptConfig {
+        GptConfig {
+            vocab_size: 11,
+            n_layer: 2,
+            n_head: 2,
+            n_embd: 8,
+            block_size: 6,
+            dropout,
+            positions,
+            init_std: 0.02,
+            layer_norm_eps: 1e-5,
+        }
+    }
+
+    fn model(cfg: &GptConfig, seed: u64) -> (VarMap, Gpt) {
+        let vm = init_varmap(cfg, seed, &Device::Cpu).unwrap();
+        let gpt = Gpt::new(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), cfg).unwrap();
+        (vm, gpt)
+    }
+
+    fn batch() -> (Tensor, Tensor) {
+        let idx = Tensor::new(&[[1u32, 2, 3, 4, 5], [6, 7, 8, 9, 10]], &Device::Cpu).unwrap();
+        let tgt = Tensor::new(&[[2u32, 3, 4, 5, 6], [7, 8, 9, 10, 0]], &Device::Cpu).unwrap();
+        (idx, tgt)
+    }
+
+    #[test]
+    fn every_parameter_gets_a_nonzero_gradient() {
+        for positions in [Positions::Learned, Positions::Sinusoidal] {
+            for p in [0.0, 0.1] {
+                let cfg = tiny(positions, p);
+                let (vm, gpt) = model(&cfg, 7);
+                let params = Params::from_varmap(&vm).unwrap();
+                assert_eq!(params.len(), param_specs(&cfg).len());
+                let (idx, tgt) = batch();
+                let mut rng = DropoutRng::new(3);
+                let logits = gpt.forward(&idx, Some(&mut rng)).unwrap();
+                let grads = cross_entropy_sum(&logits, &tgt)
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                for (name, var) in params.names().iter().zip(params.vars()) {
+                    let g = grads
+                        .get(var.as_tensor())
+                        .unwrap_or_else(|| panic!("{name}: no gradient ({positions:?}, p={p})"));
+                    let max = g
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
+                    assert!(
+                        max > 0.0 && max.is_finite(),
+                        "{name}: gradient max |g| = {max} ({positions:?}, p={p})"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn dropout_is_seeded_and_eval_is_deterministic() {
+        let cfg = tiny(Positions::Learned, 0.2);
+        let (_vm, gpt) = model(&cfg, 1);
+        let (idx, _) = batch();
+        let run = |seed| {
+            gpt.forward(&idx, Some(&mut DropoutRng::new(seed)))
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(run(5), run(5));
+        assert_ne!(run(5), run(6));
+        let eval = |m: &Gpt| {
+            m.forward(&idx, None)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(eval(&gpt), eval(&gpt));
+        assert_ne!(eval(&gpt), run(5));
+    }
+
+    #[test]
+    fn causal_future_tokens_do_not_change_past_logits() {
+        let cfg = tiny(Positions::Sinusoidal, 0.0);
+        let (_vm, gpt) = model(&cfg, 2);
+        let a = Tensor::new(&[[1u32, 2, 3, 4]], &Device::Cpu).unwrap();
+        let b = Tensor::new(&[[1u32, 2, 9, 9]], &Device::Cpu).unwrap();
+        let first2 = |x: &Tensor| {
+            gpt.forward(x, None)
+                .unwrap()
+                .narrow(1, 0, 2)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(first2(&a), first2(&b));
+    }
+
+    #[test]
+    fn too_long_input_names_both_lengths() {
+        let cfg = tiny(Positions::Learned, 0.0);
+        let (_vm, gpt) = model(&cfg, 2);
+        let idx = Tensor::zeros((1, 7), DType::U32, &Device::Cpu).unwrap();
+        let err = gpt.forward(&idx, None).err().unwrap().to_string();
+        assert!(err.contains('7') && err.contains('6'), "{err}");
+    }
+
+    #[test]
+    fn seeded_init_is_deterministic_and_order_independent() {
+        let cfg = tiny(Positions::Learned, 0.0);
+        let sum = |seed| {
+            Params::from_varmap(&init_varmap(&cfg, seed, &Device::Cpu).unwrap())
+                .unwrap()
+                .checksum()
+                .unwrap()
+        };
+        assert_eq!(sum(42), sum(42));
+        assert_ne!(sum(42), sum(43));
+        // A tensor's values depend only on (seed, name): the same name in a different model (other layer count,
+        // so a different creation order and set) gets the same values.
+        let deeper = GptConfig {
+            n_layer: 3,
+            ..cfg.clone()
+        };
+        let a = init_varmap(&cfg, 42, &Device::Cpu).unwrap();
+        let b = init_varmap(&deeper, 42, &Device::Cpu).unwrap();
+        let get = |vm: &VarMap, n: &str| {
+            vm.data().lock().unwrap()[n]
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        for name in [
+            "transformer.wte.weight",
+            "transformer.h.1.attn.c_attn.weight",
+        ] {
+            assert_eq!(get(&a, name), get(&b, name), "{name}");
+        }
+    }
+
+    #[test]
+    fn init_has_gpt2_statistics() {
+        let cfg = GptConfig {
+            vocab_size: 500,
+            n_embd: 64,
+            n_head: 4,
+            ..tiny(Positions::Learned, 0.0)
+        };
+        let vm = init_varmap(&cfg, 9, &Device::Cpu).unwrap();
+        let data = vm.data().lock().unwrap();
+        let std = |n: &str| {
+            let v = data[n]
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let mean = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
+            (v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64).sqrt()
+        };
+        assert!((std("transformer.wte.weight") - 0.02).abs() < 0.001);
+        assert!((std("transformer.h.0.mlp.c_proj.weight") - 0.01).abs() < 0.0005); // 0.02 / sqrt(2 * 2)
+        assert_eq!(std("transformer.h.0.ln_1.weight"), 0.0);
+        let ones = data["transformer.ln_f.weight"]
+            .as_tensor()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(ones.iter().all(|&x| x == 1.0));
+    }
+
+    #[test]
+    fn hf_config_round_trip_and_missing_field() {
+        for positions in [Positions::Learned, Positions::Sinusoidal] {
+            let cfg = tiny(positions, 0.1);
+            assert_eq!(GptConfig::from_hf_config(&cfg.to_hf_config()).unwrap(), cfg);
+        }
+        let mut v = tiny(Positions::Learned, 0.0).to_hf_config();
+        v.as_object_mut().unwrap().remove("n_embd");
+        let err = GptConfig::from_hf_config(&v).unwrap_err().to_string();
+        assert!(err.contains("n_embd"), "{err}");
+        let mut v = tiny(Positions::Learned, 0.0).to_hf_config();
+        v["activation_function"] = json!("relu");
+        assert!(
+            GptConfig::from_hf_config(&v)
+                .unwrap_err()
+                .to_string()
+                .contains("activation_function")
+        );
+    }
+
+    #[test]
+    fn missing_parameter_is_named() {
+        let cfg = tiny(Positions::Learned, 0.0);
+        let vm = init_varmap(&cfg, 1, &Device::Cpu).unwrap();
+        vm.data()
+            .lock()
+            .unwrap()
+            .remove("transformer.h.1.mlp.c_fc.bias");
+        let err = Gpt::new(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), &cfg)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("transformer.h.1.mlp.c_fc.bias"), "{err}");
+    }
+
+    #[test]
+    fn cross_entropy_matches_hand_computation() {
+        let logits = Tensor::new(&[[[1f32, 2.0, 3.0], [0.0, 0.0, 0.0]]], &Device::Cpu).unwrap();
+        let targets = Tensor::new(&[[2u32, 1]], &Device::Cpu).unwrap();
+        let got = cross_entropy_sum(&logits, &targets)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let lse = (1f64.exp() + 2f64.exp() + 3f64.exp()).ln();
+        let want = (lse - 3.0) + 3f64.ln();
+        assert!((got as f64 - want).abs() < 1e-6, "{got} vs {want}");
+    }
+}

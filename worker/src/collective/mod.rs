@@ -1,1 +1,56 @@
-//! (in progress)
+//! Gradient collectives: summing flat f32 buffers across the ranks of one generation.
+//!
+//! The training loop holds a `Box<dyn Collective>` and must not be able to tell transports apart:
+//! [`Local`] for a world of one, [`Ring`] (TCP, CPU) now, NCCL later. Every implementation must
+//! leave all ranks with bitwise-identical buffers, because the workers' parameters must stay
+//! bitwise identical after every step, and must fail rather than hang when a peer is gone.
+
+mod bench;
+mod frame;
+mod handshake;
+mod link;
+mod ring;
+#[cfg(test)]
+mod tests;
+
+use std::ops::Range;
+
+pub use bench::{AllReduceBench, bench_allreduce};
+pub use link::RingListener;
+pub use ring::{AbortHandle, Ring, RingConfig};
+
+/// Sums gradient buffers across the ranks of one generation. The training loop holds a
+/// `Box<dyn Collective>` and cannot tell transports apart (TCP ring now, NCCL later).
+pub trait Collective: Send {
+    fn rank(&self) -> u32;
+    fn world_size(&self) -> u32;
+    /// Elementwise sum of `buf` over all ranks, in place. Every rank ends with bitwise-identical
+    /// contents. Fails (never hangs forever) if a peer is gone or slower than the deadline.
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> crate::error::Result<()>;
+}
+
+/// World size 1: all_reduce is a no-op.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Local;
+
+impl Collective for Local {
+    fn rank(&self) -> u32 {
+        0
+    }
+
+    fn world_size(&self) -> u32 {
+        1
+    }
+
+    fn all_reduce_sum(&mut self, _buf: &mut [f32]) -> crate::error::Result<()> {
+        Ok(())
+    }
+}
+
+/// Elements of chunk `i` when `len` elements are cut into `n` contiguous chunks whose sizes differ
+/// by at most one (the first `len % n` chunks get the extra element).
+pub(crate) fn chunk_range(len: usize, n: usize, i: usize) -> Range<usize> {
+    let (base, extra) = (len / n, len % n);
+    let start = i * base + i.min(extra);
+    start..start + base + usize::from(i < extra)
+}

@@ -1,0 +1,31 @@
+//! The one error type of lockstep-cli.
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Common(#[from] lockstep_common::Error),
+
+    #[error(transparent)]
+    Worker(#[from] lockstep_worker::Error),
+
+    #[error("tensor: {0}")]
+    Candle(#[from] candle_core::Error),
+
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+
+    #[error("cannot find the {name} binary next to {beside}; build the workspace (cargo build --release) or put it on PATH")]
+    MissingBinary { name: String, beside: PathBuf },
+
+    #[error("{process}: {message}")]
+    Process { process: String, message: String },
+
+    #[error("coordinator {addr}: {message}")]
+    Coordinator { addr: String, message: String },
+
+    #[error("{0}")]
+    Usage(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,169 @@
+//! How a `RunStatus` is shown: a table for people, JSON for programs (stable field names, enums as strings).
+use std::fmt::Write;
+
+use lockstep_common::proto::{RunState, RunStatus, WorkerState, WorkerStatus};
+use serde_json::{Value, json};
+
+pub fn run_state_name(state: i32) -> &'static str {
+    match RunState::try_from(state).unwrap_or(RunState::Unspecified) {
+        RunState::Waiting => "waiting",
+        RunState::Running => "running",
+        RunState::Finished => "finished",
+        RunState::Failed => "failed",
+        RunState::Unspecified => "unknown",
+    }
+}
+
+pub fn worker_state_name(state: i32) -> &'static str {
+    match WorkerState::try_from(state).unwrap_or(WorkerState::Unspecified) {
+        WorkerState::Joined => "joined",
+        WorkerState::Training => "training",
+        WorkerState::Finished => "finished",
+        WorkerState::Lost => "lost",
+        WorkerState::Unspecified => "unknown",
+    }
+}
+
+pub fn is_terminal(status: &RunStatus) -> bool {
+    matches!(RunState::try_from(status.state), Ok(RunState::Finished | RunState::Failed))
+}
+
+fn worker_json(w: &WorkerStatus) -> Value {
+    json!({
+        "worker_id": w.worker_id,
+        "rank": w.rank,
+        "host": w.host,
+        "device": w.device,
+        "state": worker_state_name(w.state),
+        "last_step": w.last_step,
+        "last_step_ms": w.last_step_ms,
+        "tokens_per_sec": w.tokens_per_sec,
+        "param_checksum": w.param_checksum,
+    })
+}
+
+pub fn to_json(s: &RunStatus) -> Value {
+    json!({
+        "run_name": s.run_name,
+        "state": run_state_name(s.state),
+        "generation": s.generation,
+        "step": s.step,
+        "total_steps": s.total_steps,
+        "last_loss": s.last_loss,
+        "val_loss": s.val_loss,
+        "lr": s.lr,
+        "tokens_per_sec": s.tokens_per_sec,
+        "eta_secs": s.eta_secs,
+        "elapsed_secs": s.elapsed_secs,
+        "world_size": s.world_size,
+        "last_checkpoint": s.last_checkpoint,
+        "error": s.error,
+        "workers": s.workers.iter().map(worker_json).collect::<Vec<_>>(),
+    })
+}
+
+pub fn duration(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+pub fn rate(tokens_per_sec: f64) -> String {
+    if tokens_per_sec >= 1e6 {
+        format!("{:.2}M tok/s", tokens_per_sec / 1e6)
+    } else if tokens_per_sec >= 1e3 {
+        format!("{:.1}k tok/s", tokens_per_sec / 1e3)
+    } else {
+        format!("{tokens_per_sec:.0} tok/s")
+    }
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.4}"))
+}
+
+pub fn render_table(s: &RunStatus) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "run {}  {}  generation {}  world {}  elapsed {}",
+        s.run_name,
+        run_state_name(s.state).to_uppercase(),
+        s.generation,
+        s.world_size,
+        duration(s.elapsed_secs)
+    );
+    let _ = writeln!(
+        out,
+        "step {}/{}  loss {}  val {}  lr {:.2e}  {}  ETA {}",
+        s.step,
+        s.total_steps,
+        opt(s.last_loss),
+        opt(s.val_loss),
+        s.lr,
+        rate(s.tokens_per_sec),
+        s.eta_secs.map_or_else(|| "-".into(), duration)
+    );
+    if !s.last_checkpoint.is_empty() {
+        let _ = writeln!(out, "checkpoint {}", s.last_checkpoint);
+    }
+    if !s.error.is_empty() {
+        let _ = writeln!(out, "error: {}", s.error);
+    }
+    let _ = writeln!(
+        out,
+        "{:<5} {:<20} {:<16} {:<7} {:<9} {:>7} {:>9} {:>12}  CHECKSUM",
+        "RANK", "WORKER", "HOST", "DEVICE", "STATE", "STEP", "STEP MS", "TOK/S"
+    );
+    for w in &s.workers {
+        let rank = if w.rank < 0 { "-".to_string() } else { w.rank.to_string() };
+        let _ = writeln!(
+            out,
+            "{:<5} {:<20} {:<16} {:<7} {:<9} {:>7} {:>9.1} {:>12.0}  {}",
+            rank,
+            w.worker_id,
+            w.host,
+            w.device,
+            worker_state_name(w.state),
+            w.last_step,
+            w.last_step_ms,
+            w.tokens_per_sec,
+            w.param_checksum
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_has_every_field_and_names_states() {
+        let s = RunStatus {
+            run_name: "r".into(),
+            state: RunState::Running as i32,
+            step: 3,
+            total_steps: 10,
+            last_loss: Some(1.5),
+            workers: vec![WorkerStatus { rank: 1, state: WorkerState::Training as i32, ..Default::default() }],
+            ..Default::default()
+        };
+        let v = to_json(&s);
+        assert_eq!(v["state"], "running");
+        assert_eq!(v["last_loss"], 1.5);
+        assert!(v["val_loss"].is_null());
+        assert_eq!(v["workers"][0]["state"], "training");
+        assert!(render_table(&s).contains("step 3/10"));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(duration(5.2), "5s");
+        assert_eq!(duration(65.0), "1m05s");
+        assert_eq!(duration(7300.0), "2h01m");
+    }
+}

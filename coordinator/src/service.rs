@@ -1,0 +1,313 @@
+//! The gRPC adapter: turns sessions into [`Event`]s for the [`RunMachine`] and carries out its [`Action`]s.
+//!
+//! The machine sits behind a plain `std::sync::Mutex`: `handle` is synchronous and short, and outbound messages go
+//! into unbounded channels (a run sends a handful per worker, never one per step), so the lock is never held across
+//! an `.await`. After every event the status is republished on a `watch` channel that `WatchStatus` follows.
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use lockstep_common::proto::{
+    self, CoordinatorMessage, GetStatusRequest, RunStatus, WatchStatusRequest, WorkerMessage,
+    coordinator_server::Coordinator, worker_message::Msg as Up,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::error::Error;
+use crate::machine::{Action, ConnId, Event, RunMachine, RunOutcome};
+
+/// How long a new session may take to send its `Join`.
+pub const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+type Outbound = mpsc::UnboundedSender<Result<CoordinatorMessage, Status>>;
+
+struct Session {
+    outbound: Outbound,
+    /// Dropping this tells the session's reader to stop.
+    _close: oneshot::Sender<()>,
+}
+
+struct Inner {
+    machine: RunMachine,
+    sessions: HashMap<ConnId, Session>,
+}
+
+/// The run machine plus the open sessions, shared by every RPC and by the server's tasks.
+pub struct Shared {
+    inner: Mutex<Inner>,
+    next_conn: AtomicU64,
+    status: watch::Sender<RunStatus>,
+    outcome: watch::Sender<Option<RunOutcome>>,
+    open_sessions: watch::Sender<usize>,
+    stopping: watch::Sender<bool>,
+}
+
+impl Shared {
+    pub fn new(machine: RunMachine) -> Arc<Self> {
+        let status = machine.status(Instant::now());
+        Arc::new(Self {
+            inner: Mutex::new(Inner {
+                machine,
+                sessions: HashMap::new(),
+            }),
+            next_conn: AtomicU64::new(1),
+            status: watch::Sender::new(status),
+            outcome: watch::Sender::new(None),
+            open_sessions: watch::Sender::new(0),
+            stopping: watch::Sender::new(false),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Nothing under this lock is meant to panic; if something did, keep answering status and sessions
+        // rather than turn one bug into a panic in every RPC.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Feeds one event to the machine, carries out its actions and republishes the status.
+    pub fn handle(&self, event: Event) {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let actions = inner.machine.handle(event, now);
+        for action in actions {
+            match action {
+                Action::Send { conn, msg } => match inner.sessions.get(&conn) {
+                    // A send fails only when the response stream is already gone; its reader reports that.
+                    Some(session) => {
+                        let _ = session.outbound.send(Ok(msg));
+                    }
+                    None => debug!(%conn, "message for a closed session dropped"),
+                },
+                Action::Close { conn } => {
+                    inner.sessions.remove(&conn);
+                }
+                Action::RunEnded { outcome } => {
+                    self.outcome.send_replace(Some(outcome));
+                }
+            }
+        }
+        // Published under the lock: two events handled back to back must not publish their statuses in the
+        // opposite order, or watchers could be left looking at a stale one.
+        let status = inner.machine.status(now);
+        self.status.send_if_modified(|old| {
+            // Elapsed time alone is not a change worth a message to every watcher.
+            let mut compare = status.clone();
+            compare.elapsed_secs = old.elapsed_secs;
+            let changed = compare != *old;
+            *old = status;
+            changed
+        });
+    }
+
+    pub fn status_now(&self) -> RunStatus {
+        self.lock().machine.status(Instant::now())
+    }
+
+    pub fn outcome(&self) -> Option<RunOutcome> {
+        self.outcome.borrow().clone()
+    }
+
+    /// Resolves when the run has ended.
+    pub async fn ended(&self) -> RunOutcome {
+        let mut rx = self.outcome.subscribe();
+        // The sender lives in `self`, so waiting cannot fail while `self` is borrowed.
+        if let Ok(outcome) = rx.wait_for(Option::is_some).await
+            && let Some(outcome) = outcome.clone()
+        {
+            return outcome;
+        }
+        std::future::pending().await
+    }
+
+    /// Resolves when no session is open.
+    pub async fn sessions_closed(&self) {
+        let mut rx = self.open_sessions.subscribe();
+        let _ = rx.wait_for(|&n| n == 0).await;
+    }
+
+    /// Resolves once [`Shared::stop`] was called.
+    pub async fn stopped(&self) {
+        let mut rx = self.stopping.subscribe();
+        let _ = rx.wait_for(|&s| s).await;
+    }
+
+    /// Ends every session and status stream, so the gRPC server can shut down gracefully.
+    pub fn stop(&self) {
+        self.stopping.send_replace(true);
+        self.lock().sessions.clear();
+    }
+
+    fn is_stopping(&self) -> bool {
+        *self.stopping.borrow()
+    }
+
+    fn open(&self, conn: ConnId, outbound: Outbound, close: oneshot::Sender<()>) -> Result<(), Error> {
+        let mut inner = self.lock();
+        // Checked under the lock, so `stop` cannot miss a session registered concurrently.
+        if self.is_stopping() {
+            return Err(Error::ShuttingDown);
+        }
+        inner.sessions.insert(
+            conn,
+            Session {
+                outbound,
+                _close: close,
+            },
+        );
+        self.open_sessions.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
+    fn session_ended(&self, conn: ConnId, reason: String) {
+        self.lock().sessions.remove(&conn);
+        // On shutdown every stream closes at once; that is not news about the workers.
+        if !self.is_stopping() {
+            self.handle(Event::Disconnected { conn, reason });
+        }
+        self.open_sessions.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// The `lockstep.v1.Coordinator` service.
+#[derive(Clone)]
+pub struct CoordinatorService {
+    shared: Arc<Shared>,
+}
+
+impl CoordinatorService {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+fn kind(msg: &Up) -> &'static str {
+    match msg {
+        Up::Join(_) => "join",
+        Up::Heartbeat(_) => "heartbeat",
+        Up::Step(_) => "step",
+        Up::Eval(_) => "eval",
+        Up::Checkpoint(_) => "checkpoint",
+        Up::Finished(_) => "finished",
+        Up::Error(_) => "error",
+    }
+}
+
+async fn first_join(inbound: &mut Streaming<WorkerMessage>) -> Result<proto::Join, Error> {
+    let first = tokio::time::timeout(JOIN_TIMEOUT, inbound.message())
+        .await
+        .map_err(|_| Error::JoinTimeout {
+            secs: JOIN_TIMEOUT.as_secs(),
+        })?;
+    match first {
+        Ok(Some(WorkerMessage {
+            msg: Some(Up::Join(join)),
+        })) => Ok(join),
+        Ok(Some(WorkerMessage { msg: Some(other) })) => Err(Error::Protocol(format!(
+            "the first message must be Join, got {}",
+            kind(&other)
+        ))),
+        Ok(Some(WorkerMessage { msg: None })) => Err(Error::Protocol(
+            "the first message must be Join, got an empty message".into(),
+        )),
+        Ok(None) => Err(Error::Protocol("the stream ended before Join".into())),
+        Err(status) => Err(Error::Protocol(format!(
+            "the stream failed before Join: {}",
+            status.message()
+        ))),
+    }
+}
+
+/// Forwards a session's messages to the machine until the stream ends or the coordinator closes it.
+async fn read_session(
+    shared: Arc<Shared>,
+    conn: ConnId,
+    mut inbound: Streaming<WorkerMessage>,
+    mut close: oneshot::Receiver<()>,
+) {
+    let reason = loop {
+        tokio::select! {
+            _ = &mut close => break "closed by the coordinator".to_string(),
+            next = inbound.message() => match next {
+                Ok(Some(WorkerMessage { msg: Some(msg) })) => shared.handle(Event::Message { conn, msg }),
+                Ok(Some(WorkerMessage { msg: None })) => debug!("empty message ignored"),
+                Ok(None) => break "stream closed".to_string(),
+                Err(status) => break format!("stream error: {}", status.message()),
+            },
+        }
+    };
+    info!(%reason, "session ended");
+    shared.session_ended(conn, reason);
+}
+
+type StatusStream = Pin<Box<dyn Stream<Item = Result<RunStatus, Status>> + Send>>;
+
+fn is_final(status: &RunStatus) -> bool {
+    matches!(
+        proto::RunState::try_from(status.state),
+        Ok(proto::RunState::Finished | proto::RunState::Failed)
+    )
+}
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    type SessionStream = UnboundedReceiverStream<Result<CoordinatorMessage, Status>>;
+    type WatchStatusStream = StatusStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<WorkerMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let conn = ConnId(self.shared.next_conn.fetch_add(1, Ordering::Relaxed));
+        let remote = request
+            .remote_addr()
+            .map_or_else(|| "unknown".to_string(), |a| a.to_string());
+        let span = info_span!("session", %conn, %remote, worker = tracing::field::Empty);
+        let shared = self.shared.clone();
+        async move {
+            let mut inbound = request.into_inner();
+            let join = first_join(&mut inbound)
+                .await
+                .inspect_err(|e| warn!(error = %e, "session refused"))?;
+            tracing::Span::current().record("worker", join.worker_id.as_str());
+            let (outbound, rx) = mpsc::unbounded_channel();
+            let (close_tx, close_rx) = oneshot::channel();
+            shared.open(conn, outbound, close_tx)?;
+            shared.handle(Event::Joined { conn, join });
+            tokio::spawn(read_session(shared, conn, inbound, close_rx).in_current_span());
+            Ok(Response::new(UnboundedReceiverStream::new(rx)))
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn get_status(&self, _request: Request<GetStatusRequest>) -> Result<Response<RunStatus>, Status> {
+        let _span = info_span!("get_status").entered();
+        Ok(Response::new(self.shared.status_now()))
+    }
+
+    async fn watch_status(
+        &self,
+        _request: Request<WatchStatusRequest>,
+    ) -> Result<Response<Self::WatchStatusStream>, Status> {
+        let _span = info_span!("watch_status").entered();
+        let shared = self.shared.clone();
+        let rx = self.shared.status.subscribe();
+        // The current snapshot first, then one per change; the final status is the last item.
+        let updates = futures::stream::unfold((rx, true, false), |(mut rx, first, done)| async move {
+            if done || (!first && rx.changed().await.is_err()) {
+                return None;
+            }
+            let status = rx.borrow_and_update().clone();
+            let done = is_final(&status);
+            Some((Ok(status), (rx, false, done)))
+        });
+        let until_stop = Box::pin(async move { shared.stopped().await });
+        Ok(Response::new(Box::pin(updates.take_until(until_stop))))
+    }
+}

@@ -1,0 +1,162 @@
+//! Setting up the two TCP links of a ring member: the listener its predecessor connects to, and
+//! the connection to its successor. Both wait for peers that start late, both give up at the
+//! deadline, and both stop early once `stop` is set (the other direction already failed).
+
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::handshake::{self, HandshakeError, Hello};
+use crate::error::{Error, Result};
+
+/// How often a pending accept looks again; std has no accept with a timeout.
+const ACCEPT_POLL: Duration = Duration::from_millis(5);
+const FIRST_BACKOFF: Duration = Duration::from_millis(10);
+const MAX_BACKOFF: Duration = Duration::from_millis(200);
+
+/// The socket a worker's ring predecessor connects to.
+#[derive(Debug)]
+pub struct RingListener {
+    listener: TcpListener,
+    addr: SocketAddr,
+}
+
+impl RingListener {
+    /// Bound BEFORE the worker joins, so its actual address (port 0 → real port) can be told to
+    /// the coordinator.
+    pub fn bind(addr: &str) -> Result<Self> {
+        let io = |source| Error::Io {
+            context: format!("ring listener on {addr}"),
+            source,
+        };
+        let listener = TcpListener::bind(addr).map_err(io)?;
+        // Non-blocking so that accepting can give up at the deadline.
+        listener.set_nonblocking(true).map_err(io)?;
+        let addr = listener.local_addr().map_err(io)?;
+        Ok(Self { listener, addr })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+/// `rank N at ADDR`: how errors name a ring peer.
+pub(super) fn peer_name(rank: u32, addr: &str) -> String {
+    format!("rank {rank} at {addr}")
+}
+
+fn cancelled() -> Error {
+    Error::Aborted("ring setup cancelled".into())
+}
+
+/// Connects to the successor `rank` at `addr`, retrying refused or broken connections until the
+/// deadline. An explicit refusal in the handshake is final.
+pub(super) fn connect_next(
+    addr: &str,
+    rank: u32,
+    hello: &Hello<'_>,
+    deadline: Instant,
+    stop: &AtomicBool,
+) -> Result<TcpStream> {
+    let fail = |message| Error::Ring {
+        peer: peer_name(rank, addr),
+        message,
+    };
+    let mut last = String::from("no attempt finished");
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return Err(cancelled());
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(fail(format!(
+                "could not connect before the deadline ({last}): is that worker running, and is \
+                 its ring address reachable from here?"
+            )));
+        }
+        match try_connect(addr, remaining) {
+            Ok(stream) => match handshake::handshake(&stream, hello, rank, deadline) {
+                Ok(()) => return Ok(stream),
+                Err(HandshakeError::Refused(why)) => return Err(fail(why)),
+                Err(e) => last = e.to_string(),
+            },
+            Err(e) => last = e,
+        }
+        thread::sleep(backoff.min(deadline.saturating_duration_since(Instant::now())));
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+fn try_connect(addr: &str, timeout: Duration) -> std::result::Result<TcpStream, String> {
+    let addrs = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {addr}: {e}"))?;
+    let mut last = format!("{addr} resolves to no address");
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, timeout) {
+            Ok(s) => {
+                s.set_nodelay(true).map_err(|e| e.to_string())?;
+                return Ok(s);
+            }
+            Err(e) => last = format!("connect to {a}: {e}"),
+        }
+    }
+    Err(last)
+}
+
+/// Accepts the predecessor `rank` (ring address `addr`), dropping connections that fail the
+/// handshake, until the deadline.
+pub(super) fn accept_prev(
+    listener: &RingListener,
+    rank: u32,
+    addr: &str,
+    hello: &Hello<'_>,
+    deadline: Instant,
+    stop: &AtomicBool,
+) -> Result<TcpStream> {
+    let mut refused: Option<String> = None;
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return Err(cancelled());
+        }
+        if Instant::now() >= deadline {
+            let last = refused
+                .map(|r| format!(" (last refused connection {r})"))
+                .unwrap_or_default();
+            return Err(Error::Ring {
+                peer: peer_name(rank, addr),
+                message: format!(
+                    "did not connect to this rank at {} before the deadline{last}: is that worker \
+                     running, and does it have this rank's address?",
+                    listener.addr
+                ),
+            });
+        }
+        match listener.listener.accept() {
+            Ok((stream, from)) => {
+                // The accepted socket must block: all later timeouts rely on it.
+                let ready = stream.set_nonblocking(false).and_then(|()| stream.set_nodelay(true));
+                let outcome = match ready {
+                    Ok(()) => handshake::handshake(&stream, hello, rank, deadline),
+                    Err(e) => Err(HandshakeError::Io(e)),
+                };
+                match outcome {
+                    Ok(()) => return Ok(stream),
+                    Err(e) => {
+                        tracing::warn!(rank = hello.rank, %from, error = %e, "refused ring connection");
+                        refused = Some(format!("from {from}: {e}"));
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => thread::sleep(ACCEPT_POLL),
+            Err(e) => {
+                // E.g. out of file descriptors, which may pass: keep trying until the deadline.
+                refused = Some(format!("(accept failed: {e})"));
+                thread::sleep(ACCEPT_POLL);
+            }
+        }
+    }
+}

@@ -1,0 +1,334 @@
+//! Ring tests: every rank is a thread on 127.0.0.1.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::{Barrier, mpsc};
+use std::thread;
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::handshake::Hello;
+use super::*;
+use crate::error::{Error, Result};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+const SHORT: Duration = Duration::from_millis(500);
+
+fn listeners(n: u32) -> (Vec<RingListener>, Vec<String>) {
+    let ls: Vec<_> = (0..n).map(|_| RingListener::bind("127.0.0.1:0").unwrap()).collect();
+    let peers = ls.iter().map(|l| l.local_addr().to_string()).collect();
+    (ls, peers)
+}
+
+fn config(rank: u32, peers: &[String], timeout: Duration, session: &str) -> RingConfig {
+    RingConfig {
+        rank,
+        world_size: peers.len() as u32,
+        peers: peers.to_vec(),
+        timeout,
+        session: session.into(),
+    }
+}
+
+/// Runs `f` on every rank of a freshly connected ring of `n` and returns the results by rank.
+fn with_ring<T: Send>(n: u32, f: impl Fn(Ring) -> T + Sync) -> Vec<T> {
+    let (ls, peers) = listeners(n);
+    thread::scope(|s| {
+        let handles: Vec<_> = ls
+            .iter()
+            .enumerate()
+            .map(|(r, l)| {
+                let (f, peers) = (&f, &peers);
+                s.spawn(move || f(Ring::connect(l, config(r as u32, peers, TIMEOUT, "test/gen-1")).unwrap()))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn consecutive(len: usize, rank: u32) -> Vec<f32> {
+    (0..len).map(|i| (i + rank as usize) as f32).collect()
+}
+
+fn exact_sum(len: usize, n: u32) -> Vec<f32> {
+    let n = n as usize;
+    (0..len).map(|i| (n * i + n * (n - 1) / 2) as f32).collect()
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn chunks_cover_the_buffer_and_differ_by_at_most_one() {
+    for (len, n) in [(0, 3), (1, 4), (3, 4), (10, 3), (1_000_003, 4)] {
+        let ranges: Vec<_> = (0..n).map(|i| chunk_range(len, n, i)).collect();
+        assert_eq!(ranges[0].start, 0);
+        assert_eq!(ranges[n - 1].end, len);
+        assert!(ranges.windows(2).all(|w| w[0].end == w[1].start));
+        let sizes: Vec<_> = ranges.iter().map(|r| r.len()).collect();
+        assert!(
+            sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1,
+            "{sizes:?}"
+        );
+    }
+}
+
+#[test]
+fn local_is_a_no_op() {
+    let mut buf = vec![1.5, -2.0];
+    let mut local: Box<dyn Collective> = Box::new(Local);
+    local.all_reduce_sum(&mut buf).unwrap();
+    assert_eq!((local.rank(), local.world_size(), buf), (0, 1, vec![1.5, -2.0]));
+}
+
+#[test]
+fn ring_sums_consecutive_integers_exactly_for_1_to_4_ranks() {
+    for n in 1..=4 {
+        let results = with_ring(n, |mut ring| {
+            let rank = ring.rank();
+            [0, 1, 3, 1000, 1_000_003]
+                .into_iter()
+                .map(|len| {
+                    let mut buf = consecutive(len, rank);
+                    ring.all_reduce_sum(&mut buf).unwrap();
+                    buf
+                })
+                .collect::<Vec<_>>()
+        });
+        for (rank, bufs) in results.iter().enumerate() {
+            for buf in bufs {
+                assert!(
+                    buf == &exact_sum(buf.len(), n),
+                    "world {n} rank {rank} len {}",
+                    buf.len()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn ring_ranks_are_bitwise_identical_with_random_floats() {
+    for n in 2..=4 {
+        let results = with_ring(n, |mut ring| {
+            let mut rng = ChaCha8Rng::seed_from_u64(u64::from(ring.rank()) + 7);
+            [3, 1000, 100_003]
+                .into_iter()
+                .map(|len| {
+                    let original: Vec<f32> = (0..len).map(|_| rng.random_range(-1e3f32..1e3)).collect();
+                    let mut buf = original.clone();
+                    ring.all_reduce_sum(&mut buf).unwrap();
+                    (original, buf)
+                })
+                .collect::<Vec<_>>()
+        });
+        for case in 0..3 {
+            let reference = bits(&results[0][case].1);
+            for (rank, r) in results.iter().enumerate() {
+                assert_eq!(bits(&r[case].1), reference, "world {n} rank {rank} case {case}");
+            }
+            let sum = &results[0][case].1;
+            for (i, got) in sum.iter().enumerate() {
+                let want: f64 = results.iter().map(|r| f64::from(r[case].0[i])).sum();
+                assert!(
+                    (f64::from(*got) - want).abs() <= 1e-3 * want.abs().max(1.0),
+                    "element {i}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn ring_survives_many_consecutive_all_reduces() {
+    let results = with_ring(3, |ring| {
+        // Through the trait object, as the training loop holds it.
+        let mut ring: Box<dyn Collective> = Box::new(ring);
+        let rank = ring.rank();
+        (0..300).all(|i| {
+            let len = (i * 37) % 501;
+            let mut buf = consecutive(len, rank);
+            ring.all_reduce_sum(&mut buf).unwrap();
+            buf == exact_sum(len, 3)
+        })
+    });
+    assert_eq!(results, vec![true; 3]);
+}
+
+#[test]
+fn ring_connect_fails_at_the_deadline_when_the_peer_never_shows_up() {
+    let (ls, mut peers) = listeners(2);
+    // A port that was just free: nothing listens there.
+    peers[1] = {
+        let gone = RingListener::bind("127.0.0.1:0").unwrap();
+        gone.local_addr().to_string()
+    };
+    let err = Ring::connect(&ls[0], config(0, &peers, SHORT, "test/gen-1")).unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, Error::Ring { .. }), "{text}");
+    assert!(text.contains(&peers[1]) && text.contains("rank 1"), "{text}");
+}
+
+#[test]
+fn ring_all_reduce_fails_when_a_peer_dies() {
+    let results = with_ring(3, |mut ring| {
+        let mut buf = consecutive(10_000, ring.rank());
+        ring.all_reduce_sum(&mut buf).unwrap();
+        if ring.rank() == 2 {
+            drop(ring);
+            return None;
+        }
+        Some(ring.all_reduce_sum(&mut buf).map_err(|e| e.to_string()))
+    });
+    let prev_of_dead = results[0].clone().unwrap().unwrap_err();
+    assert!(
+        prev_of_dead.contains("rank 2 at") && prev_of_dead.contains("closed"),
+        "{prev_of_dead}"
+    );
+    // Rank 1 is cut off either by the dead rank directly or by rank 0 giving up: never a hang.
+    assert!(results[1].clone().unwrap().is_err());
+}
+
+#[test]
+fn ring_reports_ranks_that_disagree_on_the_buffer_length() {
+    let done = Barrier::new(2);
+    let errors = with_ring(2, |mut ring| {
+        let mut buf = vec![1.0; 10 + ring.rank() as usize];
+        let err = ring.all_reduce_sum(&mut buf).unwrap_err().to_string();
+        // Neither ring closes before both have failed.
+        done.wait();
+        err
+    });
+    // The first rank to see the mismatch hangs up, so its peer may only see the hang-up.
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("gradient layout") && e.contains("all-reduce #1")),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn ring_refuses_a_mismatched_session() {
+    let (ls, peers) = listeners(2);
+    let errors: Vec<String> = thread::scope(|s| {
+        let handles: Vec<_> = ls
+            .iter()
+            .enumerate()
+            .map(|(r, l)| {
+                let cfg = config(r as u32, &peers, SHORT, if r == 0 { "run/gen-3" } else { "run/gen-2" });
+                s.spawn(move || Ring::connect(l, cfg).unwrap_err().to_string())
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for e in &errors {
+        assert!(
+            e.contains("session mismatch") && e.contains("run/gen-2") && e.contains("run/gen-3"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn ring_skips_a_stale_connection_and_still_connects() {
+    let (ls, peers) = listeners(2);
+    // Queued before the ring starts, so rank 0 accepts it before its real predecessor.
+    let mut stale = TcpStream::connect(&peers[0]).unwrap();
+    let hello = Hello {
+        rank: 1,
+        world_size: 2,
+        session: "test/gen-0",
+    };
+    stale.write_all(&hello.encode()).unwrap();
+    // Its own verdict: it would accept.
+    stale.write_all(&0u32.to_le_bytes()).unwrap();
+    let sums = thread::scope(|s| {
+        let handles: Vec<_> = ls
+            .iter()
+            .enumerate()
+            .map(|(r, l)| {
+                let cfg = config(r as u32, &peers, TIMEOUT, "test/gen-1");
+                s.spawn(move || {
+                    let mut ring = Ring::connect(l, cfg).unwrap();
+                    let mut buf = consecutive(5, ring.rank());
+                    ring.all_reduce_sum(&mut buf).unwrap();
+                    buf
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
+    });
+    assert_eq!(sums, vec![exact_sum(5, 2); 2]);
+    let mut reply = Vec::new();
+    let _ = stale.read_to_end(&mut reply);
+    assert!(String::from_utf8_lossy(&reply).contains("session mismatch"));
+}
+
+#[test]
+fn ring_rejects_an_inconsistent_config() {
+    let (ls, peers) = listeners(2);
+    let with = |edit: fn(&mut RingConfig)| {
+        let mut c = config(0, &peers, SHORT, "s");
+        edit(&mut c);
+        c
+    };
+    let bad = [
+        with(|c| c.rank = 2),
+        with(|c| c.world_size = 3),
+        with(|c| c.world_size = 0),
+        with(|c| c.timeout = Duration::ZERO),
+        with(|c| c.session = "x".repeat(5000)),
+    ];
+    for cfg in bad {
+        let result = Ring::connect(&ls[0], cfg.clone());
+        assert!(matches!(result, Err(Error::RingConfig(_))), "{cfg:?}");
+    }
+}
+
+#[test]
+fn abort_handle_interrupts_a_blocked_all_reduce() {
+    let (ls, peers) = listeners(2);
+    let (tx, rx) = mpsc::channel();
+    let (result, after): (Result<()>, Result<()>) = thread::scope(|s| {
+        let (peers, l1) = (&peers, &ls[1]);
+        s.spawn(move || {
+            let peer = Ring::connect(l1, config(1, peers, TIMEOUT, "test/gen-1")).unwrap();
+            let handle: AbortHandle = rx.recv().unwrap();
+            // Rank 0's first frame has arrived, so its all-reduce is under way; never answer it.
+            peer.wait_for_prev().unwrap();
+            handle.abort();
+        });
+        let mut ring = Ring::connect(&ls[0], config(0, peers, TIMEOUT, "test/gen-1")).unwrap();
+        tx.send(ring.abort_handle()).unwrap();
+        let mut buf = vec![1.0; 4 << 20];
+        let result = ring.all_reduce_sum(&mut buf);
+        (result, ring.all_reduce_sum(&mut buf))
+    });
+    assert!(matches!(result, Err(Error::Aborted(_))), "{result:?}");
+    assert!(matches!(after, Err(Error::Aborted(_))), "{after:?}");
+}
+
+#[test]
+#[ignore = "measurement: cargo test -p lockstep-worker --release -- --ignored bench --nocapture"]
+fn bench_ring_allreduce() {
+    for ranks in [2, 4] {
+        for mib in [1, 16, 64] {
+            let b = bench_allreduce(ranks, mib << 20, 5).unwrap();
+            println!(
+                "ranks {ranks}  {mib:>3} MiB  {:>9.3} ms/op  bus {:.2} GB/s",
+                b.secs_per_op * 1e3,
+                b.bus_gbps
+            );
+        }
+    }
+}
+
+#[test]
+fn bench_checks_results_for_small_rings() {
+    let b = bench_allreduce(3, 4000, 2).unwrap();
+    assert_eq!((b.ranks, b.bytes, b.iters), (3, 4000, 2));
+}

@@ -1,0 +1,369 @@
+//! The worker's one long-lived session with the coordinator (DESIGN §2): join, wait for an assignment, train it on
+//! a dedicated thread while forwarding step reports and heartbeats up the stream, and obey abort/stop commands.
+use std::future::Future;
+use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use lockstep_common::RunSpec;
+use lockstep_common::proto::coordinator_client::CoordinatorClient;
+use lockstep_common::proto::{
+    Assignment, CheckpointReport, CoordinatorMessage, EvalReport, Finished, Heartbeat, Join, StepReport, WorkerError,
+    WorkerMessage, coordinator_message, worker_message,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{info, info_span, warn};
+
+use crate::collective::{AbortHandle, Ring, RingConfig, RingListener};
+use crate::collective::{Collective, Local};
+use crate::error::{Error, Result};
+use crate::trainer::{Trainer, due};
+
+/// How a worker is started (the binary's flags).
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// `http://host:port` of the coordinator.
+    pub coordinator: String,
+    pub device: Device,
+    pub device_name: String,
+    /// Where the ring listener binds; `None` = the address this host uses to reach the coordinator, port 0.
+    pub ring_listen: Option<String>,
+    pub worker_id: Option<String>,
+    /// The run spec this worker was started with, if any; the coordinator rejects a conflicting one.
+    pub spec: Option<RunSpec>,
+    /// Keep retrying the first connection this long (the coordinator may still be starting).
+    pub connect_timeout: Duration,
+}
+
+/// How a session ended without error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// The coordinator said the run is over.
+    Stopped(String),
+}
+
+/// Messages up the stream; the training thread holds a clone.
+type Uplink = mpsc::UnboundedSender<WorkerMessage>;
+
+fn send(up: &Uplink, msg: worker_message::Msg) {
+    // The receiver lives as long as the session; if it is gone the session is ending anyway.
+    let _ = up.send(WorkerMessage { msg: Some(msg) });
+}
+
+/// Runs one session to its end: `Ok` after the coordinator's stop, `Err` on reject, abort, a lost coordinator,
+/// a training failure, or `shutdown`.
+pub async fn run(opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> Result<Exit> {
+    let coordinator_addr = resolve(&opts.coordinator)?;
+    let listen = match &opts.ring_listen {
+        Some(addr) => addr.clone(),
+        None => format!("{}:0", local_ip_towards(coordinator_addr)),
+    };
+    let listener = RingListener::bind(&listen)?;
+    let ring_addr = listener.local_addr().to_string();
+    let host = hostname();
+    let worker_id = opts.worker_id.clone().unwrap_or_else(|| format!("{host}:{}", std::process::id()));
+    let span = info_span!("worker", worker = %worker_id);
+    let _guard = span.enter();
+
+    let channel = connect(&opts.coordinator, opts.connect_timeout).await?;
+    let mut client = CoordinatorClient::new(channel);
+    let (up, up_rx) = mpsc::unbounded_channel();
+    send(
+        &up,
+        worker_message::Msg::Join(Join {
+            protocol_version: lockstep_common::PROTOCOL_VERSION,
+            worker_id: worker_id.clone(),
+            host,
+            device: opts.device_name.clone(),
+            ring_addr: ring_addr.clone(),
+            spec_json: opts.spec.as_ref().map(RunSpec::to_json).unwrap_or_default(),
+        }),
+    );
+    let lost = |e: tonic::Status| Error::Coordinator {
+        addr: opts.coordinator.clone(),
+        message: format!("session failed: {}", e.message()),
+    };
+    let mut inbound = client.session(UnboundedReceiverStream::new(up_rx)).await.map_err(lost)?.into_inner();
+    info!(%ring_addr, coordinator = %opts.coordinator, "joined; waiting for an assignment");
+
+    let abort = Arc::new(AtomicBool::new(false));
+    let ring_abort: Arc<Mutex<Option<AbortHandle>>> = Arc::new(Mutex::new(None));
+    let progress = Arc::new(AtomicU64::new(0));
+    let mut listener = Some(listener);
+    let mut training: Option<oneshot::Receiver<Result<()>>> = None;
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(2));
+    tokio::pin!(shutdown);
+
+    let stop_training = || {
+        abort.store(true, Ordering::SeqCst);
+        if let Ok(slot) = ring_abort.lock()
+            && let Some(handle) = slot.as_ref()
+        {
+            handle.abort();
+        }
+    };
+
+    loop {
+        tokio::select! {
+            msg = inbound.message() => {
+                let msg = match msg {
+                    Ok(Some(CoordinatorMessage { msg: Some(m) })) => m,
+                    Ok(Some(CoordinatorMessage { msg: None })) => continue,
+                    Ok(None) => {
+                        stop_training();
+                        return Err(Error::Coordinator { addr: opts.coordinator.clone(), message: "closed the session".into() });
+                    }
+                    Err(status) => {
+                        stop_training();
+                        return Err(lost(status));
+                    }
+                };
+                match msg {
+                    coordinator_message::Msg::Welcome(w) => info!(run = %w.run_name, waiting = w.waiting, min_workers = w.min_workers, "welcomed"),
+                    coordinator_message::Msg::Reject(r) => return Err(Error::Rejected(r.reason)),
+                    coordinator_message::Msg::Assignment(a) => {
+                        let Some(listener) = listener.take() else {
+                            warn!(generation = a.generation, "a second assignment is not supported yet; ignoring it");
+                            continue;
+                        };
+                        heartbeat = tokio::time::interval(Duration::from_secs(RunSpec::from_json(&a.spec_json)?.cluster.heartbeat_interval_secs));
+                        let (done_tx, done_rx) = oneshot::channel();
+                        let job = Job {
+                            assignment: a,
+                            listener,
+                            device: opts.device.clone(),
+                            up: up.clone(),
+                            abort: abort.clone(),
+                            ring_abort: ring_abort.clone(),
+                            progress: progress.clone(),
+                        };
+                        let span = span.clone();
+                        std::thread::Builder::new()
+                            .name("train".into())
+                            .spawn(move || {
+                                let _g = span.enter();
+                                let _ = done_tx.send(train(job));
+                            })
+                            .map_err(|source| Error::Io { context: "start the training thread".into(), source })?;
+                        training = Some(done_rx);
+                    }
+                    coordinator_message::Msg::Abort(a) => {
+                        stop_training();
+                        if let Some(done) = training.take() {
+                            let _ = done.await;
+                        }
+                        return Err(Error::Aborted(format!("the coordinator aborted generation {}: {}", a.generation, a.reason)));
+                    }
+                    coordinator_message::Msg::Stop(s) => {
+                        stop_training();
+                        if let Some(done) = training.take() {
+                            let _ = done.await;
+                        }
+                        info!(reason = %s.reason, "stopped by the coordinator");
+                        return Ok(Exit::Stopped(s.reason));
+                    }
+                }
+            }
+            result = async {
+                match training.as_mut() {
+                    Some(done) => done.await,
+                    None => std::future::pending().await,
+                }
+            }, if training.is_some() => {
+                training = None;
+                match result {
+                    Ok(Ok(())) => info!("assignment complete; waiting for the coordinator to stop the run"),
+                    Ok(Err(e)) => {
+                        send(&up, worker_message::Msg::Error(WorkerError { message: e.to_string() }));
+                        // Give the report a moment to leave before the stream drops with the process.
+                        tokio::task::yield_now().await;
+                        return Err(e);
+                    }
+                    Err(_) => return Err(Error::Model("the training thread ended without a result".into())),
+                }
+            }
+            _ = heartbeat.tick() => send(&up, worker_message::Msg::Heartbeat(Heartbeat { step: progress.load(Ordering::Relaxed) })),
+            () = &mut shutdown => {
+                stop_training();
+                if let Some(done) = training.take() {
+                    let _ = done.await;
+                }
+                return Err(Error::Aborted("interrupted by a signal".into()));
+            }
+        }
+    }
+}
+
+/// Everything the training thread needs.
+struct Job {
+    assignment: Assignment,
+    listener: RingListener,
+    device: Device,
+    up: Uplink,
+    abort: Arc<AtomicBool>,
+    ring_abort: Arc<Mutex<Option<AbortHandle>>>,
+    progress: Arc<AtomicU64>,
+}
+
+/// Trains the assigned step range and reports each step; runs on its own thread (tensor math blocks).
+fn train(job: Job) -> Result<()> {
+    let a = &job.assignment;
+    let spec = RunSpec::from_json(&a.spec_json)?;
+    if !a.resume_from.is_empty() {
+        return Err(Error::Model(format!(
+            "resuming from checkpoint {} is not supported by this worker yet",
+            a.resume_from
+        )));
+    }
+    let (rank, world, generation) = (a.rank, a.world_size, a.generation);
+    let span = info_span!("train", run = %a.run_name, generation, rank);
+    let _g = span.enter();
+
+    let collective: Box<dyn Collective> = if world <= 1 {
+        Box::new(Local)
+    } else {
+        let ring = Ring::connect(
+            &job.listener,
+            RingConfig {
+                rank,
+                world_size: world,
+                peers: a.peers.clone(),
+                timeout: Duration::from_secs(spec.cluster.collective_timeout_secs),
+                session: format!("{}/gen-{generation}", a.run_name),
+            },
+        )?;
+        if let Ok(mut slot) = job.ring_abort.lock() {
+            *slot = Some(ring.abort_handle());
+        }
+        Box::new(ring)
+    };
+    let mut trainer = Trainer::new(spec.clone(), collective, job.device.clone())?;
+    info!(params = trainer.params().num_elements(), steps = a.end_step - a.start_step, "training");
+    let started = Instant::now();
+    let last = a.end_step;
+    while trainer.step() < last {
+        if job.abort.load(Ordering::SeqCst) {
+            return Err(Error::Aborted("training stopped".into()));
+        }
+        let out = trainer.train_step()?;
+        job.progress.store(out.step, Ordering::Relaxed);
+        let param_checksum =
+            if due(out.step, spec.train.checksum_interval, last) { trainer.checksum()? } else { String::new() };
+        if out.skipped {
+            warn!(step = out.step, loss = out.loss, grad_norm = out.grad_norm, "non-finite loss or gradient; update skipped");
+        }
+        info!(step = out.step, loss = out.loss, checksum = %param_checksum, ms = out.step_ms, "step done");
+        send(
+            &job.up,
+            worker_message::Msg::Step(StepReport {
+                generation,
+                rank,
+                step: out.step,
+                loss: out.loss,
+                tokens: out.tokens,
+                lr: out.lr,
+                grad_norm: out.grad_norm,
+                step_ms: out.step_ms,
+                forward_ms: out.forward_ms,
+                backward_ms: out.backward_ms,
+                allreduce_ms: out.allreduce_ms,
+                optimizer_ms: out.optimizer_ms,
+                param_checksum,
+                skipped: out.skipped,
+            }),
+        );
+        if due(out.step, spec.train.eval_interval, last) {
+            let val_loss = trainer.evaluate()?;
+            info!(step = out.step, val_loss, "evaluated");
+            send(&job.up, worker_message::Msg::Eval(EvalReport { generation, rank, step: out.step, val_loss }));
+        }
+        if rank == 0 && due(out.step, spec.checkpoint.interval, last) {
+            let path = trainer.save_checkpoint()?;
+            info!(step = out.step, path = %path.display(), "checkpoint written");
+            send(
+                &job.up,
+                worker_message::Msg::Checkpoint(CheckpointReport {
+                    generation,
+                    rank,
+                    step: out.step,
+                    path: path.display().to_string(),
+                }),
+            );
+        }
+    }
+    info!(steps = last - a.start_step, secs = started.elapsed().as_secs_f64(), "assignment done");
+    send(&job.up, worker_message::Msg::Finished(Finished { generation, rank, step: trainer.step() }));
+    Ok(())
+}
+
+/// Connects to the coordinator, retrying until `timeout` (it may not be listening yet).
+async fn connect(url: &str, timeout: Duration) -> Result<Channel> {
+    let bad = |message: String| Error::Coordinator { addr: url.to_string(), message };
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| bad(format!("not a valid --coordinator URL ({e}); use http://HOST:PORT")))?
+        .connect_timeout(Duration::from_secs(2).min(timeout.max(Duration::from_millis(100))));
+    let deadline = Instant::now() + timeout;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match endpoint.connect().await {
+            Ok(channel) => return Ok(channel),
+            Err(e) if Instant::now() + backoff >= deadline => {
+                return Err(bad(format!(
+                    "unreachable after {:.0?} ({}); is lockstep-coordinator running and listening there?",
+                    timeout,
+                    error_chain(&e)
+                )));
+            }
+            Err(_) => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// The coordinator's socket address from its URL, for choosing the ring interface.
+fn resolve(url: &str) -> Result<SocketAddr> {
+    let bad = |message: String| Error::Coordinator { addr: url.to_string(), message };
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    authority
+        .to_socket_addrs()
+        .map_err(|e| bad(format!("cannot resolve the --coordinator address ({e}); use http://HOST:PORT")))?
+        .next()
+        .ok_or_else(|| bad("the --coordinator address resolves to nothing; use http://HOST:PORT".into()))
+}
+
+/// The local address this host would use to reach `peer`: the interface other workers can reach us on too.
+/// (Connecting a UDP socket sends nothing; it only asks the kernel for the route.)
+fn local_ip_towards(peer: SocketAddr) -> std::net::IpAddr {
+    let any: SocketAddr = if peer.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap_or(peer);
+    UdpSocket::bind(any)
+        .and_then(|s| s.connect(peer).and_then(|()| s.local_addr()))
+        .map(|a| a.ip())
+        .unwrap_or(any.ip())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
+}
