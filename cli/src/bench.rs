@@ -4,8 +4,8 @@ use std::time::Instant;
 
 use candle_core::Device;
 use lockstep_common::RunSpec;
-use lockstep_worker::collective::{Ring, RingConfig, RingListener};
 use lockstep_worker::collective::{Collective, Local};
+use lockstep_worker::collective::{Ring, RingConfig, RingListener};
 use lockstep_worker::trainer::{StepOutcome, Trainer};
 
 use crate::error::{Error, Result};
@@ -76,17 +76,26 @@ pub fn train(spec: &RunSpec, workers: u32, warmup: u64, steps: u64) -> Result<Tr
                         trainer.train_step()?;
                     }
                     let start = Instant::now();
-                    let outs = (0..steps).map(|_| trainer.train_step()).collect::<Result<Vec<_>, _>>()?;
+                    let outs = (0..steps)
+                        .map(|_| trainer.train_step())
+                        .collect::<Result<Vec<_>, _>>()?;
                     Ok((outs, start.elapsed().as_secs_f64(), trainer.params().num_elements()))
                 })
             })
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(Error::Usage("a benchmark rank panicked".into()))))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::Usage("a benchmark rank panicked".into())))
+            })
             .collect()
     });
-    let mut bench = TrainBench { workers, steps, ..Default::default() };
+    let mut bench = TrainBench {
+        workers,
+        steps,
+        ..Default::default()
+    };
     for (rank, result) in results.into_iter().enumerate() {
         let (outs, secs, params) = result?;
         let tokens: u64 = outs.iter().map(|o| o.tokens).sum();

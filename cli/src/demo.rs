@@ -53,20 +53,34 @@ impl Accuracy {
 pub fn addition_accuracy(dir: &Path, spec: &RunSpec, limit: usize) -> Result<Accuracy> {
     let device = Device::Cpu;
     let loaded = checkpoint::load(dir, &device)?;
-    let model = Gpt::new(VarBuilder::from_varmap(&loaded.varmap, DType::F32, &device), &loaded.cfg)?;
+    let model = Gpt::new(
+        VarBuilder::from_varmap(&loaded.varmap, DType::F32, &device),
+        &loaded.cfg,
+    )?;
     let corpus = Corpus::load(spec)?;
     let problems: Vec<&Problem> = corpus.val_problems.iter().take(limit).collect();
     let mut samples = Vec::with_capacity(problems.len());
     for chunk in problems.chunks(256) {
-        let prompts = chunk.iter().map(|p| loaded.tokenizer.encode(&p.prompt())).collect::<Result<Vec<_>, _>>()?;
+        let prompts = chunk
+            .iter()
+            .map(|p| loaded.tokenizer.encode(&p.prompt()))
+            .collect::<Result<Vec<_>, _>>()?;
         let answer_len = chunk.first().map_or(0, |p| p.answer().len());
         let outputs = generate::greedy_batch(&model, &prompts, answer_len, &device)?;
         for (p, out) in chunk.iter().zip(outputs) {
-            samples.push(Sample { prompt: p.prompt(), expected: p.answer(), got: loaded.tokenizer.decode(&out) });
+            samples.push(Sample {
+                prompt: p.prompt(),
+                expected: p.answer(),
+                got: loaded.tokenizer.decode(&out),
+            });
         }
     }
     let correct = samples.iter().filter(|s| s.correct()).count();
-    Ok(Accuracy { correct, total: samples.len(), samples })
+    Ok(Accuracy {
+        correct,
+        total: samples.len(),
+        samples,
+    })
 }
 
 /// The reversed answer as a person writes it: `"250"` → `"052"` → 52.
@@ -80,7 +94,14 @@ pub fn readable_answer(reversed: &str) -> String {
 pub fn sample_text(dir: &Path, prompt: &[u32], max_new: usize) -> Result<String> {
     let device = Device::Cpu;
     let loaded = checkpoint::load(dir, &device)?;
-    let model = Gpt::new(VarBuilder::from_varmap(&loaded.varmap, DType::F32, &device), &loaded.cfg)?;
+    let model = Gpt::new(
+        VarBuilder::from_varmap(&loaded.varmap, DType::F32, &device),
+        &loaded.cfg,
+    )?;
     let new = generate::greedy(&model, prompt, max_new, None, &device)?;
-    Ok(format!("{}{}", loaded.tokenizer.decode(prompt), loaded.tokenizer.decode(&new)))
+    Ok(format!(
+        "{}{}",
+        loaded.tokenizer.decode(prompt),
+        loaded.tokenizer.decode(&new)
+    ))
 }

@@ -15,7 +15,9 @@ pub enum Error {
     #[error("{context}: {source}")]
     Io { context: String, source: std::io::Error },
 
-    #[error("cannot find the {name} binary next to {beside}; build the workspace (cargo build --release) or put it on PATH")]
+    #[error(
+        "cannot find the {name} binary next to {beside}; build the workspace (cargo build --release) or put it on PATH"
+    )]
     MissingBinary { name: String, beside: PathBuf },
 
     #[error("{process}: {message}")]

@@ -19,7 +19,11 @@ use lockstep_common::proto::{GetStatusRequest, RunState, WatchStatusRequest};
 use lockstep_common::spec::DataSource;
 
 #[derive(Debug, Parser)]
-#[command(name = "lockstep", version, about = "Data-parallel GPT training: one fast, dependable binary")]
+#[command(
+    name = "lockstep",
+    version,
+    about = "Data-parallel GPT training: one fast, dependable binary"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -85,9 +89,10 @@ enum BenchCommand {
         /// A TOML run spec (default: nanoGPT's CPU shape, 12 sequences per worker).
         #[arg(long)]
         config: Option<PathBuf>,
-        /// CPU threads for tensor math in the whole process (default: 1 per worker).
-        #[arg(long)]
-        threads: Option<usize>,
+        /// CPU threads for each rank's tensor math. Ranks are threads of this process and candle's pool is
+        /// per process, so more than 1 only makes sense with --workers 1.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
     },
     /// Ring all-reduce bus bandwidth, 2(n-1)/n × bytes / time, on loopback.
     Allreduce {
@@ -104,12 +109,16 @@ enum BenchCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::Bench(BenchCommand::Train { workers, threads, .. }) = &cli.command {
-        let n = threads.unwrap_or(*workers as usize).max(1);
+    if let Command::Bench(BenchCommand::Train { threads, .. }) = &cli.command {
+        let n = (*threads).max(1);
         // candle sizes its CPU pool from this variable. SAFETY: no other thread exists yet.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -129,7 +138,13 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run(args) => run_cmd(args).await,
         Command::Status(args) => status_cmd(args).await,
-        Command::Bench(BenchCommand::Train { workers, steps, warmup, config, .. }) => {
+        Command::Bench(BenchCommand::Train {
+            workers,
+            steps,
+            warmup,
+            config,
+            ..
+        }) => {
             let spec = match config {
                 Some(path) => RunSpec::load(Some(&path))?,
                 None => bench::nanogpt_cpu_spec(workers),
@@ -137,7 +152,15 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let b = tokio::task::spawn_blocking(move || bench::train(&spec, workers, warmup, steps)).await??;
             println!(
                 "workers {}  params {}  steps {}  {:.0} tokens/s  {:.1} ms/step  (forward {:.1}, backward {:.1}, all-reduce {:.1}, optimizer {:.1})",
-                b.workers, b.params, b.steps, b.tokens_per_sec, b.step_ms, b.forward_ms, b.backward_ms, b.allreduce_ms, b.optimizer_ms
+                b.workers,
+                b.params,
+                b.steps,
+                b.tokens_per_sec,
+                b.step_ms,
+                b.forward_ms,
+                b.backward_ms,
+                b.allreduce_ms,
+                b.optimizer_ms
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -182,7 +205,9 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     spec.validate()?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = args.threads_per_worker.unwrap_or((cores / args.workers as usize).max(1));
+    let threads = args
+        .threads_per_worker
+        .unwrap_or((cores / args.workers as usize).max(1));
     println!(
         "lockstep run: {} ({} steps, global batch {}, {} worker(s) × {} thread(s)); logs in {}",
         spec.run.name,
@@ -201,12 +226,19 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let summary = run::run_local(opts, interrupted()).await?;
     if summary.interrupted {
-        eprintln!("interrupted: every process was stopped; logs are in {}", out.join("logs").display());
+        eprintln!(
+            "interrupted: every process was stopped; logs are in {}",
+            out.join("logs").display()
+        );
         return Ok(ExitCode::from(130));
     }
     let s = &summary.status;
     if s.state != RunState::Finished as i32 {
-        eprintln!("error: run failed: {}; logs are in {}", s.error, out.join("logs").display());
+        eprintln!(
+            "error: run failed: {}; logs are in {}",
+            s.error,
+            out.join("logs").display()
+        );
         return Ok(ExitCode::FAILURE);
     }
     println!(
@@ -236,7 +268,11 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<ExitCode> {
             println!(
                 "  {prompt} = {:<5} {}",
                 demo::readable_answer(&sample.got),
-                if sample.correct() { "✓".to_string() } else { format!("✗ (expected {})", demo::readable_answer(&sample.expected)) }
+                if sample.correct() {
+                    "✓".to_string()
+                } else {
+                    format!("✗ (expected {})", demo::readable_answer(&sample.expected))
+                }
             );
         }
     } else {

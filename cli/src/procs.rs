@@ -13,19 +13,32 @@ use crate::error::{Error, Result};
 /// The path of binary `name` next to the running executable (or one level up, for test executables in
 /// `target/*/deps/`), else on `PATH`.
 pub fn sibling_binary(name: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe().map_err(|source| Error::Io { context: "locate the running executable".into(), source })?;
+    let exe = std::env::current_exe().map_err(|source| Error::Io {
+        context: "locate the running executable".into(),
+        source,
+    })?;
     let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
     let candidates = [Some(dir.join(name)), dir.parent().map(|d| d.join(name))];
     if let Some(found) = candidates.into_iter().flatten().find(|p| p.is_file()) {
         return Ok(found);
     }
     std::env::var_os("PATH")
-        .and_then(|paths| std::env::split_paths(&paths).map(|p| p.join(name)).find(|p| p.is_file()))
-        .ok_or(Error::MissingBinary { name: name.into(), beside: dir })
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|p| p.join(name))
+                .find(|p| p.is_file())
+        })
+        .ok_or(Error::MissingBinary {
+            name: name.into(),
+            beside: dir,
+        })
 }
 
 fn log_file(path: &Path) -> Result<std::fs::File> {
-    std::fs::File::create(path).map_err(|source| Error::Io { context: format!("create log file {}", path.display()), source })
+    std::fs::File::create(path).map_err(|source| Error::Io {
+        context: format!("create log file {}", path.display()),
+        source,
+    })
 }
 
 /// A running coordinator and the address it printed.
@@ -42,7 +55,12 @@ impl CoordinatorProcess {
 
 /// Starts `lockstep-coordinator --config CONFIG`, logging to `log`, and waits (up to `timeout`) for its
 /// `listening on ADDR` line.
-pub async fn spawn_coordinator(config: &Path, log: &Path, extra: &[&str], timeout: Duration) -> Result<CoordinatorProcess> {
+pub async fn spawn_coordinator(
+    config: &Path,
+    log: &Path,
+    extra: &[&str],
+    timeout: Duration,
+) -> Result<CoordinatorProcess> {
     let bin = sibling_binary("lockstep-coordinator")?;
     let mut child = Command::new(&bin)
         .arg("--config")
@@ -53,17 +71,34 @@ pub async fn spawn_coordinator(config: &Path, log: &Path, extra: &[&str], timeou
         .stderr(log_file(log)?)
         .kill_on_drop(true)
         .spawn()
-        .map_err(|source| Error::Io { context: format!("start {}", bin.display()), source })?;
-    let failed = |message: String| Error::Process { process: "lockstep-coordinator".into(), message };
+        .map_err(|source| Error::Io {
+            context: format!("start {}", bin.display()),
+            source,
+        })?;
+    let failed = |message: String| Error::Process {
+        process: "lockstep-coordinator".into(),
+        message,
+    };
     let stdout = child.stdout.take().ok_or_else(|| failed("no stdout pipe".into()))?;
     let mut lines = BufReader::new(stdout).lines();
     let line = tokio::time::timeout(timeout, lines.next_line())
         .await
-        .map_err(|_| failed(format!("printed no `listening on` line within {timeout:?}; see {}", log.display())))?
-        .map_err(|source| Error::Io { context: "read the coordinator's output".into(), source })?;
+        .map_err(|_| {
+            failed(format!(
+                "printed no `listening on` line within {timeout:?}; see {}",
+                log.display()
+            ))
+        })?
+        .map_err(|source| Error::Io {
+            context: "read the coordinator's output".into(),
+            source,
+        })?;
     let Some(line) = line else {
         let status = child.wait().await.ok().and_then(|s| s.code());
-        return Err(failed(format!("exited (code {status:?}) before listening: {}", last_line(log))));
+        return Err(failed(format!(
+            "exited (code {status:?}) before listening: {}",
+            last_line(log)
+        )));
     };
     let addr = line
         .strip_prefix("listening on ")
@@ -78,7 +113,10 @@ pub async fn spawn_coordinator(config: &Path, log: &Path, extra: &[&str], timeou
 pub fn spawn_worker(url: &str, log: &Path, args: &[String]) -> Result<Child> {
     let bin = sibling_binary("lockstep-worker")?;
     let out = log_file(log)?;
-    let err = out.try_clone().map_err(|source| Error::Io { context: format!("open {}", log.display()), source })?;
+    let err = out.try_clone().map_err(|source| Error::Io {
+        context: format!("open {}", log.display()),
+        source,
+    })?;
     Command::new(&bin)
         .arg("--coordinator")
         .arg(url)
@@ -88,13 +126,19 @@ pub fn spawn_worker(url: &str, log: &Path, args: &[String]) -> Result<Child> {
         .stderr(err)
         .kill_on_drop(true)
         .spawn()
-        .map_err(|source| Error::Io { context: format!("start {}", bin.display()), source })
+        .map_err(|source| Error::Io {
+            context: format!("start {}", bin.display()),
+            source,
+        })
 }
 
 /// Asks a child to stop (SIGTERM), waits up to `grace`, then kills it.
 pub async fn terminate(child: &mut Child, grace: Duration) {
     if let Some(pid) = child.id() {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
     }
     if tokio::time::timeout(grace, child.wait()).await.is_err() {
         let _ = child.kill().await;

@@ -40,12 +40,12 @@ pub async fn run_local(opts: RunOptions, interrupt: impl std::future::Future<Out
     let logs = opts.out.join("logs");
     std::fs::create_dir_all(&logs).map_err(io(format!("create {}", logs.display())))?;
     let config = opts.out.join("run.toml");
-    let text = toml::to_string(&opts.spec).map_err(|e| Error::Usage(format!("cannot write the run spec as TOML: {e}")))?;
+    let text =
+        toml::to_string(&opts.spec).map_err(|e| Error::Usage(format!("cannot write the run spec as TOML: {e}")))?;
     std::fs::write(&config, text).map_err(io(format!("write {}", config.display())))?;
 
     let coordinator_log = logs.join("coordinator.log");
-    let mut coordinator =
-        procs::spawn_coordinator(&config, &coordinator_log, &[], Duration::from_secs(120)).await?;
+    let mut coordinator = procs::spawn_coordinator(&config, &coordinator_log, &[], Duration::from_secs(120)).await?;
     let url = coordinator.url();
     let mut workers: Vec<Child> = Vec::new();
     for i in 0..opts.workers {
@@ -70,7 +70,11 @@ pub async fn run_local(opts: RunOptions, interrupt: impl std::future::Future<Out
                 procs::terminate(child, Duration::from_secs(10)).await;
             }
             procs::terminate(&mut coordinator.child, Duration::from_secs(10)).await;
-            Ok(RunSummary { status: RunStatus::default(), out: opts.out, interrupted: true })
+            Ok(RunSummary {
+                status: RunStatus::default(),
+                out: opts.out,
+                interrupted: true,
+            })
         }
         Some(status) => {
             let status = match status {
@@ -82,14 +86,24 @@ pub async fn run_local(opts: RunOptions, interrupt: impl std::future::Future<Out
             };
             // After the final status the workers get Stop/Abort and exit by themselves; then the coordinator.
             for child in workers.iter_mut() {
-                if tokio::time::timeout(Duration::from_secs(30), child.wait()).await.is_err() {
+                if tokio::time::timeout(Duration::from_secs(30), child.wait())
+                    .await
+                    .is_err()
+                {
                     procs::terminate(child, Duration::from_secs(5)).await;
                 }
             }
-            if tokio::time::timeout(Duration::from_secs(30), coordinator.child.wait()).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(30), coordinator.child.wait())
+                .await
+                .is_err()
+            {
                 procs::terminate(&mut coordinator.child, Duration::from_secs(5)).await;
             }
-            Ok(RunSummary { status, out: opts.out, interrupted: false })
+            Ok(RunSummary {
+                status,
+                out: opts.out,
+                interrupted: false,
+            })
         }
     }
 }
@@ -102,19 +116,31 @@ async fn stop_all(workers: &mut [Child], coordinator: &mut CoordinatorProcess) {
 }
 
 fn with_logs(e: Error, logs: &Path) -> Error {
-    Error::Process { process: "lockstep run".into(), message: format!("{e}; logs are in {}", logs.display()) }
+    Error::Process {
+        process: "lockstep run".into(),
+        message: format!("{e}; logs are in {}", logs.display()),
+    }
 }
 
 /// Follows `WatchStatus` until the run finishes or fails, drawing a progress bar; returns the last status.
 async fn follow(url: &str, total_steps: u64, progress: bool) -> Result<RunStatus> {
-    let unreachable = |message: String| Error::Coordinator { addr: url.to_string(), message };
-    let mut client = CoordinatorClient::connect(url.to_string()).await.map_err(|e| unreachable(e.to_string()))?;
+    let unreachable = |message: String| Error::Coordinator {
+        addr: url.to_string(),
+        message,
+    };
+    let mut client = CoordinatorClient::connect(url.to_string())
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
     let mut stream = client
         .watch_status(WatchStatusRequest {})
         .await
         .map_err(|e| unreachable(e.message().to_string()))?
         .into_inner();
-    let bar = if progress { ProgressBar::new(total_steps) } else { ProgressBar::hidden() };
+    let bar = if progress {
+        ProgressBar::new(total_steps)
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps  {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),

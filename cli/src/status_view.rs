@@ -25,7 +25,10 @@ pub fn worker_state_name(state: i32) -> &'static str {
 }
 
 pub fn is_terminal(status: &RunStatus) -> bool {
-    matches!(RunState::try_from(status.state), Ok(RunState::Finished | RunState::Failed))
+    matches!(
+        RunState::try_from(status.state),
+        Ok(RunState::Finished | RunState::Failed)
+    )
 }
 
 fn worker_json(w: &WorkerStatus) -> Value {
@@ -119,7 +122,11 @@ pub fn render_table(s: &RunStatus) -> String {
         "RANK", "WORKER", "HOST", "DEVICE", "STATE", "STEP", "STEP MS", "TOK/S"
     );
     for w in &s.workers {
-        let rank = if w.rank < 0 { "-".to_string() } else { w.rank.to_string() };
+        let rank = if w.rank < 0 {
+            "-".to_string()
+        } else {
+            w.rank.to_string()
+        };
         let _ = writeln!(
             out,
             "{:<5} {:<20} {:<16} {:<7} {:<9} {:>7} {:>9.1} {:>12.0}  {}",
@@ -149,7 +156,11 @@ mod tests {
             step: 3,
             total_steps: 10,
             last_loss: Some(1.5),
-            workers: vec![WorkerStatus { rank: 1, state: WorkerState::Training as i32, ..Default::default() }],
+            workers: vec![WorkerStatus {
+                rank: 1,
+                state: WorkerState::Training as i32,
+                ..Default::default()
+            }],
             ..Default::default()
         };
         let v = to_json(&s);

@@ -2,7 +2,10 @@
 use std::process::Command;
 
 fn lockstep(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_lockstep")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_lockstep"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -11,7 +14,10 @@ fn status_of_an_unreachable_coordinator_is_one_line() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.starts_with("error:") && stderr.contains("127.0.0.1:1"), "{stderr}");
+    assert!(
+        stderr.starts_with("error:") && stderr.contains("127.0.0.1:1"),
+        "{stderr}"
+    );
 }
 
 #[test]

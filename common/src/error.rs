@@ -9,7 +9,11 @@ pub enum Error {
     Config { path: String, message: String },
 
     #[error("invalid config: {field} = {value}: {reason}")]
-    Invalid { field: &'static str, value: String, reason: String },
+    Invalid {
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
 
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },

@@ -151,7 +151,10 @@ pub struct CheckpointSpec {
 
 impl Default for RunSection {
     fn default() -> Self {
-        Self { name: "addition-demo".into(), seed: 1337 }
+        Self {
+            name: "addition-demo".into(),
+            seed: 1337,
+        }
     }
 }
 
@@ -200,9 +203,9 @@ impl Default for TrainSpec {
             seq_len: 40,
             global_batch: 32,
             micro_batch: 16,
-            total_steps: 1500,
-            lr: 3e-3,
-            min_lr: 3e-4,
+            total_steps: 2000,
+            lr: 1e-3,
+            min_lr: 1e-4,
             warmup_steps: 50,
             weight_decay: 0.1,
             beta1: 0.9,
@@ -218,7 +221,11 @@ impl Default for TrainSpec {
 
 impl Default for CheckpointSpec {
     fn default() -> Self {
-        Self { dir: PathBuf::from("checkpoints"), interval: 500, keep: 3 }
+        Self {
+            dir: PathBuf::from("checkpoints"),
+            interval: 500,
+            keep: 3,
+        }
     }
 }
 
@@ -256,9 +263,14 @@ impl RunSpec {
                 .try_parsing(true)
                 .source(Some(overrides)),
         );
-        let raw = builder.build().map_err(|e| Error::Config { path: shown.clone(), message: e.to_string() })?;
-        let spec: RunSpec =
-            raw.try_deserialize().map_err(|e| Error::Config { path: shown, message: e.to_string() })?;
+        let raw = builder.build().map_err(|e| Error::Config {
+            path: shown.clone(),
+            message: e.to_string(),
+        })?;
+        let spec: RunSpec = raw.try_deserialize().map_err(|e| Error::Config {
+            path: shown,
+            message: e.to_string(),
+        })?;
         spec.validate()?;
         Ok(spec)
     }
@@ -268,9 +280,14 @@ impl RunSpec {
         let raw = config::Config::builder()
             .add_source(config::File::from_str(text, config::FileFormat::Toml))
             .build()
-            .map_err(|e| Error::Config { path: "<inline>".into(), message: e.to_string() })?;
-        let spec: RunSpec =
-            raw.try_deserialize().map_err(|e| Error::Config { path: "<inline>".into(), message: e.to_string() })?;
+            .map_err(|e| Error::Config {
+                path: "<inline>".into(),
+                message: e.to_string(),
+            })?;
+        let spec: RunSpec = raw.try_deserialize().map_err(|e| Error::Config {
+            path: "<inline>".into(),
+            message: e.to_string(),
+        })?;
         spec.validate()?;
         Ok(spec)
     }
@@ -289,17 +306,29 @@ impl RunSpec {
     /// Checks every constraint between fields; the first violation is returned, naming the field.
     pub fn validate(&self) -> Result<()> {
         fn bad(field: &'static str, value: impl ToString, reason: impl Into<String>) -> Result<()> {
-            Err(Error::Invalid { field, value: value.to_string(), reason: reason.into() })
+            Err(Error::Invalid {
+                field,
+                value: value.to_string(),
+                reason: reason.into(),
+            })
         }
         let (m, t, c, d) = (&self.model, &self.train, &self.cluster, &self.data);
         if m.n_layer == 0 {
             return bad("model.n_layer", m.n_layer, "must be at least 1");
         }
         if m.n_head == 0 || m.n_embd == 0 || m.n_embd % m.n_head != 0 {
-            return bad("model.n_embd", m.n_embd, format!("must be a positive multiple of model.n_head ({})", m.n_head));
+            return bad(
+                "model.n_embd",
+                m.n_embd,
+                format!("must be a positive multiple of model.n_head ({})", m.n_head),
+            );
         }
         if m.positions == Positions::Sinusoidal && m.n_embd % 2 != 0 {
-            return bad("model.n_embd", m.n_embd, "sinusoidal positions need an even embedding size");
+            return bad(
+                "model.n_embd",
+                m.n_embd,
+                "sinusoidal positions need an even embedding size",
+            );
         }
         if !(0.0..1.0).contains(&m.dropout) {
             return bad("model.dropout", m.dropout, "must be in [0, 1)");
@@ -308,7 +337,11 @@ impl RunSpec {
             return bad("model.init_std", m.init_std, "must be positive");
         }
         if t.seq_len == 0 || t.seq_len > m.block_size {
-            return bad("train.seq_len", t.seq_len, format!("must be in 1..={} (model.block_size)", m.block_size));
+            return bad(
+                "train.seq_len",
+                t.seq_len,
+                format!("must be in 1..={} (model.block_size)", m.block_size),
+            );
         }
         if t.global_batch == 0 {
             return bad("train.global_batch", t.global_batch, "must be at least 1");
@@ -326,7 +359,11 @@ impl RunSpec {
             return bad("train.min_lr", t.min_lr, format!("must be in [0, train.lr = {}]", t.lr));
         }
         if t.warmup_steps > t.total_steps {
-            return bad("train.warmup_steps", t.warmup_steps, format!("must not exceed train.total_steps ({})", t.total_steps));
+            return bad(
+                "train.warmup_steps",
+                t.warmup_steps,
+                format!("must not exceed train.total_steps ({})", t.total_steps),
+            );
         }
         if !(0.0..1.0).contains(&t.beta1) {
             return bad("train.beta1", t.beta1, "must be in [0, 1)");
@@ -347,13 +384,20 @@ impl RunSpec {
             return bad("cluster.min_workers", c.min_workers, "must be at least 1");
         }
         if c.max_workers < c.min_workers {
-            return bad("cluster.max_workers", c.max_workers, format!("must be at least cluster.min_workers ({})", c.min_workers));
+            return bad(
+                "cluster.max_workers",
+                c.max_workers,
+                format!("must be at least cluster.min_workers ({})", c.min_workers),
+            );
         }
         if c.min_workers as usize > t.global_batch {
             return bad(
                 "cluster.min_workers",
                 c.min_workers,
-                format!("every worker needs at least one sequence of train.global_batch ({})", t.global_batch),
+                format!(
+                    "every worker needs at least one sequence of train.global_batch ({})",
+                    t.global_batch
+                ),
             );
         }
         if c.collective_timeout_secs == 0 {
@@ -370,7 +414,11 @@ impl RunSpec {
         }
         match d.source {
             DataSource::Text if d.path.is_none() => {
-                return bad("data.path", "(none)", "data.source = \"text\" needs the path of a UTF-8 text file");
+                return bad(
+                    "data.path",
+                    "(none)",
+                    "data.source = \"text\" needs the path of a UTF-8 text file",
+                );
             }
             DataSource::Addition if !(1..=6).contains(&d.addition_digits) => {
                 return bad("data.addition_digits", d.addition_digits, "must be in 1..=6");
@@ -399,7 +447,11 @@ impl RunSpec {
             match v {
                 serde_json::Value::Object(map) => {
                     for (k, v) in map {
-                        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                        let key = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
                         flatten(&key, v, out);
                     }
                 }
@@ -455,7 +507,10 @@ mod tests {
     #[test]
     fn file_and_env_override() {
         let dir = tempfile::tempdir().unwrap();
-        let path = write(&dir, "[train]\ntotal_steps = 7\nwarmup_steps = 2\nlr = 0.01\n[model]\nn_layer = 3\n");
+        let path = write(
+            &dir,
+            "[train]\ntotal_steps = 7\nwarmup_steps = 2\nlr = 0.01\n[model]\nn_layer = 3\n",
+        );
         let env = vec![
             ("LOCKSTEP_TRAIN__TOTAL_STEPS".to_string(), "9".to_string()),
             ("LOCKSTEP_COORDINATOR".to_string(), "http://x".to_string()), // a flag's variable, not a key
@@ -484,7 +539,9 @@ mod tests {
 
     #[test]
     fn missing_file_is_named() {
-        let err = RunSpec::load_with_env(Some(Path::new("/nonexistent/run.toml")), vec![]).unwrap_err().to_string();
+        let err = RunSpec::load_with_env(Some(Path::new("/nonexistent/run.toml")), vec![])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("/nonexistent/run.toml"), "{err}");
     }
 

@@ -52,17 +52,25 @@ impl Cluster {
         std::fs::create_dir_all(dir).unwrap();
         let config = dir.join("run.toml");
         std::fs::write(&config, toml::to_string(spec).unwrap()).unwrap();
-        let coordinator =
-            procs::spawn_coordinator(&config, &dir.join("coordinator.log"), &[], Duration::from_secs(60)).await.unwrap();
+        let coordinator = procs::spawn_coordinator(&config, &dir.join("coordinator.log"), &[], Duration::from_secs(60))
+            .await
+            .unwrap();
         let url = coordinator.url();
         let workers = (0..workers)
             .map(|i| {
-                let args: Vec<String> =
-                    ["--threads", "1", "--log-format", "json", "--worker-id"].iter().map(|s| s.to_string()).chain([format!("w{i}")]).collect();
+                let args: Vec<String> = ["--threads", "1", "--log-format", "json", "--worker-id"]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .chain([format!("w{i}")])
+                    .collect();
                 procs::spawn_worker(&url, &dir.join(format!("worker-{i}.log")), &args).unwrap()
             })
             .collect();
-        Cluster { coordinator, workers, dir: dir.to_path_buf() }
+        Cluster {
+            coordinator,
+            workers,
+            dir: dir.to_path_buf(),
+        }
     }
 
     pub fn url(&self) -> String {
@@ -84,9 +92,17 @@ impl Cluster {
     pub async fn wait(&mut self) -> (Vec<ExitStatus>, ExitStatus) {
         let mut statuses = Vec::new();
         for w in &mut self.workers {
-            statuses.push(tokio::time::timeout(Duration::from_secs(120), w.wait()).await.unwrap().unwrap());
+            statuses.push(
+                tokio::time::timeout(Duration::from_secs(120), w.wait())
+                    .await
+                    .unwrap()
+                    .unwrap(),
+            );
         }
-        let c = tokio::time::timeout(Duration::from_secs(120), self.coordinator.child.wait()).await.unwrap().unwrap();
+        let c = tokio::time::timeout(Duration::from_secs(120), self.coordinator.child.wait())
+            .await
+            .unwrap()
+            .unwrap();
         (statuses, c)
     }
 
@@ -121,7 +137,10 @@ pub fn load_tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>>
 }
 
 /// ‖a − b‖ / ‖b‖ over all tensors together.
-pub fn relative_l2(a: &std::collections::BTreeMap<String, Vec<f32>>, b: &std::collections::BTreeMap<String, Vec<f32>>) -> f64 {
+pub fn relative_l2(
+    a: &std::collections::BTreeMap<String, Vec<f32>>,
+    b: &std::collections::BTreeMap<String, Vec<f32>>,
+) -> f64 {
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
     let (mut diff, mut norm) = (0f64, 0f64);
     for (k, va) in a {

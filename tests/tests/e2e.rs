@@ -7,7 +7,13 @@ fn steps(cluster: &Cluster, i: usize) -> Vec<(u64, f64, String)> {
     cluster
         .worker_events(i, "step done")
         .iter()
-        .map(|e| (e["step"].as_u64().unwrap(), e["loss"].as_f64().unwrap(), e["checksum"].as_str().unwrap_or("").to_string()))
+        .map(|e| {
+            (
+                e["step"].as_u64().unwrap(),
+                e["loss"].as_f64().unwrap(),
+                e["checksum"].as_str().unwrap_or("").to_string(),
+            )
+        })
         .collect()
 }
 
@@ -34,16 +40,29 @@ async fn two_workers_train_loss_falls_and_parameters_stay_identical() {
     }
     let first: f64 = a[..3].iter().map(|s| s.1).sum::<f64>() / 3.0;
     let last: f64 = a[21..].iter().map(|s| s.1).sum::<f64>() / 3.0;
-    assert!(last < first * 0.8, "loss did not fall: first steps {first:.4}, last steps {last:.4}");
+    assert!(
+        last < first * 0.8,
+        "loss did not fall: first steps {first:.4}, last steps {last:.4}"
+    );
     assert!(status.val_loss.is_some());
     let ckpt = std::path::Path::new(&status.last_checkpoint);
-    for file in ["model.safetensors", "config.json", "optimizer.safetensors", "trainer.json", "manifest.json"] {
+    for file in [
+        "model.safetensors",
+        "config.json",
+        "optimizer.safetensors",
+        "trainer.json",
+        "manifest.json",
+    ] {
         assert!(ckpt.join(file).is_file(), "{} missing in {}", file, ckpt.display());
     }
 }
 
 /// Runs `spec` with `workers` workers to the end; returns per-step losses and the final model tensors.
-async fn train(spec: &lockstep_common::RunSpec, workers: u32, dir: &std::path::Path) -> (Vec<f64>, std::collections::BTreeMap<String, Vec<f32>>, String) {
+async fn train(
+    spec: &lockstep_common::RunSpec,
+    workers: u32,
+    dir: &std::path::Path,
+) -> (Vec<f64>, std::collections::BTreeMap<String, Vec<f32>>, String) {
     let mut cluster = Cluster::start(spec, workers, dir).await;
     let status = cluster.final_status().await;
     cluster.wait().await;
@@ -68,7 +87,11 @@ async fn two_workers_of_micro_b_equal_one_worker_of_micro_2b() {
     let (l1, p1, _) = train(&one, 1, &d1).await;
     assert_eq!(l1.len(), 10);
     for (step, (a, b)) in l2.iter().zip(&l1).enumerate() {
-        assert!(((a - b) / b).abs() < 1e-5, "step {}: loss {a} (2 workers) vs {b} (1 worker)", step + 1);
+        assert!(
+            ((a - b) / b).abs() < 1e-5,
+            "step {}: loss {a} (2 workers) vs {b} (1 worker)",
+            step + 1
+        );
     }
     let dist = relative_l2(&p2, &p1);
     assert!(dist < 1e-5, "final parameters differ: relative L2 {dist:e}");
@@ -139,7 +162,10 @@ async fn a_worker_with_a_conflicting_spec_is_refused_in_one_line() {
     let log = dir.path().join("conflicting.log");
     let args = vec!["--config".to_string(), other.display().to_string()];
     let mut worker = lockstep_cli::procs::spawn_worker(&cluster.url(), &log, &args).unwrap();
-    let status = tokio::time::timeout(std::time::Duration::from_secs(60), worker.wait()).await.unwrap().unwrap();
+    let status = tokio::time::timeout(std::time::Duration::from_secs(60), worker.wait())
+        .await
+        .unwrap()
+        .unwrap();
     cluster.stop().await;
     assert!(!status.success());
     let text = std::fs::read_to_string(&log).unwrap();

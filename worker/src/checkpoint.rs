@@ -130,8 +130,7 @@ fn digest_file(path: &Path) -> Result<ManifestEntry> {
 }
 
 fn save_tensors(path: &Path, tensors: HashMap<String, Tensor>) -> Result<()> {
-    candle_core::safetensors::save(&tensors, path)
-        .map_err(|e| ckpt_err(path, format!("cannot write tensors: {e}")))
+    candle_core::safetensors::save(&tensors, path).map_err(|e| ckpt_err(path, format!("cannot write tensors: {e}")))
 }
 
 /// Writes the checkpoint of `state.step` under `root` and returns its path; then keeps only the newest `keep`
@@ -147,10 +146,7 @@ pub fn save(
     spec_json: &str,
     keep: usize,
 ) -> Result<PathBuf> {
-    std::fs::create_dir_all(root).map_err(io_err(format!(
-        "create checkpoint directory {}",
-        root.display()
-    )))?;
+    std::fs::create_dir_all(root).map_err(io_err(format!("create checkpoint directory {}", root.display())))?;
     let name = step_dir_name(state.step);
     let final_dir = root.join(&name);
     // A fixed temporary name: a leftover from a crashed save of the same step is simply replaced.
@@ -169,18 +165,12 @@ pub fn save(
     save_tensors(&tmp.join(MODEL_FILE), model)?;
 
     let mut optim: HashMap<String, Tensor> = opt.state(params).into_iter().collect();
-    let steps = i64::try_from(opt.steps_taken())
-        .map_err(|_| Error::Model("optimizer step count overflows i64".into()))?;
-    optim.insert(
-        OPTIMIZER_STEPS_TENSOR.into(),
-        Tensor::new(&[steps], &Device::Cpu)?,
-    );
+    let steps =
+        i64::try_from(opt.steps_taken()).map_err(|_| Error::Model("optimizer step count overflows i64".into()))?;
+    optim.insert(OPTIMIZER_STEPS_TENSOR.into(), Tensor::new(&[steps], &Device::Cpu)?);
     save_tensors(&tmp.join(OPTIMIZER_FILE), optim)?;
 
-    write_file(
-        &tmp.join(CONFIG_FILE),
-        to_json(&cfg.to_hf_config())?.as_bytes(),
-    )?;
+    write_file(&tmp.join(CONFIG_FILE), to_json(&cfg.to_hf_config())?.as_bytes())?;
     write_file(&tmp.join(TRAINER_FILE), to_json(state)?.as_bytes())?;
     write_file(&tmp.join(SPEC_FILE), spec_json.as_bytes())?;
     tokenizer.save(&tmp.join(TOKENIZER_FILE))?;
@@ -214,19 +204,14 @@ pub fn save(
         // either the old or the new checkpoint is complete on disk.
         let old = root.join(format!(".old-{name}"));
         if old.exists() {
-            std::fs::remove_dir_all(&old)
-                .map_err(io_err(format!("remove stale {}", old.display())))?;
+            std::fs::remove_dir_all(&old).map_err(io_err(format!("remove stale {}", old.display())))?;
         }
-        std::fs::rename(&final_dir, &old)
-            .map_err(io_err(format!("move aside {}", final_dir.display())))?;
-        std::fs::rename(&tmp, &final_dir)
-            .map_err(io_err(format!("rename {} into place", tmp.display())))?;
+        std::fs::rename(&final_dir, &old).map_err(io_err(format!("move aside {}", final_dir.display())))?;
+        std::fs::rename(&tmp, &final_dir).map_err(io_err(format!("rename {} into place", tmp.display())))?;
         fsync_dir(root)?;
-        std::fs::remove_dir_all(&old)
-            .map_err(io_err(format!("remove replaced {}", old.display())))?;
+        std::fs::remove_dir_all(&old).map_err(io_err(format!("remove replaced {}", old.display())))?;
     } else {
-        std::fs::rename(&tmp, &final_dir)
-            .map_err(io_err(format!("rename {} into place", tmp.display())))?;
+        std::fs::rename(&tmp, &final_dir).map_err(io_err(format!("rename {} into place", tmp.display())))?;
     }
     fsync_dir(root)?;
     prune(root, keep, state.step)?;
@@ -236,8 +221,7 @@ pub fn save(
 /// Serialising our own plain structs and `serde_json::Value`s cannot fail in practice; the error is still mapped
 /// rather than unwrapped.
 fn to_json<T: Serialize>(value: &T) -> Result<String> {
-    serde_json::to_string_pretty(value)
-        .map_err(|e| Error::Model(format!("cannot serialise JSON: {e}")))
+    serde_json::to_string_pretty(value).map_err(|e| Error::Model(format!("cannot serialise JSON: {e}")))
 }
 
 /// `step-*` directories under `root` (complete or not), with their step numbers, oldest first.
@@ -273,8 +257,7 @@ fn prune(root: &Path, keep: usize, just_written: u64) -> Result<()> {
     let excess = dirs.len().saturating_sub(keep);
     for (step, path) in dirs.into_iter().take(excess) {
         if step != just_written {
-            std::fs::remove_dir_all(&path)
-                .map_err(io_err(format!("remove old checkpoint {}", path.display())))?;
+            std::fs::remove_dir_all(&path).map_err(io_err(format!("remove old checkpoint {}", path.display())))?;
         }
     }
     Ok(())
@@ -299,8 +282,8 @@ pub fn verify(dir: &Path) -> Result<Manifest> {
             format!("cannot read the manifest ({e}); the checkpoint is incomplete"),
         )
     })?;
-    let manifest: Manifest = serde_json::from_str(&text)
-        .map_err(|e| ckpt_err(&path, format!("not a checkpoint manifest: {e}")))?;
+    let manifest: Manifest =
+        serde_json::from_str(&text).map_err(|e| ckpt_err(&path, format!("not a checkpoint manifest: {e}")))?;
     if manifest.format != MANIFEST_FORMAT || manifest.version != MANIFEST_VERSION {
         return Err(ckpt_err(
             &path,
@@ -319,10 +302,7 @@ pub fn verify(dir: &Path) -> Result<Manifest> {
         SPEC_FILE,
     ] {
         if !manifest.files.contains_key(required) {
-            return Err(ckpt_err(
-                &path,
-                format!("the manifest does not list {required}"),
-            ));
+            return Err(ckpt_err(&path, format!("the manifest does not list {required}")));
         }
     }
     for (name, want) in &manifest.files {
@@ -333,8 +313,8 @@ pub fn verify(dir: &Path) -> Result<Manifest> {
             ));
         }
         let file = dir.join(name);
-        let got = digest_file(&file)
-            .map_err(|e| ckpt_err(&file, format!("listed in the manifest but unreadable: {e}")))?;
+        let got =
+            digest_file(&file).map_err(|e| ckpt_err(&file, format!("listed in the manifest but unreadable: {e}")))?;
         if got.bytes != want.bytes {
             return Err(ckpt_err(
                 &file,
@@ -355,8 +335,7 @@ pub fn verify(dir: &Path) -> Result<Manifest> {
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| ckpt_err(path, format!("cannot read: {e}")))?;
+    let text = std::fs::read_to_string(path).map_err(|e| ckpt_err(path, format!("cannot read: {e}")))?;
     serde_json::from_str(&text).map_err(|e| ckpt_err(path, format!("invalid JSON: {e}")))
 }
 
@@ -376,8 +355,8 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedModel> {
     let tokenizer = Tokenizer::load(&tok_path).map_err(|e| ckpt_err(&tok_path, e.to_string()))?;
     let state: TrainerState = read_json(&dir.join(TRAINER_FILE))?;
     let spec_path = dir.join(SPEC_FILE);
-    let spec_json = std::fs::read_to_string(&spec_path)
-        .map_err(|e| ckpt_err(&spec_path, format!("cannot read: {e}")))?;
+    let spec_json =
+        std::fs::read_to_string(&spec_path).map_err(|e| ckpt_err(&spec_path, format!("cannot read: {e}")))?;
     Ok(LoadedModel {
         cfg,
         varmap,
@@ -393,8 +372,8 @@ pub fn load(dir: &Path, device: &Device) -> Result<LoadedModel> {
 /// `transformer.` prefix (the original GPT-2 checkpoints) are accepted.
 pub fn load_hf(dir: &Path, device: &Device) -> Result<(GptConfig, VarMap)> {
     let config_path = dir.join(CONFIG_FILE);
-    let cfg = GptConfig::from_hf_config(&read_json(&config_path)?)
-        .map_err(|e| ckpt_err(&config_path, e.to_string()))?;
+    let cfg =
+        GptConfig::from_hf_config(&read_json(&config_path)?).map_err(|e| ckpt_err(&config_path, e.to_string()))?;
     let model_path = dir.join(MODEL_FILE);
     let mut tensors = candle_core::safetensors::load(&model_path, device)
         .map_err(|e| ckpt_err(&model_path, format!("cannot read tensors: {e}")))?;
@@ -405,19 +384,11 @@ pub fn load_hf(dir: &Path, device: &Device) -> Result<(GptConfig, VarMap)> {
             .lock()
             .map_err(|_| Error::Model("variable map lock poisoned".into()))?;
         for (name, shape, _) in param_specs(&cfg) {
-            let short = name
-                .strip_prefix("transformer.")
-                .unwrap_or(&name)
-                .to_string();
+            let short = name.strip_prefix("transformer.").unwrap_or(&name).to_string();
             let tensor = tensors
                 .remove(&name)
                 .or_else(|| tensors.remove(&short))
-                .ok_or_else(|| {
-                    ckpt_err(
-                        &model_path,
-                        format!("missing tensor {name} (shape {shape:?})"),
-                    )
-                })?;
+                .ok_or_else(|| ckpt_err(&model_path, format!("missing tensor {name} (shape {shape:?})")))?;
             if tensor.dims() != shape.as_slice() {
                 return Err(ckpt_err(
                     &model_path,
@@ -436,10 +407,7 @@ pub fn load_hf(dir: &Path, device: &Device) -> Result<(GptConfig, VarMap)> {
 /// Restores the optimizer's moments and step count from a checkpoint directory (already verified by [`load`]).
 pub fn restore_optimizer(dir: &Path, params: &Params, opt: &mut AdamW) -> Result<()> {
     let path = dir.join(OPTIMIZER_FILE);
-    let device = params
-        .vars()
-        .first()
-        .map_or(Device::Cpu, |v| v.device().clone());
+    let device = params.vars().first().map_or(Device::Cpu, |v| v.device().clone());
     let mut tensors = candle_core::safetensors::load(&path, &device)
         .map_err(|e| ckpt_err(&path, format!("cannot read tensors: {e}")))?;
     let steps = tensors
@@ -502,18 +470,10 @@ mod tests {
             },
         )
         .unwrap();
-        let grads: Vec<f32> = (0..params.num_elements())
-            .map(|i| (i as f32 * 0.37).sin())
-            .collect();
-        opt.step(&params, &params.unflatten(&grads).unwrap(), 1e-2)
-            .unwrap();
+        let grads: Vec<f32> = (0..params.num_elements()).map(|i| (i as f32 * 0.37).sin()).collect();
+        opt.step(&params, &params.unflatten(&grads).unwrap(), 1e-2).unwrap();
         let tok = Tokenizer::learn(TokenizerKind::Char, "0123456789+=\n");
-        Fixture {
-            cfg,
-            params,
-            opt,
-            tok,
-        }
+        Fixture { cfg, params, opt, tok }
     }
 
     fn state(step: u64) -> TrainerState {
@@ -597,10 +557,7 @@ mod tests {
         bytes[last] ^= 0x40;
         std::fs::write(&model, &bytes).unwrap();
         let err = load(&dir, &Device::Cpu).err().unwrap().to_string();
-        assert!(
-            err.contains("model.safetensors") && err.contains("damaged"),
-            "{err}"
-        );
+        assert!(err.contains("model.safetensors") && err.contains("damaged"), "{err}");
 
         std::fs::write(dir.join(TRAINER_FILE), "{}").unwrap();
         let err = verify(&dir).unwrap_err().to_string();
@@ -626,10 +583,7 @@ mod tests {
             v
         };
         assert_eq!(names(root.path()), ["step-00000030", "step-00000040"]);
-        assert_eq!(
-            newest(root.path()).unwrap(),
-            Some(root.path().join("step-00000040"))
-        );
+        assert_eq!(newest(root.path()).unwrap(), Some(root.path().join("step-00000040")));
         // Saving an older step while keeping 1 must still keep the one just written.
         save_at(root.path(), &f, 5, 1);
         assert!(root.path().join("step-00000005").is_dir());
@@ -640,10 +594,7 @@ mod tests {
         assert_eq!(names(root.path()), ["step-00000005", "step-00000040"]);
         // An incomplete directory (no manifest) is not a checkpoint.
         std::fs::create_dir(root.path().join("step-00000099")).unwrap();
-        assert_eq!(
-            newest(root.path()).unwrap(),
-            Some(root.path().join("step-00000040"))
-        );
+        assert_eq!(newest(root.path()).unwrap(), Some(root.path().join("step-00000040")));
         assert_eq!(newest(&root.path().join("absent")).unwrap(), None);
     }
 

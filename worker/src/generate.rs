@@ -20,22 +20,13 @@ fn next_tokens(model: &Gpt, context: &Tensor) -> Result<Vec<u32>> {
 fn context_tensor(seqs: &[Vec<u32>], block_size: usize, device: &Device) -> Result<Tensor> {
     let len = seqs.first().map_or(0, Vec::len);
     let start = len.saturating_sub(block_size);
-    let flat: Vec<u32> = seqs
-        .iter()
-        .flat_map(|s| s[start..].iter().copied())
-        .collect();
+    let flat: Vec<u32> = seqs.iter().flat_map(|s| s[start..].iter().copied()).collect();
     Ok(Tensor::from_vec(flat, (seqs.len(), len - start), device)?)
 }
 
 /// Appends up to `max_new` greedy tokens to `prompt`, cropping the context to the model's block size, and stops
 /// after emitting `stop` (which is included) if given. Returns only the new tokens.
-pub fn greedy(
-    model: &Gpt,
-    prompt: &[u32],
-    max_new: usize,
-    stop: Option<u32>,
-    device: &Device,
-) -> Result<Vec<u32>> {
+pub fn greedy(model: &Gpt, prompt: &[u32], max_new: usize, stop: Option<u32>, device: &Device) -> Result<Vec<u32>> {
     if prompt.is_empty() {
         return Err(Error::Model(
             "greedy decoding needs a prompt of at least one token".into(),
@@ -57,12 +48,7 @@ pub fn greedy(
 
 /// Greedy decoding of many prompts of equal length at once (one forward per new token for the whole batch).
 /// Returns exactly `max_new` new tokens per prompt.
-pub fn greedy_batch(
-    model: &Gpt,
-    prompts: &[Vec<u32>],
-    max_new: usize,
-    device: &Device,
-) -> Result<Vec<Vec<u32>>> {
+pub fn greedy_batch(model: &Gpt, prompts: &[Vec<u32>], max_new: usize, device: &Device) -> Result<Vec<Vec<u32>>> {
     let Some(first) = prompts.first() else {
         return Ok(Vec::new());
     };
@@ -71,11 +57,7 @@ pub fn greedy_batch(
             "greedy decoding needs prompts of at least one token".into(),
         ));
     }
-    if let Some((i, p)) = prompts
-        .iter()
-        .enumerate()
-        .find(|(_, p)| p.len() != first.len())
-    {
+    if let Some((i, p)) = prompts.iter().enumerate().find(|(_, p)| p.len() != first.len()) {
         return Err(Error::Model(format!(
             "batched greedy decoding needs prompts of equal length: prompt 0 has {} tokens, prompt {i} has {}",
             first.len(),
@@ -89,10 +71,7 @@ pub fn greedy_batch(
             seq.push(next);
         }
     }
-    Ok(seqs
-        .into_iter()
-        .map(|s| s[first.len()..].to_vec())
-        .collect())
+    Ok(seqs.into_iter().map(|s| s[first.len()..].to_vec()).collect())
 }
 
 #[cfg(test)]

@@ -68,7 +68,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         spec,
         connect_timeout: Duration::from_secs(args.connect_timeout_secs),
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         let exit = session::run(opts, shutdown_signal()).await?;
         tracing::info!(?exit, "worker done");

@@ -77,14 +77,9 @@ impl GptConfig {
         let usize_field = |names: &[&str]| -> Result<usize> {
             for name in names {
                 if let Some(x) = v.get(name).filter(|x| !x.is_null()) {
-                    return x
-                        .as_u64()
-                        .and_then(|x| usize::try_from(x).ok())
-                        .ok_or_else(|| {
-                            Error::Model(format!(
-                                "config field {name} = {x} is not a non-negative integer"
-                            ))
-                        });
+                    return x.as_u64().and_then(|x| usize::try_from(x).ok()).ok_or_else(|| {
+                        Error::Model(format!("config field {name} = {x} is not a non-negative integer"))
+                    });
                 }
             }
             Err(Error::Model(format!(
@@ -95,9 +90,9 @@ impl GptConfig {
         let f64_field = |name: &str, default: f64| -> Result<f64> {
             match v.get(name).filter(|x| !x.is_null()) {
                 None => Ok(default),
-                Some(x) => x.as_f64().ok_or_else(|| {
-                    Error::Model(format!("config field {name} = {x} is not a number"))
-                }),
+                Some(x) => x
+                    .as_f64()
+                    .ok_or_else(|| Error::Model(format!("config field {name} = {x} is not a number"))),
             }
         };
         if !v.is_object() {
@@ -112,14 +107,10 @@ impl GptConfig {
         }
         if v.get("tie_word_embeddings").and_then(Value::as_bool) == Some(false) {
             return Err(Error::Model(
-                "config field tie_word_embeddings = false is not supported (the LM head is tied)"
-                    .into(),
+                "config field tie_word_embeddings = false is not supported (the LM head is tied)".into(),
             ));
         }
-        if v.get("scale_attn_by_inverse_layer_idx")
-            .and_then(Value::as_bool)
-            == Some(true)
-        {
+        if v.get("scale_attn_by_inverse_layer_idx").and_then(Value::as_bool) == Some(true) {
             return Err(Error::Model(
                 "config field scale_attn_by_inverse_layer_idx = true is not supported".into(),
             ));
@@ -179,10 +170,7 @@ impl GptConfig {
             )));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(Error::Model(format!(
-                "dropout {} is not in [0, 1)",
-                self.dropout
-            )));
+            return Err(Error::Model(format!("dropout {} is not in [0, 1)", self.dropout)));
         }
         Ok(())
     }
@@ -227,40 +215,20 @@ pub fn param_specs(cfg: &GptConfig) -> Vec<(String, Vec<usize>, ParamInit)> {
         out.extend([
             (p("ln_1.weight"), vec![c], ParamInit::Ones),
             (p("ln_1.bias"), vec![c], ParamInit::Zeros),
-            (
-                p("attn.c_attn.weight"),
-                vec![c, 3 * c],
-                ParamInit::Normal(std),
-            ),
+            (p("attn.c_attn.weight"), vec![c, 3 * c], ParamInit::Normal(std)),
             (p("attn.c_attn.bias"), vec![3 * c], ParamInit::Zeros),
-            (
-                p("attn.c_proj.weight"),
-                vec![c, c],
-                ParamInit::Normal(proj_std),
-            ),
+            (p("attn.c_proj.weight"), vec![c, c], ParamInit::Normal(proj_std)),
             (p("attn.c_proj.bias"), vec![c], ParamInit::Zeros),
             (p("ln_2.weight"), vec![c], ParamInit::Ones),
             (p("ln_2.bias"), vec![c], ParamInit::Zeros),
             (p("mlp.c_fc.weight"), vec![c, 4 * c], ParamInit::Normal(std)),
             (p("mlp.c_fc.bias"), vec![4 * c], ParamInit::Zeros),
-            (
-                p("mlp.c_proj.weight"),
-                vec![4 * c, c],
-                ParamInit::Normal(proj_std),
-            ),
+            (p("mlp.c_proj.weight"), vec![4 * c, c], ParamInit::Normal(proj_std)),
             (p("mlp.c_proj.bias"), vec![c], ParamInit::Zeros),
         ]);
     }
-    out.push((
-        "transformer.ln_f.weight".to_string(),
-        vec![c],
-        ParamInit::Ones,
-    ));
-    out.push((
-        "transformer.ln_f.bias".to_string(),
-        vec![c],
-        ParamInit::Zeros,
-    ));
+    out.push(("transformer.ln_f.weight".to_string(), vec![c], ParamInit::Ones));
+    out.push(("transformer.ln_f.bias".to_string(), vec![c], ParamInit::Zeros));
     out
 }
 
@@ -272,9 +240,7 @@ fn param(vb: &VarBuilder, shape: &[usize], name: &str) -> Result<Tensor> {
         } else {
             format!("{}.{name}", vb.prefix())
         };
-        return Err(Error::Model(format!(
-            "missing parameter {full} (shape {shape:?})"
-        )));
+        return Err(Error::Model(format!("missing parameter {full} (shape {shape:?})")));
     }
     Ok(vb.get(shape, name)?)
 }
@@ -298,13 +264,7 @@ impl DropoutRng {
         let scale = (1.0 / (1.0 - p)) as f32;
         let p = p as f32;
         let mask: Vec<f32> = (0..n)
-            .map(|_| {
-                if self.rng.random::<f32>() < p {
-                    0.0
-                } else {
-                    scale
-                }
-            })
+            .map(|_| if self.rng.random::<f32>() < p { 0.0 } else { scale })
             .collect();
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         Ok(x.mul(&mask)?)
@@ -340,9 +300,7 @@ impl LayerNorm {
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
         let xhat = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        Ok(xhat
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)?)
+        Ok(xhat.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
     }
 }
 
@@ -397,12 +355,7 @@ impl CausalSelfAttention {
     }
 
     /// `mask`: [T, T], 0 on and below the diagonal, -inf above.
-    fn forward(
-        &self,
-        x: &Tensor,
-        mask: &Tensor,
-        rng: &mut Option<&mut DropoutRng>,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, mask: &Tensor, rng: &mut Option<&mut DropoutRng>) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let hd = c / self.n_head;
         let qkv = self.c_attn.forward(x)?; // [B, T, 3C]
@@ -464,12 +417,7 @@ impl Block {
         })
     }
 
-    fn forward(
-        &self,
-        x: &Tensor,
-        mask: &Tensor,
-        rng: &mut Option<&mut DropoutRng>,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, mask: &Tensor, rng: &mut Option<&mut DropoutRng>) -> Result<Tensor> {
         let x = (x + self.attn.forward(&self.ln_1.forward(x)?, mask, rng)?)?;
         Ok((&x + self.mlp.forward(&self.ln_2.forward(&x)?, rng)?)?)
     }
@@ -509,11 +457,9 @@ impl Gpt {
         let vb = vb.pp("transformer");
         let wte = param(&vb.pp("wte"), &[cfg.vocab_size, cfg.n_embd], "weight")?;
         let wpe = match cfg.positions {
-            Positions::Learned => PositionEmbedding::Learned(param(
-                &vb.pp("wpe"),
-                &[cfg.block_size, cfg.n_embd],
-                "weight",
-            )?),
+            Positions::Learned => {
+                PositionEmbedding::Learned(param(&vb.pp("wpe"), &[cfg.block_size, cfg.n_embd], "weight")?)
+            }
             Positions::Sinusoidal => PositionEmbedding::Sinusoidal(
                 sinusoidal_table(cfg.block_size, cfg.n_embd, vb.device())?.to_dtype(vb.dtype())?,
             ),
@@ -537,11 +483,7 @@ impl Gpt {
 
     /// Logits [B, T, vocab] for token ids `idx` [B, T] (any integer dtype). `dropout`: `None` = eval mode;
     /// `Some(rng)` = training, with masks drawn from `rng` (skipped anyway when the config's dropout is 0).
-    pub fn forward(
-        &self,
-        idx: &Tensor,
-        mut dropout_rng: Option<&mut DropoutRng>,
-    ) -> Result<Tensor> {
+    pub fn forward(&self, idx: &Tensor, mut dropout_rng: Option<&mut DropoutRng>) -> Result<Tensor> {
         let (b, t) = idx.dims2()?;
         if t > self.cfg.block_size {
             return Err(Error::Model(format!(
@@ -550,20 +492,11 @@ impl Gpt {
             )));
         }
         let c = self.cfg.n_embd;
-        let tok_emb = self
-            .wte
-            .index_select(&idx.flatten_all()?, 0)?
-            .reshape((b, t, c))?; // [B, T, C]
+        let tok_emb = self.wte.index_select(&idx.flatten_all()?, 0)?.reshape((b, t, c))?; // [B, T, C]
         let pos_emb = match &self.wpe {
-            PositionEmbedding::Learned(w) | PositionEmbedding::Sinusoidal(w) => {
-                w.narrow(0, 0, t)?
-            } // [T, C]
+            PositionEmbedding::Learned(w) | PositionEmbedding::Sinusoidal(w) => w.narrow(0, 0, t)?, // [T, C]
         };
-        let x = dropout(
-            tok_emb.broadcast_add(&pos_emb)?,
-            self.cfg.dropout,
-            &mut dropout_rng,
-        )?;
+        let x = dropout(tok_emb.broadcast_add(&pos_emb)?, self.cfg.dropout, &mut dropout_rng)?;
         let mask = causal_mask(t, x.dtype(), x.device())?;
         let mut x = x;
         for block in &self.h {
@@ -695,21 +628,12 @@ mod tests {
                 let (idx, tgt) = batch();
                 let mut rng = DropoutRng::new(3);
                 let logits = gpt.forward(&idx, Some(&mut rng)).unwrap();
-                let grads = cross_entropy_sum(&logits, &tgt)
-                    .unwrap()
-                    .backward()
-                    .unwrap();
+                let grads = cross_entropy_sum(&logits, &tgt).unwrap().backward().unwrap();
                 for (name, var) in params.names().iter().zip(params.vars()) {
                     let g = grads
                         .get(var.as_tensor())
                         .unwrap_or_else(|| panic!("{name}: no gradient ({positions:?}, p={p})"));
-                    let max = g
-                        .abs()
-                        .unwrap()
-                        .max_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap();
+                    let max = g.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
                     assert!(
                         max > 0.0 && max.is_finite(),
                         "{name}: gradient max |g| = {max} ({positions:?}, p={p})"
@@ -801,10 +725,7 @@ mod tests {
                 .to_vec1::<f32>()
                 .unwrap()
         };
-        for name in [
-            "transformer.wte.weight",
-            "transformer.h.1.attn.c_attn.weight",
-        ] {
+        for name in ["transformer.wte.weight", "transformer.h.1.attn.c_attn.weight"] {
             assert_eq!(get(&a, name), get(&b, name), "{name}");
         }
     }
@@ -820,22 +741,14 @@ mod tests {
         let vm = init_varmap(&cfg, 9, &Device::Cpu).unwrap();
         let data = vm.data().lock().unwrap();
         let std = |n: &str| {
-            let v = data[n]
-                .as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+            let v = data[n].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let mean = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
             (v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64).sqrt()
         };
         assert!((std("transformer.wte.weight") - 0.02).abs() < 0.001);
         assert!((std("transformer.h.0.mlp.c_proj.weight") - 0.01).abs() < 0.0005); // 0.02 / sqrt(2 * 2)
         assert_eq!(std("transformer.h.0.ln_1.weight"), 0.0);
-        let ones = data["transformer.ln_f.weight"]
-            .as_tensor()
-            .to_vec1::<f32>()
-            .unwrap();
+        let ones = data["transformer.ln_f.weight"].as_tensor().to_vec1::<f32>().unwrap();
         assert!(ones.iter().all(|&x| x == 1.0));
     }
 
@@ -863,10 +776,7 @@ mod tests {
     fn missing_parameter_is_named() {
         let cfg = tiny(Positions::Learned, 0.0);
         let vm = init_varmap(&cfg, 1, &Device::Cpu).unwrap();
-        vm.data()
-            .lock()
-            .unwrap()
-            .remove("transformer.h.1.mlp.c_fc.bias");
+        vm.data().lock().unwrap().remove("transformer.h.1.mlp.c_fc.bias");
         let err = Gpt::new(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), &cfg)
             .err()
             .unwrap()

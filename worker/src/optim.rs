@@ -91,11 +91,7 @@ impl AdamW {
             let g = g.to_dtype(DType::F32)?;
             let m = ((&self.m[i] * beta1)? + (&g * (1.0 - beta1))?)?;
             let v = ((&self.v[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
-            let decay = if var.rank() >= 2 {
-                1.0 - lr * weight_decay
-            } else {
-                1.0
-            };
+            let decay = if var.rank() >= 2 { 1.0 - lr * weight_decay } else { 1.0 };
             let p = var.as_tensor().to_dtype(DType::F32)?.affine(decay, 0.0)?;
             let denom = v.sqrt()?.affine(1.0 / bias2_sqrt, eps)?;
             let update = (m.div(&denom)? * step_size)?;
@@ -124,17 +120,12 @@ impl AdamW {
 
     /// The reverse of [`AdamW::state`]: every moment must be present with its parameter's shape. Nothing is
     /// changed unless all of them are.
-    pub fn load_state(
-        &mut self,
-        params: &Params,
-        tensors: &HashMap<String, Tensor>,
-        steps_taken: u64,
-    ) -> Result<()> {
+    pub fn load_state(&mut self, params: &Params, tensors: &HashMap<String, Tensor>, steps_taken: u64) -> Result<()> {
         let fetch = |name: &str, var: &candle_core::Var, suffix: &str| -> Result<Tensor> {
             let key = format!("{name}.{suffix}");
-            let t = tensors.get(&key).ok_or_else(|| {
-                Error::Model(format!("optimizer state is missing the tensor {key}"))
-            })?;
+            let t = tensors
+                .get(&key)
+                .ok_or_else(|| Error::Model(format!("optimizer state is missing the tensor {key}")))?;
             if t.shape() != var.shape() {
                 return Err(Error::Model(format!(
                     "optimizer state tensor {key} has shape {:?}, the parameter {:?}",
@@ -173,10 +164,7 @@ pub fn lr_at(step: u64, t: &TrainSpec) -> f64 {
 
 /// The L2 norm of a whole flat gradient buffer, accumulated in f64 so it does not depend on summation luck.
 pub fn global_norm(flat: &[f32]) -> f64 {
-    flat.iter()
-        .map(|&g| f64::from(g) * f64::from(g))
-        .sum::<f64>()
-        .sqrt()
+    flat.iter().map(|&g| f64::from(g) * f64::from(g)).sum::<f64>().sqrt()
 }
 
 /// The factor to multiply gradients by: min(1, clip / (norm + 1e-6)), torch's `clip_grad_norm_`; 1 when `clip`
@@ -220,10 +208,7 @@ mod tests {
             assert!(lr_at(s, &t) <= lr_at(s - 1, &t), "step {s}");
         }
         assert!((lr_at(55, &t) - (1e-4 + 0.5 * 9e-4)).abs() < 1e-15); // half way: the cosine's midpoint
-        let no_warmup = TrainSpec {
-            warmup_steps: 0,
-            ..t
-        };
+        let no_warmup = TrainSpec { warmup_steps: 0, ..t };
         assert_eq!(lr_at(0, &no_warmup), 1e-3);
     }
 
@@ -241,8 +226,7 @@ mod tests {
             let mut d = vm.data().lock().unwrap();
             d.insert(
                 "w".into(),
-                Var::from_tensor(&Tensor::new(&[[1f32, -2.0], [0.5, 3.0]], &Device::Cpu).unwrap())
-                    .unwrap(),
+                Var::from_tensor(&Tensor::new(&[[1f32, -2.0], [0.5, 3.0]], &Device::Cpu).unwrap()).unwrap(),
             );
             d.insert(
                 "b".into(),
@@ -284,29 +268,16 @@ mod tests {
         }
         assert_eq!(opt.steps_taken(), 2);
         let b = p.vars()[0].as_tensor().to_vec1::<f32>().unwrap();
-        let w: Vec<f32> = p.vars()[1]
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let w: Vec<f32> = p.vars()[1].as_tensor().flatten_all().unwrap().to_vec1().unwrap();
         let b0 = [1.0, -1.0];
         for i in 0..2 {
             let want = reference(b0[i], &[g1[0][i] as f64, g2[0][i] as f64], 0.01, 0.0, cfg);
-            assert!(
-                (b[i] as f64 - want).abs() < 1e-6,
-                "b[{i}] {} vs {want}",
-                b[i]
-            );
+            assert!((b[i] as f64 - want).abs() < 1e-6, "b[{i}] {} vs {want}", b[i]);
         }
         let w0 = [1.0, -2.0, 0.5, 3.0];
         for i in 0..4 {
             let want = reference(w0[i], &[g1[1][i] as f64, g2[1][i] as f64], 0.01, 0.1, cfg);
-            assert!(
-                (w[i] as f64 - want).abs() < 1e-6,
-                "w[{i}] {} vs {want}",
-                w[i]
-            );
+            assert!((w[i] as f64 - want).abs() < 1e-6, "w[{i}] {} vs {want}", w[i]);
         }
     }
 
@@ -320,12 +291,8 @@ mod tests {
         };
         let p = params();
         let mut opt = AdamW::new(&p, cfg).unwrap();
-        opt.step(
-            &p,
-            &p.unflatten(&[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]).unwrap(),
-            0.01,
-        )
-        .unwrap();
+        opt.step(&p, &p.unflatten(&[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]).unwrap(), 0.01)
+            .unwrap();
         let state: HashMap<String, Tensor> = opt.state(&p).into_iter().collect();
         assert_eq!(state.len(), 4);
         let mut other = AdamW::new(&p, cfg).unwrap();
@@ -348,10 +315,7 @@ mod tests {
                 .contains("w.exp_avg_sq")
         );
         let mut bad = state;
-        bad.insert(
-            "b.exp_avg".into(),
-            Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
-        );
+        bad.insert("b.exp_avg".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
         assert!(
             other
                 .load_state(&p, &bad, 1)

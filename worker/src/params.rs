@@ -20,8 +20,7 @@ impl Params {
             .data()
             .lock()
             .map_err(|_| Error::Model("variable map lock poisoned".into()))?;
-        let mut entries: Vec<(String, Var)> =
-            data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut entries: Vec<(String, Var)> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         entries.sort_by(|a, b| a.0.cmp(&b.0));
         let (names, vars) = entries.into_iter().unzip();
         Ok(Self { names, vars })
@@ -101,11 +100,7 @@ impl Params {
     pub fn checksum(&self) -> Result<String> {
         let mut hasher = Sha256::new();
         for var in &self.vars {
-            let values = var
-                .as_tensor()
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
+            let values = var.as_tensor().to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             for v in values {
                 hasher.update(v.to_le_bytes());
             }
@@ -129,8 +124,7 @@ mod tests {
             ] {
                 data.insert(
                     name.into(),
-                    Var::from_tensor(&Tensor::from_vec(vals, shape, &Device::Cpu).unwrap())
-                        .unwrap(),
+                    Var::from_tensor(&Tensor::from_vec(vals, shape, &Device::Cpu).unwrap()).unwrap(),
                 );
             }
         }
@@ -161,10 +155,7 @@ mod tests {
         p.accumulate_grads(&grads, &mut flat).unwrap();
         assert_eq!(flat, [3.0, 3.0, 3.0, 5.0, 7.0, 9.0]);
         let only_a = a.sum_all().unwrap().backward().unwrap();
-        let err = p
-            .accumulate_grads(&only_a, &mut flat)
-            .unwrap_err()
-            .to_string();
+        let err = p.accumulate_grads(&only_a, &mut flat).unwrap_err().to_string();
         assert!(err.contains("parameter b"), "{err}");
     }
 
@@ -174,10 +165,7 @@ mod tests {
         let p = Params::from_varmap(&vm).unwrap();
         let before = p.checksum().unwrap();
         assert_eq!(before.len(), 16);
-        assert_eq!(
-            before,
-            Params::from_varmap(&vm).unwrap().checksum().unwrap()
-        );
+        assert_eq!(before, Params::from_varmap(&vm).unwrap().checksum().unwrap());
         p.vars()[0]
             .set(&Tensor::new(&[5f32, 6.5], &Device::Cpu).unwrap())
             .unwrap();

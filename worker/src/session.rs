@@ -65,7 +65,10 @@ pub async fn run(opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> Res
     let listener = RingListener::bind(&listen)?;
     let ring_addr = listener.local_addr().to_string();
     let host = hostname();
-    let worker_id = opts.worker_id.clone().unwrap_or_else(|| format!("{host}:{}", std::process::id()));
+    let worker_id = opts
+        .worker_id
+        .clone()
+        .unwrap_or_else(|| format!("{host}:{}", std::process::id()));
     let span = info_span!("worker", worker = %worker_id);
     let _guard = span.enter();
 
@@ -87,7 +90,11 @@ pub async fn run(opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> Res
         addr: opts.coordinator.clone(),
         message: format!("session failed: {}", e.message()),
     };
-    let mut inbound = client.session(UnboundedReceiverStream::new(up_rx)).await.map_err(lost)?.into_inner();
+    let mut inbound = client
+        .session(UnboundedReceiverStream::new(up_rx))
+        .await
+        .map_err(lost)?
+        .into_inner();
     info!(%ring_addr, coordinator = %opts.coordinator, "joined; waiting for an assignment");
 
     let abort = Arc::new(AtomicBool::new(false));
@@ -242,7 +249,11 @@ fn train(job: Job) -> Result<()> {
         Box::new(ring)
     };
     let mut trainer = Trainer::new(spec.clone(), collective, job.device.clone())?;
-    info!(params = trainer.params().num_elements(), steps = a.end_step - a.start_step, "training");
+    info!(
+        params = trainer.params().num_elements(),
+        steps = a.end_step - a.start_step,
+        "training"
+    );
     let started = Instant::now();
     let last = a.end_step;
     while trainer.step() < last {
@@ -251,10 +262,18 @@ fn train(job: Job) -> Result<()> {
         }
         let out = trainer.train_step()?;
         job.progress.store(out.step, Ordering::Relaxed);
-        let param_checksum =
-            if due(out.step, spec.train.checksum_interval, last) { trainer.checksum()? } else { String::new() };
+        let param_checksum = if due(out.step, spec.train.checksum_interval, last) {
+            trainer.checksum()?
+        } else {
+            String::new()
+        };
         if out.skipped {
-            warn!(step = out.step, loss = out.loss, grad_norm = out.grad_norm, "non-finite loss or gradient; update skipped");
+            warn!(
+                step = out.step,
+                loss = out.loss,
+                grad_norm = out.grad_norm,
+                "non-finite loss or gradient; update skipped"
+            );
         }
         info!(step = out.step, loss = out.loss, checksum = %param_checksum, ms = out.step_ms, "step done");
         send(
@@ -279,7 +298,15 @@ fn train(job: Job) -> Result<()> {
         if due(out.step, spec.train.eval_interval, last) {
             let val_loss = trainer.evaluate()?;
             info!(step = out.step, val_loss, "evaluated");
-            send(&job.up, worker_message::Msg::Eval(EvalReport { generation, rank, step: out.step, val_loss }));
+            send(
+                &job.up,
+                worker_message::Msg::Eval(EvalReport {
+                    generation,
+                    rank,
+                    step: out.step,
+                    val_loss,
+                }),
+            );
         }
         if rank == 0 && due(out.step, spec.checkpoint.interval, last) {
             let path = trainer.save_checkpoint()?;
@@ -295,14 +322,28 @@ fn train(job: Job) -> Result<()> {
             );
         }
     }
-    info!(steps = last - a.start_step, secs = started.elapsed().as_secs_f64(), "assignment done");
-    send(&job.up, worker_message::Msg::Finished(Finished { generation, rank, step: trainer.step() }));
+    info!(
+        steps = last - a.start_step,
+        secs = started.elapsed().as_secs_f64(),
+        "assignment done"
+    );
+    send(
+        &job.up,
+        worker_message::Msg::Finished(Finished {
+            generation,
+            rank,
+            step: trainer.step(),
+        }),
+    );
     Ok(())
 }
 
 /// Connects to the coordinator, retrying until `timeout` (it may not be listening yet).
 async fn connect(url: &str, timeout: Duration) -> Result<Channel> {
-    let bad = |message: String| Error::Coordinator { addr: url.to_string(), message };
+    let bad = |message: String| Error::Coordinator {
+        addr: url.to_string(),
+        message,
+    };
     let endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| bad(format!("not a valid --coordinator URL ({e}); use http://HOST:PORT")))?
         .connect_timeout(Duration::from_secs(2).min(timeout.max(Duration::from_millis(100))));
@@ -339,12 +380,19 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// The coordinator's socket address from its URL, for choosing the ring interface.
 fn resolve(url: &str) -> Result<SocketAddr> {
-    let bad = |message: String| Error::Coordinator { addr: url.to_string(), message };
+    let bad = |message: String| Error::Coordinator {
+        addr: url.to_string(),
+        message,
+    };
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
     let authority = rest.split('/').next().unwrap_or(rest);
     authority
         .to_socket_addrs()
-        .map_err(|e| bad(format!("cannot resolve the --coordinator address ({e}); use http://HOST:PORT")))?
+        .map_err(|e| {
+            bad(format!(
+                "cannot resolve the --coordinator address ({e}); use http://HOST:PORT"
+            ))
+        })?
         .next()
         .ok_or_else(|| bad("the --coordinator address resolves to nothing; use http://HOST:PORT".into()))
 }
@@ -352,7 +400,9 @@ fn resolve(url: &str) -> Result<SocketAddr> {
 /// The local address this host would use to reach `peer`: the interface other workers can reach us on too.
 /// (Connecting a UDP socket sends nothing; it only asks the kernel for the route.)
 fn local_ip_towards(peer: SocketAddr) -> std::net::IpAddr {
-    let any: SocketAddr = if peer.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap_or(peer);
+    let any: SocketAddr = if peer.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+        .parse()
+        .unwrap_or(peer);
     UdpSocket::bind(any)
         .and_then(|s| s.connect(peer).and_then(|()| s.local_addr()))
         .map(|a| a.ip())

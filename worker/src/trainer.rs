@@ -59,14 +59,30 @@ impl Trainer {
     /// A freshly initialised model (seeded by the run seed) at step 0.
     pub fn new(spec: RunSpec, collective: Box<dyn Collective>, device: Device) -> Result<Self> {
         let corpus = Corpus::load(&spec)?;
-        let plan = DataPlan::new(spec.run.seed, corpus.num_windows(Split::Train), spec.train.global_batch as u64)?;
+        let plan = DataPlan::new(
+            spec.run.seed,
+            corpus.num_windows(Split::Train),
+            spec.train.global_batch as u64,
+        )?;
         let cfg = GptConfig::from_spec(&spec.model, spec.vocab_size(corpus.tokenizer.vocab_size())?);
         let varmap = init_varmap(&cfg, spec.run.seed, &device)?;
         let model = Gpt::new(VarBuilder::from_varmap(&varmap, DType::F32, &device), &cfg)?;
         let params = Params::from_varmap(&varmap)?;
         let opt = AdamW::new(&params, AdamWConfig::from_spec(&spec.train))?;
         let flat = vec![0f32; params.num_elements() + 1];
-        Ok(Self { spec, corpus, plan, model, _varmap: varmap, params, opt, collective, device, flat, step: 0 })
+        Ok(Self {
+            spec,
+            corpus,
+            plan,
+            model,
+            _varmap: varmap,
+            params,
+            opt,
+            collective,
+            device,
+            flat,
+            step: 0,
+        })
     }
 
     pub fn step(&self) -> u64 {
@@ -101,14 +117,20 @@ impl Trainer {
     /// Inputs and targets `[b, seq_len]` for these windows of `split`.
     fn batch(&self, split: Split, windows: &[u64]) -> Result<(Tensor, Tensor)> {
         let t = self.spec.train.seq_len;
-        let (mut xs, mut ys) = (Vec::with_capacity(windows.len() * t), Vec::with_capacity(windows.len() * t));
+        let (mut xs, mut ys) = (
+            Vec::with_capacity(windows.len() * t),
+            Vec::with_capacity(windows.len() * t),
+        );
         for &w in windows {
             let (x, y) = self.corpus.window(split, w);
             xs.extend_from_slice(x);
             ys.extend_from_slice(y);
         }
         let b = windows.len();
-        Ok((Tensor::from_vec(xs, (b, t), &self.device)?, Tensor::from_vec(ys, (b, t), &self.device)?))
+        Ok((
+            Tensor::from_vec(xs, (b, t), &self.device)?,
+            Tensor::from_vec(ys, (b, t), &self.device)?,
+        ))
     }
 
     /// Runs optimizer step number `self.step() + 1`.
@@ -122,7 +144,11 @@ impl Trainer {
         let scale = 1.0 / self.global_tokens();
         let n = self.params.num_elements();
         self.flat.fill(0.0);
-        let mut out = StepOutcome { step: self.step + 1, lr, ..Default::default() };
+        let mut out = StepOutcome {
+            step: self.step + 1,
+            lr,
+            ..Default::default()
+        };
 
         for (i, chunk) in windows.chunks(train.micro_batch).enumerate() {
             let t0 = Instant::now();
@@ -169,7 +195,9 @@ impl Trainer {
     /// Mean loss per target token over the fixed validation set (the first `train.eval_sequences` validation
     /// windows), split across ranks and reduced.
     pub fn evaluate(&mut self) -> Result<f64> {
-        let total = (self.spec.train.eval_sequences as u64).min(self.corpus.num_windows(Split::Val)).max(1);
+        let total = (self.spec.train.eval_sequences as u64)
+            .min(self.corpus.num_windows(Split::Val))
+            .max(1);
         let share: Vec<u64> = rank_share(total, self.world_size(), self.rank()).collect();
         let mut sums = [0f32; 2];
         for chunk in share.chunks(self.spec.train.micro_batch) {
@@ -196,8 +224,10 @@ impl Trainer {
             seed: self.spec.run.seed,
         };
         let c = &self.spec.checkpoint;
-        std::fs::create_dir_all(&c.dir)
-            .map_err(|source| Error::Io { context: format!("create checkpoint.dir {}", c.dir.display()), source })?;
+        std::fs::create_dir_all(&c.dir).map_err(|source| Error::Io {
+            context: format!("create checkpoint.dir {}", c.dir.display()),
+            source,
+        })?;
         checkpoint::save(
             &c.dir,
             &state,

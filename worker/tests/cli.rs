@@ -2,7 +2,10 @@
 use std::process::Command;
 
 fn run(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_lockstep-worker")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_lockstep-worker"))
+        .args(args)
+        .output()
+        .unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 

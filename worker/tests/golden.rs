@@ -16,8 +16,7 @@ fn fixture_dir() -> PathBuf {
 }
 
 fn expected_json() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture_dir().join("expected.json")).unwrap())
-        .unwrap()
+    serde_json::from_str(&std::fs::read_to_string(fixture_dir().join("expected.json")).unwrap()).unwrap()
 }
 
 fn load_tensors(file: &str) -> HashMap<String, Tensor> {
@@ -57,11 +56,7 @@ fn input_ids() -> Tensor {
 /// HF's causal-LM loss: positions 0..T-2 predict 1..T-1, mean over B*(T-1).
 fn hf_loss(logits: &Tensor, ids: &Tensor) -> Tensor {
     let (b, t) = ids.dims2().unwrap();
-    let sum = cross_entropy_sum(
-        &logits.narrow(1, 0, t - 1).unwrap(),
-        &ids.narrow(1, 1, t - 1).unwrap(),
-    )
-    .unwrap();
+    let sum = cross_entropy_sum(&logits.narrow(1, 0, t - 1).unwrap(), &ids.narrow(1, 1, t - 1).unwrap()).unwrap();
     (sum / (b * (t - 1)) as f64).unwrap()
 }
 
@@ -104,11 +99,7 @@ fn loss_and_every_gradient_match_hugging_face() {
         let w = values(&expected[name]);
         assert_eq!(g.len(), w.len(), "{name}");
         let scale = w.iter().fold(0f32, |a, x| a.max(x.abs()));
-        let max_diff = g
-            .iter()
-            .zip(&w)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let max_diff = g.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(
             max_diff <= 1e-4 * scale,
             "{name}: max diff {max_diff} vs max |g| {scale}"
@@ -120,12 +111,7 @@ fn loss_and_every_gradient_match_hugging_face() {
 fn one_adamw_step_matches_torch() {
     let m = load_model();
     let expected_grads = load_tensors("expected_grads.safetensors");
-    let grads: Vec<Tensor> = m
-        .params
-        .names()
-        .iter()
-        .map(|n| expected_grads[n].clone())
-        .collect();
+    let grads: Vec<Tensor> = m.params.names().iter().map(|n| expected_grads[n].clone()).collect();
     let adamw = &expected_json()["adamw"];
     let cfg = AdamWConfig {
         beta1: adamw["betas"][0].as_f64().unwrap(),
@@ -135,17 +121,12 @@ fn one_adamw_step_matches_torch() {
     };
     assert_eq!(adamw["weight_decay_other"].as_f64(), Some(0.0));
     let mut opt = AdamW::new(&m.params, cfg).unwrap();
-    opt.step(&m.params, &grads, adamw["lr"].as_f64().unwrap())
-        .unwrap();
+    opt.step(&m.params, &grads, adamw["lr"].as_f64().unwrap()).unwrap();
     let after = load_tensors("expected_after_adamw_step.safetensors");
     for (name, var) in m.params.names().iter().zip(m.params.vars()) {
         let got = values(var.as_tensor());
         let want = values(&after[name]);
-        let max_diff = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let max_diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(max_diff <= 1e-6, "{name}: max diff {max_diff}");
     }
 }
@@ -171,10 +152,7 @@ fn greedy_generation_matches_hugging_face() {
     // Pre-step: the prompt is the start of input_ids row 0, so HF's logits at its last position give the token.
     let ids = values(&input_ids());
     assert_eq!(
-        ids[..prompt.len()]
-            .iter()
-            .map(|&x| x as u32)
-            .collect::<Vec<_>>(),
+        ids[..prompt.len()].iter().map(|&x| x as u32).collect::<Vec<_>>(),
         prompt
     );
     let hf_logits = &load_tensors("expected_forward.safetensors")["logits"];
@@ -185,24 +163,13 @@ fn greedy_generation_matches_hugging_face() {
             .narrow(1, prompt.len() - 1, 1)
             .unwrap(),
     );
-    let hf_next =
-        (0..row.len()).fold(0, |best, i| if row[i] > row[best] { i } else { best }) as u32;
-    assert_eq!(
-        greedy(&m.gpt, &prompt, 1, None, &Device::Cpu).unwrap(),
-        [hf_next]
-    );
+    let hf_next = (0..row.len()).fold(0, |best, i| if row[i] > row[best] { i } else { best }) as u32;
+    assert_eq!(greedy(&m.gpt, &prompt, 1, None, &Device::Cpu).unwrap(), [hf_next]);
 
     let after = load_tensors("expected_after_adamw_step.safetensors");
     for (name, var) in m.params.names().iter().zip(m.params.vars()) {
         var.set(&after[name]).unwrap();
     }
-    let new = greedy(
-        &m.gpt,
-        &prompt,
-        full.len() - prompt.len(),
-        None,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let new = greedy(&m.gpt, &prompt, full.len() - prompt.len(), None, &Device::Cpu).unwrap();
     assert_eq!(new, full[prompt.len()..]);
 }

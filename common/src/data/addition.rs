@@ -42,13 +42,19 @@ pub fn split(digits: u32, val_fraction: f64, seed: u64, limit: usize) -> (Vec<Pr
     let base = 10u64.pow(digits);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0xadd1_7105);
     let mut problems: Vec<Problem> = if (base * base) as usize <= limit {
-        (0..base).flat_map(|a| (0..base).map(move |b| Problem { a, b, digits })).collect()
+        (0..base)
+            .flat_map(|a| (0..base).map(move |b| Problem { a, b, digits }))
+            .collect()
     } else {
         // Too many to enumerate: sample distinct pairs.
         let mut seen = std::collections::HashSet::new();
         let mut out = Vec::with_capacity(limit);
         while out.len() < limit {
-            let p = Problem { a: rand::Rng::random_range(&mut rng, 0..base), b: rand::Rng::random_range(&mut rng, 0..base), digits };
+            let p = Problem {
+                a: rand::Rng::random_range(&mut rng, 0..base),
+                b: rand::Rng::random_range(&mut rng, 0..base),
+                digits,
+            };
             if seen.insert((p.a, p.b)) {
                 out.push(p);
             }
@@ -73,7 +79,11 @@ mod tests {
         let p = Problem { a: 7, b: 45, digits: 2 };
         assert_eq!(p.line(), "07+45=250\n");
         assert_eq!(p.line().len(), Problem::line_len(2));
-        let p = Problem { a: 99, b: 99, digits: 2 };
+        let p = Problem {
+            a: 99,
+            b: 99,
+            digits: 2,
+        };
         assert_eq!(p.answer(), "891");
     }
 

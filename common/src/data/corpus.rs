@@ -38,23 +38,47 @@ impl Corpus {
                 let text = |ps: &[Problem]| ps.iter().map(Problem::line).collect::<String>();
                 let train_ids = tokenizer.encode(&text(&train))?;
                 let val_ids = tokenizer.encode(&text(&val))?;
-                (tokenizer, train_ids, val_ids, val, PathBuf::from("<built-in addition data>"))
+                (
+                    tokenizer,
+                    train_ids,
+                    val_ids,
+                    val,
+                    PathBuf::from("<built-in addition data>"),
+                )
             }
             DataSource::Text => {
                 let path = d.path.clone().unwrap_or_default();
-                let bytes = std::fs::read(&path).map_err(|source| Error::Read { path: path.clone(), source })?;
+                let bytes = std::fs::read(&path).map_err(|source| Error::Read {
+                    path: path.clone(),
+                    source,
+                })?;
                 let text = String::from_utf8(bytes).map_err(|e| Error::Data {
                     path: path.clone(),
-                    message: format!("not UTF-8 (first bad byte at offset {}); convert the file to UTF-8 (e.g. with iconv)", e.utf8_error().valid_up_to()),
+                    message: format!(
+                        "not UTF-8 (first bad byte at offset {}); convert the file to UTF-8 (e.g. with iconv)",
+                        e.utf8_error().valid_up_to()
+                    ),
                 })?;
                 let tokenizer = Tokenizer::learn(d.tokenizer, &text);
                 let ids = tokenizer.encode(&text)?;
                 let n_val = ((ids.len() as f64) * d.val_fraction).round() as usize;
                 let split_at = ids.len() - n_val;
-                (tokenizer, ids[..split_at].to_vec(), ids[split_at..].to_vec(), Vec::new(), path)
+                (
+                    tokenizer,
+                    ids[..split_at].to_vec(),
+                    ids[split_at..].to_vec(),
+                    Vec::new(),
+                    path,
+                )
             }
         };
-        let corpus = Corpus { tokenizer, train, val, seq_len, val_problems };
+        let corpus = Corpus {
+            tokenizer,
+            train,
+            val,
+            seq_len,
+            val_problems,
+        };
         for (split, name) in [(Split::Train, "training"), (Split::Val, "validation")] {
             if corpus.num_windows(split) == 0 {
                 return Err(Error::Data {
@@ -87,7 +111,10 @@ impl Corpus {
     pub fn window(&self, split: Split, index: u64) -> (&[u32], &[u32]) {
         let tokens = self.tokens(split);
         let start = index as usize * self.seq_len;
-        (&tokens[start..start + self.seq_len], &tokens[start + 1..start + self.seq_len + 1])
+        (
+            &tokens[start..start + self.seq_len],
+            &tokens[start + 1..start + self.seq_len + 1],
+        )
     }
 }
 

@@ -27,7 +27,11 @@ impl DataPlan {
                 ),
             });
         }
-        Ok(Self { seed, num_windows, global_batch })
+        Ok(Self {
+            seed,
+            num_windows,
+            global_batch,
+        })
     }
 
     pub fn num_windows(&self) -> u64 {
@@ -53,7 +57,9 @@ impl DataPlan {
     /// The windows that `rank` of `world` reads in step `step` (0-based), in order.
     pub fn rank_windows(&self, step: u64, rank: u32, world: u32) -> Vec<u64> {
         let base = step * self.global_batch;
-        rank_share(self.global_batch, world, rank).map(|j| self.window(base + j)).collect()
+        rank_share(self.global_batch, world, rank)
+            .map(|j| self.window(base + j))
+            .collect()
     }
 }
 
@@ -69,7 +75,9 @@ pub fn rank_share(total: u64, world: u32, rank: u32) -> Range<u64> {
 
 /// SplitMix64 finaliser: a cheap, well-mixed 64-bit hash.
 pub fn mix(a: u64, b: u64) -> u64 {
-    let mut z = a ^ b.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(0x6A09_E667_F3BC_C909);
+    let mut z = a ^ b
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(0x6A09_E667_F3BC_C909);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
@@ -159,6 +167,11 @@ mod tests {
 
     #[test]
     fn too_little_data_is_an_error() {
-        assert!(DataPlan::new(1, 5, 10).unwrap_err().to_string().contains("only 5 windows"));
+        assert!(
+            DataPlan::new(1, 5, 10)
+                .unwrap_err()
+                .to_string()
+                .contains("only 5 windows")
+        );
     }
 }

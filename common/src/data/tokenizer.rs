@@ -23,7 +23,9 @@ impl Tokenizer {
             TokenizerKind::Byte => Tokenizer::Byte,
             TokenizerKind::Char => {
                 let set: std::collections::BTreeSet<char> = text.chars().collect();
-                Tokenizer::Char { chars: set.into_iter().collect() }
+                Tokenizer::Char {
+                    chars: set.into_iter().collect(),
+                }
             }
         }
     }
@@ -43,7 +45,10 @@ impl Tokenizer {
                 text.chars()
                     .map(|c| {
                         vocab.binary_search(&c).map(|i| i as u32).map_err(|_| {
-                            Error::Tokenizer(format!("character {c:?} is not in the vocabulary of {} characters", vocab.len()))
+                            Error::Tokenizer(format!(
+                                "character {c:?} is not in the vocabulary of {} characters",
+                                vocab.len()
+                            ))
                         })
                     })
                     .collect()
@@ -60,19 +65,30 @@ impl Tokenizer {
             }
             Tokenizer::Char { chars } => {
                 let vocab: Vec<char> = chars.chars().collect();
-                ids.iter().map(|&i| vocab.get(i as usize).copied().unwrap_or('\u{FFFD}')).collect()
+                ids.iter()
+                    .map(|&i| vocab.get(i as usize).copied().unwrap_or('\u{FFFD}'))
+                    .collect()
             }
         }
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self)?;
-        std::fs::write(path, text).map_err(|source| Error::Write { path: path.to_path_buf(), source })
+        std::fs::write(path, text).map_err(|source| Error::Write {
+            path: path.to_path_buf(),
+            source,
+        })
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
-        serde_json::from_str(&text).map_err(|e| Error::Data { path: path.to_path_buf(), message: format!("not a Lockstep tokenizer: {e}") })
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|e| Error::Data {
+            path: path.to_path_buf(),
+            message: format!("not a Lockstep tokenizer: {e}"),
+        })
     }
 }
 

@@ -5,6 +5,9 @@
 //! (magic, protocol version, rank, world size, session), both check the other's, and both send a
 //! verdict, so each side learns why a link was refused instead of seeing a bare disconnect.
 //!
+//! This checks identity, not authenticity: the session string is no secret. Proving knowledge of
+//! the run token (DESIGN §6) needs a challenge in the hello and a protocol version bump.
+//!
 //! Wire format, little-endian: `b"LKSTRING"`, version u32, rank u32, world size u32, session
 //! length u32, session bytes; then the verdict: reason length u32 (0 = accepted), reason bytes.
 

@@ -47,8 +47,19 @@ pub(super) fn peer_name(rank: u32, addr: &str) -> String {
     format!("rank {rank} at {addr}")
 }
 
-fn cancelled() -> Error {
-    Error::Aborted("ring setup cancelled".into())
+/// A failed ring operation. `telling` marks an error that names the cause (a refusal, a protocol
+/// mismatch) rather than a symptom (a timeout, a hang-up); when both directions of a ring member
+/// fail, a telling error is the one worth reporting.
+#[derive(Debug)]
+pub(super) struct Failure {
+    pub error: Error,
+    pub telling: bool,
+}
+
+impl Failure {
+    pub(super) fn new(error: Error, telling: bool) -> Self {
+        Self { error, telling }
+    }
 }
 
 /// Connects to the successor `rank` at `addr`, retrying refused or broken connections until the
@@ -59,28 +70,30 @@ pub(super) fn connect_next(
     hello: &Hello<'_>,
     deadline: Instant,
     stop: &AtomicBool,
-) -> Result<TcpStream> {
-    let fail = |message| Error::Ring {
-        peer: peer_name(rank, addr),
-        message,
+) -> Result<TcpStream, Failure> {
+    let fail = |message, telling| {
+        let peer = peer_name(rank, addr);
+        Failure::new(Error::Ring { peer, message }, telling)
     };
     let mut last = String::from("no attempt finished");
     let mut backoff = FIRST_BACKOFF;
     loop {
         if stop.load(Ordering::SeqCst) {
-            return Err(cancelled());
+            // The other direction failed and has the story.
+            return Err(Failure::new(Error::Aborted("ring setup cancelled".into()), false));
         }
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
-            return Err(fail(format!(
-                "could not connect before the deadline ({last}): is that worker running, and is \
-                 its ring address reachable from here?"
-            )));
+            let message = format!(
+                "could not connect before the deadline ({last}): is that worker running, and is its ring address \
+                 reachable from here?"
+            );
+            return Err(fail(message, false));
         }
         match try_connect(addr, remaining) {
             Ok(stream) => match handshake::handshake(&stream, hello, rank, deadline) {
                 Ok(()) => return Ok(stream),
-                Err(HandshakeError::Refused(why)) => return Err(fail(why)),
+                Err(HandshakeError::Refused(why)) => return Err(fail(why, true)),
                 Err(e) => last = e.to_string(),
             },
             Err(e) => last = e,
@@ -116,24 +129,20 @@ pub(super) fn accept_prev(
     hello: &Hello<'_>,
     deadline: Instant,
     stop: &AtomicBool,
-) -> Result<TcpStream> {
-    let mut refused: Option<String> = None;
+) -> Result<TcpStream, Failure> {
+    let mut last_problem: Option<String> = None;
+    let mut saw_mismatch = false;
     loop {
-        if stop.load(Ordering::SeqCst) {
-            return Err(cancelled());
-        }
-        if Instant::now() >= deadline {
-            let last = refused
-                .map(|r| format!(" (last refused connection {r})"))
-                .unwrap_or_default();
-            return Err(Error::Ring {
-                peer: peer_name(rank, addr),
-                message: format!(
-                    "did not connect to this rank at {} before the deadline{last}: is that worker \
-                     running, and does it have this rank's address?",
-                    listener.addr
-                ),
-            });
+        // Stopped early, a refusal seen here may still be the best explanation of the failure.
+        if stop.load(Ordering::SeqCst) || Instant::now() >= deadline {
+            let last = last_problem.map(|p| format!(" (last: {p})")).unwrap_or_default();
+            let message = format!(
+                "made no valid connection to this rank at {} in time{last}: is that worker \
+                 running, and does it have this rank's address?",
+                listener.addr
+            );
+            let peer = peer_name(rank, addr);
+            return Err(Failure::new(Error::Ring { peer, message }, saw_mismatch));
         }
         match listener.listener.accept() {
             Ok((stream, from)) => {
@@ -146,15 +155,16 @@ pub(super) fn accept_prev(
                 match outcome {
                     Ok(()) => return Ok(stream),
                     Err(e) => {
+                        saw_mismatch |= matches!(e, HandshakeError::Refused(_));
                         tracing::warn!(rank = hello.rank, %from, error = %e, "refused ring connection");
-                        refused = Some(format!("from {from}: {e}"));
+                        last_problem = Some(format!("refused a connection from {from}: {e}"));
                     }
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => thread::sleep(ACCEPT_POLL),
             Err(e) => {
                 // E.g. out of file descriptors, which may pass: keep trying until the deadline.
-                refused = Some(format!("(accept failed: {e})"));
+                last_problem = Some(format!("accept failed: {e}"));
                 thread::sleep(ACCEPT_POLL);
             }
         }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use super::frame::{self, FrameError, Header, Mode};
 use super::handshake::{Hello, MAX_SESSION_LEN};
-use super::link::{self, RingListener, peer_name};
+use super::link::{self, Failure, RingListener, peer_name};
 use super::{Collective, chunk_range};
 use crate::error::{Error, Result};
 
@@ -208,19 +208,18 @@ impl Ring {
                 message: describe(e, &what, self.timeout),
             }
         };
-        let (sent, received, send_failed_first) = both(
-            format!("ring-send-{}", self.rank),
-            || frame::send(&links.next.stream, &out_header, outgoing, send_scratch),
-            || frame::recv(&links.prev.stream, &in_header, incoming, mode, recv_scratch),
-            || links.shutdown(),
-        )?;
-        if let Err(e @ FrameError::OutOfStep(_)) = received {
-            // A peer out of step explains whatever else broke.
-            return Err(error(&links.prev, e));
-        }
-        let sent = sent.map_err(|e| error(&links.next, e.into()));
-        let received = received.map_err(|e| error(&links.prev, e));
-        first_error(sent, received, send_failed_first).map(drop)
+        let send = || {
+            frame::send(&links.next.stream, &out_header, outgoing, send_scratch)
+                .map_err(|e| Failure::new(error(&links.next, e.into()), false))
+        };
+        let receive = || {
+            frame::recv(&links.prev.stream, &in_header, incoming, mode, recv_scratch).map_err(|e| {
+                // A peer out of step explains whatever else broke.
+                let telling = matches!(e, FrameError::OutOfStep(_));
+                Failure::new(error(&links.prev, e), telling)
+            })
+        };
+        both(format!("ring-send-{}", self.rank), send, receive, || links.shutdown()).map(drop)
     }
 }
 
@@ -281,13 +280,12 @@ fn connect_links(listener: &RingListener, cfg: &RingConfig) -> Result<Links> {
     let (next_rank, prev_rank) = ((rank + 1) % n, (rank + n - 1) % n);
     let (next_addr, prev_addr) = (&cfg.peers[next_rank as usize], &cfg.peers[prev_rank as usize]);
     let stop = AtomicBool::new(false);
-    let (prev, next, accept_failed_first) = both(
+    let (prev, next) = both(
         format!("ring-accept-{rank}"),
         || link::accept_prev(listener, prev_rank, prev_addr, &hello, deadline, &stop),
         || link::connect_next(next_addr, next_rank, &hello, deadline, &stop),
         || stop.store(true, Ordering::SeqCst),
     )?;
-    let (prev, next) = first_error(prev, next, accept_failed_first)?;
     let link = |stream: TcpStream, r: u32, addr: &str| {
         let peer = peer_name(r, addr);
         let timeouts = stream
@@ -308,15 +306,15 @@ fn connect_links(listener: &RingListener, cfg: &RingConfig) -> Result<Links> {
     })
 }
 
-/// Runs `background` on a scoped thread while `foreground` runs here, and says whether the
-/// background failed first. The first to fail calls `cut_short`, so that the other stops promptly.
-#[allow(clippy::type_complexity)]
-fn both<A: Send, B, EA: Send, EB>(
+/// Runs `background` on a scoped thread while `foreground` runs here. The first to fail calls
+/// `cut_short`, so that the other stops promptly. If both fail, the telling error wins, else the
+/// first one: the other failure is then only a consequence.
+fn both<A: Send, B>(
     thread_name: String,
-    background: impl FnOnce() -> Result<A, EA> + Send,
-    foreground: impl FnOnce() -> Result<B, EB>,
+    background: impl FnOnce() -> Result<A, Failure> + Send,
+    foreground: impl FnOnce() -> Result<B, Failure>,
     cut_short: impl Fn() + Sync,
-) -> Result<(Result<A, EA>, Result<B, EB>, bool)> {
+) -> Result<(A, B)> {
     const BACKGROUND: u8 = 1;
     let first = AtomicU8::new(0);
     let failed = |who: u8| {
@@ -327,7 +325,7 @@ fn both<A: Send, B, EA: Send, EB>(
             cut_short();
         }
     };
-    thread::scope(|s| {
+    let (a, b) = thread::scope(|s| {
         let handle = thread::Builder::new()
             .name(thread_name)
             .spawn_scoped(s, || background().inspect_err(|_| failed(BACKGROUND)))
@@ -337,16 +335,13 @@ fn both<A: Send, B, EA: Send, EB>(
             })?;
         let b = foreground().inspect_err(|_| failed(2));
         let a = handle.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
-        Ok((a, b, first.load(Ordering::SeqCst) == BACKGROUND))
-    })
-}
-
-/// The error of whichever failed first: the other failure is only a consequence.
-fn first_error<A, B>(a: Result<A>, b: Result<B>, a_failed_first: bool) -> Result<(A, B)> {
+        Ok::<_, Error>((a, b))
+    })?;
     match (a, b) {
         (Ok(a), Ok(b)) => Ok((a, b)),
-        (Err(e), _) if a_failed_first => Err(e),
-        (_, Err(e)) | (Err(e), Ok(_)) => Err(e),
+        (Err(a), Err(b)) if a.telling != b.telling => Err(if a.telling { a } else { b }.error),
+        (Err(a), Err(_)) if first.load(Ordering::SeqCst) == BACKGROUND => Err(a.error),
+        (_, Err(e)) | (Err(e), Ok(_)) => Err(e.error),
     }
 }
 

@@ -183,13 +183,13 @@ fn ring_all_reduce_fails_when_a_peer_dies() {
         }
         Some(ring.all_reduce_sum(&mut buf).map_err(|e| e.to_string()))
     });
-    let prev_of_dead = results[0].clone().unwrap().unwrap_err();
+    let errors: Vec<String> = results[..2].iter().map(|r| r.clone().unwrap().unwrap_err()).collect();
+    // Whichever survivor fails first names the dead rank; the other may only see that survivor
+    // hang up. Either way neither hangs.
     assert!(
-        prev_of_dead.contains("rank 2 at") && prev_of_dead.contains("closed"),
-        "{prev_of_dead}"
+        errors.iter().any(|e| e.contains("rank 2 at") && e.contains("closed")),
+        "{errors:?}"
     );
-    // Rank 1 is cut off either by the dead rank directly or by rank 0 giving up: never a hang.
-    assert!(results[1].clone().unwrap().is_err());
 }
 
 #[test]
@@ -291,6 +291,8 @@ fn ring_rejects_an_inconsistent_config() {
 
 #[test]
 fn abort_handle_interrupts_a_blocked_all_reduce() {
+    fn shareable<T: Clone + Send + Sync>() {}
+    shareable::<AbortHandle>();
     let (ls, peers) = listeners(2);
     let (tx, rx) = mpsc::channel();
     let (result, after): (Result<()>, Result<()>) = thread::scope(|s| {
