@@ -2,14 +2,12 @@
 //! answers on held-out problems the model never trained on.
 use std::path::Path;
 
-use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
+use candle_core::Device;
 use lockstep_common::RunSpec;
 use lockstep_common::data::Corpus;
 use lockstep_common::data::addition::Problem;
 use lockstep_worker::checkpoint;
 use lockstep_worker::generate;
-use lockstep_worker::model::Gpt;
 
 use crate::error::Result;
 
@@ -53,10 +51,7 @@ impl Accuracy {
 pub fn addition_accuracy(dir: &Path, spec: &RunSpec, limit: usize) -> Result<Accuracy> {
     let device = Device::Cpu;
     let loaded = checkpoint::load(dir, &device)?;
-    let model = Gpt::new(
-        VarBuilder::from_varmap(&loaded.varmap, DType::F32, &device),
-        &loaded.cfg,
-    )?;
+    let model = loaded.model()?;
     let corpus = Corpus::load(spec)?;
     let problems: Vec<&Problem> = corpus.val_problems.iter().take(limit).collect();
     let mut samples = Vec::with_capacity(problems.len());
@@ -94,10 +89,7 @@ pub fn readable_answer(reversed: &str) -> String {
 pub fn sample_text(dir: &Path, prompt: &[u32], max_new: usize) -> Result<String> {
     let device = Device::Cpu;
     let loaded = checkpoint::load(dir, &device)?;
-    let model = Gpt::new(
-        VarBuilder::from_varmap(&loaded.varmap, DType::F32, &device),
-        &loaded.cfg,
-    )?;
+    let model = loaded.model()?;
     let new = generate::greedy(&model, prompt, max_new, None, &device)?;
     Ok(format!(
         "{}{}",

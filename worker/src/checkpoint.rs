@@ -12,13 +12,13 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::VarMap;
+use candle_nn::{VarBuilder, VarMap};
 use lockstep_common::data::Tokenizer;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::model::{GptConfig, param_specs};
+use crate::model::{Gpt, GptConfig, param_specs};
 use crate::optim::AdamW;
 use crate::params::Params;
 
@@ -345,6 +345,14 @@ pub struct LoadedModel {
     pub tokenizer: Tokenizer,
     pub state: TrainerState,
     pub spec_json: String,
+}
+
+impl LoadedModel {
+    /// The GPT over these parameters, in f32 on the device the checkpoint was loaded to.
+    pub fn model(&self) -> Result<Gpt> {
+        let device = self.varmap.all_vars().first().map_or(Device::Cpu, |v| v.device().clone());
+        Gpt::new(VarBuilder::from_varmap(&self.varmap, DType::F32, &device), &self.cfg)
+    }
 }
 
 /// Loads a verified checkpoint for inference (or as the model half of a resume).
