@@ -4,6 +4,7 @@
 //! lockstep run                      # the built-in addition demo: coordinator + 2 workers on 127.0.0.1
 //! lockstep status --coordinator http://HOST:7070 [--json] [--watch]
 //! lockstep bench train|allreduce
+//! lockstep generate --checkpoint DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
 //! ```
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use lockstep_cli::{bench, demo, run, status_view};
+use lockstep_cli::{bench, demo, generate, run, status_view};
 use lockstep_common::RunSpec;
 use lockstep_common::data::corpus::Split;
 use lockstep_common::proto::coordinator_client::CoordinatorClient;
@@ -38,6 +39,8 @@ enum Command {
     /// Measure training-step and all-reduce throughput (figures for docs/BENCHMARKS.md).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Continue a prompt with a checkpoint, streaming the text as it is sampled (KV-cached decoding).
+    Generate(generate::GenerateArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -108,6 +111,7 @@ enum BenchCommand {
 }
 
 fn main() -> ExitCode {
+    lockstep_worker::device::keep_freed_memory();
     let cli = Cli::parse();
     if let Command::Bench(BenchCommand::Train { threads, .. }) = &cli.command {
         let n = (*threads).max(1);
@@ -138,6 +142,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run(args) => run_cmd(args).await,
         Command::Status(args) => status_cmd(args).await,
+        Command::Generate(args) => {
+            tokio::task::spawn_blocking(move || generate::command(&args)).await??;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench(BenchCommand::Train {
             workers,
             steps,

@@ -1,12 +1,13 @@
 //! lockstep-common: what the coordinator, the workers and the CLI must agree on.
 //!
 //! It owns the wire contract (generated from `proto/lockstep/v1`), the run spec (the TOML config, its environment
-//! overrides and validation), the data formats (tokenizers, the built-in demo corpus, the data plan) and telemetry
-//! setup. It must not depend on candle or on any process's runtime state: everything here is plain data and pure
+//! overrides, model presets and validation), the data formats (tokenizers, the built-in demo corpus, the data
+//! plan) and telemetry setup. It must not depend on candle or on any process's runtime state: everything here is plain data and pure
 //! functions, so both daemons compute identical answers from identical inputs.
 
 pub mod data;
 pub mod error;
+pub mod presets;
 pub mod spec;
 pub mod telemetry;
 

@@ -4,6 +4,12 @@
 //! an unknown key in either place is rejected by name. Every field has a default, and the defaults are the built-in
 //! addition demo, so an empty file is a valid run. The coordinator sends the resolved spec to every worker, and the
 //! checkpoint stores it.
+//!
+//! Two keys fill in the model's shape from elsewhere, underneath the file and the environment: `model.preset` (a
+//! named shape from [`crate::presets`]) and `model.init_from` (the `config.json` of the checkpoint the weights come
+//! from). Layers, lowest first: built-in defaults < `init_from`'s `config.json` < the preset < the file < the
+//! environment. A key written in the file or the environment therefore overrides the preset; a shape that then
+//! disagrees with `init_from`'s `config.json` is an error naming every differing field (the weights would not fit).
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -11,9 +17,12 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::presets;
 
 /// Environment variables with this prefix and a `__` between section and key override the file.
 pub const ENV_PREFIX: &str = "LOCKSTEP";
+
+type ConfigBuilder = config::builder::ConfigBuilder<config::builder::DefaultState>;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -64,6 +73,15 @@ pub enum Positions {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSpec {
+    /// A named shape ([`crate::presets`]) under the shape keys below: `n_layer`, `n_head`, `n_embd`,
+    /// `block_size` and `vocab_size` written in the file or the environment override it. `custom` = none.
+    pub preset: String,
+    /// Where the initial weights come from: empty = a seeded random initialisation; `hf:DIR` = a Hugging Face
+    /// GPT-2 directory (`config.json` + `model.safetensors`, as `save_pretrained` writes it); `lockstep:DIR` = the
+    /// model of a Lockstep checkpoint (a `step-*` directory; the optimizer starts fresh). Its `config.json`
+    /// supplies the shape keys the spec does not set. Relative paths are relative to each process's working
+    /// directory, and every worker reads DIR.
+    pub init_from: String,
     pub n_layer: usize,
     pub n_head: usize,
     pub n_embd: usize,
@@ -136,6 +154,18 @@ pub struct TrainSpec {
     pub eval_sequences: usize,
     /// Report a checksum of all parameters every this many steps (and at the end); 0 = only at the end.
     pub checksum_interval: u64,
+    /// The dtype of the forward and backward; parameters, gradients and optimizer state stay f32 ("master
+    /// weights") whatever it is.
+    pub compute_dtype: ComputeDtype,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeDtype {
+    #[default]
+    F32,
+    /// bfloat16 activations and matmuls; LayerNorm, softmax and the loss are computed in f32.
+    Bf16,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -173,6 +203,8 @@ impl Default for ClusterSpec {
 impl Default for ModelSpec {
     fn default() -> Self {
         Self {
+            preset: presets::CUSTOM.into(),
+            init_from: String::new(),
             n_layer: 2,
             n_head: 4,
             n_embd: 64,
@@ -215,6 +247,7 @@ impl Default for TrainSpec {
             eval_interval: 250,
             eval_sequences: 64,
             checksum_interval: 1,
+            compute_dtype: ComputeDtype::F32,
         }
     }
 }
@@ -231,7 +264,8 @@ impl Default for CheckpointSpec {
 
 impl RunSpec {
     /// Reads `path` (TOML; `None` = defaults only), applies `LOCKSTEP_<SECTION>__<KEY>` overrides from the
-    /// environment, and validates.
+    /// environment, fills in the model shape from `model.preset` and `model.init_from`, validates, and checks that
+    /// `model.init_from`'s files exist and have the run's shape.
     pub fn load(path: Option<&Path>) -> Result<Self> {
         Self::load_with_env(path, std::env::vars())
     }
@@ -239,15 +273,13 @@ impl RunSpec {
     /// As [`RunSpec::load`], with the environment given explicitly (tests use this).
     pub fn load_with_env(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Self> {
         let shown = path.map_or_else(|| "<defaults>".to_string(), |p| p.display().to_string());
-        let mut builder = config::Config::builder();
-        if let Some(p) = path {
-            if !p.is_file() {
-                return Err(Error::Config {
-                    path: shown,
-                    message: "no such file; pass the path of a TOML run spec (see deploy/examples/)".into(),
-                });
-            }
-            builder = builder.add_source(config::File::from(p).format(config::FileFormat::Toml));
+        if let Some(p) = path
+            && !p.is_file()
+        {
+            return Err(Error::Config {
+                path: shown,
+                message: "no such file; pass the path of a TOML run spec (see deploy/examples/)".into(),
+            });
         }
         // Only `LOCKSTEP_<SECTION>__<KEY>` variables are spec keys; plain `LOCKSTEP_<FLAG>` variables belong to
         // the binaries' command-line flags and must not be mistaken for unknown keys.
@@ -256,39 +288,70 @@ impl RunSpec {
             .into_iter()
             .filter(|(k, _)| k.starts_with(&prefix) && k.contains("__"))
             .collect();
-        builder = builder.add_source(
-            config::Environment::with_prefix(ENV_PREFIX)
-                .prefix_separator("_")
-                .separator("__")
-                .try_parsing(true)
-                .source(Some(overrides)),
-        );
-        let raw = builder.build().map_err(|e| Error::Config {
-            path: shown.clone(),
-            message: e.to_string(),
-        })?;
-        let spec: RunSpec = raw.try_deserialize().map_err(|e| Error::Config {
-            path: shown,
-            message: e.to_string(),
-        })?;
-        spec.validate()?;
-        Ok(spec)
+        Self::resolve(&shown, |mut builder| {
+            if let Some(p) = path {
+                builder = builder.add_source(config::File::from(p).format(config::FileFormat::Toml));
+            }
+            builder.add_source(
+                config::Environment::with_prefix(ENV_PREFIX)
+                    .prefix_separator("_")
+                    .separator("__")
+                    .try_parsing(true)
+                    .source(Some(overrides.clone())),
+            )
+        })
     }
 
-    /// Parses TOML text (no environment), then validates.
+    /// Parses TOML text (no environment), resolves the preset and `init_from` as [`RunSpec::load`] does, then
+    /// validates.
     pub fn from_toml_str(text: &str) -> Result<Self> {
-        let raw = config::Config::builder()
-            .add_source(config::File::from_str(text, config::FileFormat::Toml))
-            .build()
-            .map_err(|e| Error::Config {
-                path: "<inline>".into(),
-                message: e.to_string(),
-            })?;
-        let spec: RunSpec = raw.try_deserialize().map_err(|e| Error::Config {
-            path: "<inline>".into(),
+        Self::resolve("<inline>", |builder| {
+            builder.add_source(config::File::from_str(text, config::FileFormat::Toml))
+        })
+    }
+
+    /// Builds the spec from `layers` (the file and environment sources) on top of the defaults that
+    /// `model.init_from` and `model.preset`, read from those same layers, imply.
+    fn resolve(shown: &str, layers: impl Fn(ConfigBuilder) -> ConfigBuilder) -> Result<Self> {
+        let config_err = |e: config::ConfigError| Error::Config {
+            path: shown.to_string(),
             message: e.to_string(),
-        })?;
+        };
+        let raw = layers(config::Config::builder()).build().map_err(config_err)?;
+        let text = |key: &str| match raw.get_string(key) {
+            Ok(s) => Ok(Some(s)),
+            Err(config::ConfigError::NotFound(_)) => Ok(None),
+            Err(e) => Err(config_err(e)),
+        };
+        let mut builder = config::Config::builder();
+        // Defaults, lowest first; a later `set_default` of the same key replaces an earlier one.
+        if let Some(init) = text("model.init_from")? {
+            let source = InitFrom::parse(&init)?;
+            if let Some(shape) = CheckpointShape::read(&source)? {
+                for (key, value) in shape.defaults() {
+                    builder = builder.set_default(key, value).map_err(config_err)?;
+                }
+            }
+        }
+        if let Some(name) = text("model.preset")? {
+            if let Some(p) = presets::find(&name) {
+                for (key, value) in [
+                    ("model.n_layer", p.n_layer),
+                    ("model.n_head", p.n_head),
+                    ("model.n_embd", p.n_embd),
+                    ("model.block_size", p.block_size),
+                    ("model.vocab_size", p.vocab_size),
+                ] {
+                    builder = builder.set_default(key, value as u64).map_err(config_err)?;
+                }
+            } else if name != presets::CUSTOM {
+                return Err(unknown_preset(&name));
+            }
+        }
+        let raw = layers(builder).build().map_err(config_err)?;
+        let spec: RunSpec = raw.try_deserialize().map_err(config_err)?;
         spec.validate()?;
+        spec.check_init_from()?;
         Ok(spec)
     }
 
@@ -313,6 +376,10 @@ impl RunSpec {
             })
         }
         let (m, t, c, d) = (&self.model, &self.train, &self.cluster, &self.data);
+        if !presets::is_known(&m.preset) {
+            return Err(unknown_preset(&m.preset));
+        }
+        m.init_source()?;
         if m.n_layer == 0 {
             return bad("model.n_layer", m.n_layer, "must be at least 1");
         }
@@ -463,7 +530,11 @@ impl RunSpec {
         let mut out = BTreeMap::new();
         let value = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
         flatten("", &value, &mut out);
-        out.retain(|k, _| !k.starts_with("cluster."));
+        // The preset only fills in the shape, which is compared itself. An empty `init_from` (random init) is
+        // left out so that specs from before it existed keep their hash (and their checkpoints stay resumable).
+        out.retain(|k, v| {
+            !k.starts_with("cluster.") && k != "model.preset" && !(k == "model.init_from" && v.as_str() == Some(""))
+        });
         out
     }
 
@@ -485,6 +556,259 @@ impl RunSpec {
         let text = serde_json::to_string(&self.training_fields()).unwrap_or_default();
         hex::encode(Sha256::digest(text.as_bytes()))
     }
+
+    /// Checks `model.init_from` against the disk: the directory and its files exist and its `config.json` has
+    /// the run's model shape (every differing field is named). Loading a spec from a file does this, so the
+    /// coordinator reports a bad `init_from` at start-up; the worker checks the tensors themselves when it loads
+    /// them.
+    pub fn check_init_from(&self) -> Result<()> {
+        let source = self.model.init_source()?;
+        let Some(shape) = CheckpointShape::read(&source)? else {
+            return Ok(());
+        };
+        let diffs = shape.differences(&self.model);
+        if diffs.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Invalid {
+            field: "model.init_from",
+            value: self.model.init_from.clone(),
+            reason: format!(
+                "the run's model shape differs from {}: {}; remove those keys (and model.preset) from the spec to \
+                 take the checkpoint's shape, or set them to its values",
+                shape.config_path.display(),
+                diffs.join(", ")
+            ),
+        })
+    }
+}
+
+fn unknown_preset(name: &str) -> Error {
+    Error::Invalid {
+        field: "model.preset",
+        value: name.to_string(),
+        reason: format!("unknown preset; use one of: {}", presets::known_names()),
+    }
+}
+
+/// Where a run's initial weights come from: `model.init_from`, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InitFrom {
+    /// `""`: a seeded random initialisation.
+    Random,
+    /// `hf:DIR`: a Hugging Face GPT-2 directory with `config.json` and `model.safetensors`.
+    HuggingFace(PathBuf),
+    /// `lockstep:DIR`: the model weights of a Lockstep checkpoint (`<checkpoint.dir>/step-00001200`).
+    Lockstep(PathBuf),
+}
+
+impl InitFrom {
+    pub fn parse(text: &str) -> Result<Self> {
+        let bad = |reason: &str| Error::Invalid {
+            field: "model.init_from",
+            value: text.to_string(),
+            reason: reason.to_string(),
+        };
+        if text.is_empty() {
+            return Ok(Self::Random);
+        }
+        let (scheme, dir) = text.split_once(':').ok_or_else(|| {
+            bad(
+                "must be empty (random initialisation), \"hf:DIR\" (a Hugging Face GPT-2 directory) or \
+                 \"lockstep:DIR\" (a Lockstep checkpoint's step directory)",
+            )
+        })?;
+        if dir.is_empty() {
+            return Err(bad("names no directory after the colon"));
+        }
+        match scheme {
+            "hf" => Ok(Self::HuggingFace(PathBuf::from(dir))),
+            "lockstep" => Ok(Self::Lockstep(PathBuf::from(dir))),
+            _ => Err(bad(
+                "unknown source; use \"hf:DIR\" (a Hugging Face GPT-2 directory) or \"lockstep:DIR\" (a Lockstep \
+                 checkpoint's step directory)",
+            )),
+        }
+    }
+
+    /// The directory the weights are read from; `None` for a random initialisation.
+    pub fn dir(&self) -> Option<&Path> {
+        match self {
+            Self::Random => None,
+            Self::HuggingFace(dir) | Self::Lockstep(dir) => Some(dir),
+        }
+    }
+}
+
+impl ModelSpec {
+    /// `init_from`, parsed.
+    pub fn init_source(&self) -> Result<InitFrom> {
+        InitFrom::parse(&self.init_from)
+    }
+}
+
+/// The shape keys of a GPT-2 `config.json` (Hugging Face's `GPT2Config` schema, which Lockstep's checkpoints
+/// also use), under the run spec's names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointShape {
+    pub config_path: PathBuf,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_embd: usize,
+    /// `n_positions` (or the older `n_ctx`).
+    pub block_size: usize,
+    pub vocab_size: usize,
+    /// `lockstep.positions` in Lockstep's own checkpoints; `learned` otherwise.
+    pub positions: Positions,
+}
+
+impl CheckpointShape {
+    /// Checks that `source`'s directory holds the files it needs and reads the shape from its `config.json`;
+    /// `None` for a random initialisation.
+    pub fn read(source: &InitFrom) -> Result<Option<Self>> {
+        let Some(dir) = source.dir() else {
+            return Ok(None);
+        };
+        let missing = |what: String| Error::Invalid {
+            field: "model.init_from",
+            value: match source {
+                InitFrom::Lockstep(_) => format!("lockstep:{}", dir.display()),
+                _ => format!("hf:{}", dir.display()),
+            },
+            reason: what,
+        };
+        if !dir.is_dir() {
+            return Err(missing(format!(
+                "{} is not a directory (relative paths are relative to the working directory)",
+                dir.display()
+            )));
+        }
+        let mut required = vec!["config.json", "model.safetensors"];
+        if let InitFrom::Lockstep(_) = source {
+            required.push("manifest.json");
+        }
+        for name in required {
+            if dir.join(name).is_file() {
+                continue;
+            }
+            let hint = match source {
+                InitFrom::Lockstep(_) if has_step_dirs(dir) => {
+                    "; this looks like a checkpoint.dir: name one of its step-* directories"
+                }
+                InitFrom::Lockstep(_) => "; name a complete checkpoint's step-* directory",
+                _ => "; a Hugging Face directory needs config.json and model.safetensors (as save_pretrained writes)",
+            };
+            return Err(missing(format!("{} has no {name}{hint}", dir.display())));
+        }
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|source| Error::Read {
+            path: config_path.clone(),
+            source,
+        })?;
+        let bad = |message: String| Error::Data {
+            path: config_path.clone(),
+            message,
+        };
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+        let field = |names: &[&str]| -> Result<usize> {
+            for name in names {
+                if let Some(x) = v.get(name).filter(|x| !x.is_null()) {
+                    return x
+                        .as_u64()
+                        .and_then(|x| usize::try_from(x).ok())
+                        .ok_or_else(|| bad(format!("field {name} = {x} is not a non-negative integer")));
+                }
+            }
+            Err(bad(format!(
+                "missing the field {}; is this a GPT-2 config.json?",
+                names.join(" / ")
+            )))
+        };
+        let positions = match v.pointer("/lockstep/positions") {
+            None => Positions::Learned,
+            Some(p) => match p.as_str() {
+                Some("learned") => Positions::Learned,
+                Some("sinusoidal") => Positions::Sinusoidal,
+                _ => {
+                    return Err(bad(format!(
+                        "field lockstep.positions = {p} is not \"learned\" or \"sinusoidal\""
+                    )));
+                }
+            },
+        };
+        Ok(Some(Self {
+            n_layer: field(&["n_layer"])?,
+            n_head: field(&["n_head"])?,
+            n_embd: field(&["n_embd"])?,
+            block_size: field(&["n_positions", "n_ctx"])?,
+            vocab_size: field(&["vocab_size"])?,
+            positions,
+            config_path,
+        }))
+    }
+
+    /// The spec keys this shape fills in, for the config layer underneath the preset.
+    fn defaults(&self) -> Vec<(&'static str, config::Value)> {
+        vec![
+            ("model.n_layer", (self.n_layer as u64).into()),
+            ("model.n_head", (self.n_head as u64).into()),
+            ("model.n_embd", (self.n_embd as u64).into()),
+            ("model.block_size", (self.block_size as u64).into()),
+            ("model.vocab_size", (self.vocab_size as u64).into()),
+            ("model.positions", positions_name(self.positions).into()),
+        ]
+    }
+
+    /// `model.KEY = ours vs KEY = theirs` for every shape field where `model` differs.
+    pub fn differences(&self, model: &ModelSpec) -> Vec<String> {
+        let rows: [(&str, &str, String, String); 6] = [
+            (
+                "n_layer",
+                "n_layer",
+                model.n_layer.to_string(),
+                self.n_layer.to_string(),
+            ),
+            ("n_head", "n_head", model.n_head.to_string(), self.n_head.to_string()),
+            ("n_embd", "n_embd", model.n_embd.to_string(), self.n_embd.to_string()),
+            (
+                "block_size",
+                "n_positions",
+                model.block_size.to_string(),
+                self.block_size.to_string(),
+            ),
+            (
+                "vocab_size",
+                "vocab_size",
+                model.vocab_size.to_string(),
+                self.vocab_size.to_string(),
+            ),
+            (
+                "positions",
+                "lockstep.positions",
+                positions_name(model.positions).to_string(),
+                positions_name(self.positions).to_string(),
+            ),
+        ];
+        rows.into_iter()
+            .filter(|(_, _, ours, theirs)| ours != theirs)
+            .map(|(key, hf_key, ours, theirs)| format!("model.{key} = {ours} vs {hf_key} = {theirs}"))
+            .collect()
+    }
+}
+
+fn positions_name(p: Positions) -> &'static str {
+    match p {
+        Positions::Learned => "learned",
+        Positions::Sinusoidal => "sinusoidal",
+    }
+}
+
+fn has_step_dirs(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries
+            .flatten()
+            .any(|e| e.file_name().to_str().is_some_and(|n| n.starts_with("step-")))
+    })
 }
 
 #[cfg(test)]
@@ -577,22 +901,237 @@ mod tests {
 }
 
 #[cfg(test)]
+mod preset_tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    /// A stand-in for a Hugging Face GPT-2 directory: a `config.json` of this shape and an empty weights file
+    /// (the spec only checks that it exists).
+    pub(crate) fn hf_dir(dir: &Path, n_layer: usize, n_head: usize, n_embd: usize, n_positions: usize, vocab: usize) {
+        std::fs::create_dir_all(dir).unwrap();
+        let config = serde_json::json!({
+            "model_type": "gpt2", "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd,
+            "n_positions": n_positions, "vocab_size": vocab, "activation_function": "gelu_new",
+        });
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        std::fs::write(dir.join("model.safetensors"), b"").unwrap();
+    }
+
+    #[test]
+    fn preset_fills_the_shape_and_written_keys_override_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "run.toml", "[model]\npreset = \"gpt2\"\nn_layer = 3\n");
+        let spec = RunSpec::load_with_env(Some(&path), env(&[("LOCKSTEP_MODEL__N_EMBD", "384")])).unwrap();
+        let m = &spec.model;
+        assert_eq!(m.preset, "gpt2");
+        assert_eq!(
+            (m.n_layer, m.n_head, m.n_embd, m.block_size, m.vocab_size),
+            (3, 12, 384, 1024, 50257)
+        );
+        // Everything outside the shape keeps its default.
+        assert_eq!(spec.train, TrainSpec::default());
+        assert_eq!(m.dropout, 0.0);
+    }
+
+    #[test]
+    fn every_preset_resolves_from_the_environment() {
+        for p in presets::PRESETS {
+            let spec = RunSpec::load_with_env(None, env(&[("LOCKSTEP_MODEL__PRESET", p.name)])).unwrap();
+            let m = &spec.model;
+            assert_eq!(
+                (m.n_layer, m.n_head, m.n_embd, m.block_size, m.vocab_size),
+                (p.n_layer, p.n_head, p.n_embd, p.block_size, p.vocab_size),
+                "{}",
+                p.name
+            );
+        }
+        // `tiny` is the defaults' shape, and `custom` changes nothing.
+        let tiny = RunSpec::load_with_env(None, env(&[("LOCKSTEP_MODEL__PRESET", "tiny")])).unwrap();
+        assert!(tiny.training_diff(&RunSpec::default()).is_empty());
+        let custom = RunSpec::from_toml_str("[model]\npreset = \"custom\"\n").unwrap();
+        assert_eq!(custom, RunSpec::default());
+    }
+
+    #[test]
+    fn unknown_preset_lists_the_known_ones() {
+        let err = RunSpec::from_toml_str("[model]\npreset = \"gpt3\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("model.preset") && err.contains("gpt3"), "{err}");
+        assert!(
+            err.contains("gpt2-medium") && err.contains("nanogpt-cpu") && err.contains("custom"),
+            "{err}"
+        );
+        let mut spec = RunSpec::default();
+        spec.model.preset = "huge".into();
+        assert!(spec.validate().unwrap_err().to_string().contains("gpt2-xl"));
+    }
+
+    #[test]
+    fn preset_is_not_part_of_the_training_hash_but_init_from_is() {
+        let a = RunSpec::default();
+        let mut b = a.clone();
+        b.model.preset = "tiny".into();
+        assert_eq!(a.training_hash(), b.training_hash());
+        b.model.init_from = "hf:x".into();
+        assert_eq!(
+            a.training_diff(&b),
+            vec!["model.init_from: (absent) vs \"hf:x\"".to_string()]
+        );
+    }
+
+    #[test]
+    fn init_from_implies_the_shape() {
+        let dir = tempfile::tempdir().unwrap();
+        let hf = dir.path().join("hf model");
+        hf_dir(&hf, 3, 2, 16, 48, 50);
+        let text = format!("[model]\ninit_from = \"hf:{}\"\n", hf.display());
+        let spec = RunSpec::from_toml_str(&text).unwrap();
+        let m = &spec.model;
+        assert_eq!(
+            (m.n_layer, m.n_head, m.n_embd, m.block_size, m.vocab_size),
+            (3, 2, 16, 48, 50)
+        );
+        assert_eq!(m.init_source().unwrap(), InitFrom::HuggingFace(hf.clone()));
+        // A shape key that agrees may be written too.
+        let text = format!("[model]\ninit_from = \"hf:{}\"\nn_layer = 3\n", hf.display());
+        assert_eq!(RunSpec::from_toml_str(&text).unwrap(), spec);
+        // Lockstep's own config.json says which positions it uses.
+        let ours = dir.path().join("step-00000010");
+        hf_dir(&ours, 1, 2, 8, 64, 13);
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(ours.join("config.json")).unwrap()).unwrap();
+        config["lockstep"] = serde_json::json!({ "positions": "sinusoidal" });
+        std::fs::write(ours.join("config.json"), config.to_string()).unwrap();
+        std::fs::write(ours.join("manifest.json"), "{}").unwrap();
+        let text = format!("[model]\ninit_from = \"lockstep:{}\"\n", ours.display());
+        let spec = RunSpec::from_toml_str(&text).unwrap();
+        assert_eq!(spec.model.positions, Positions::Sinusoidal);
+        assert_eq!(spec.model.n_embd, 8);
+    }
+
+    #[test]
+    fn init_from_shape_mismatch_names_every_differing_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let hf = dir.path().join("hf");
+        hf_dir(&hf, 2, 4, 48, 32, 97);
+        let text = format!(
+            "[model]\npreset = \"gpt2\"\ninit_from = \"hf:{}\"\nn_embd = 48\n",
+            hf.display()
+        );
+        let err = RunSpec::from_toml_str(&text).unwrap_err().to_string();
+        for want in [
+            "model.init_from",
+            "config.json",
+            "model.n_layer = 12 vs n_layer = 2",
+            "model.n_head = 12 vs n_head = 4",
+            "model.block_size = 1024 vs n_positions = 32",
+            "model.vocab_size = 50257 vs vocab_size = 97",
+        ] {
+            assert!(err.contains(want), "{want:?} not in: {err}");
+        }
+        assert!(!err.contains("model.n_embd"), "{err}");
+        // The same check runs on a spec that was built in code.
+        let mut spec = RunSpec::default();
+        spec.model.init_from = format!("hf:{}", hf.display());
+        let err = spec.check_init_from().unwrap_err().to_string();
+        assert!(err.contains("model.n_embd = 64 vs n_embd = 48"), "{err}");
+    }
+
+    #[test]
+    fn init_from_missing_files_and_bad_syntax_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |init: String| {
+            RunSpec::load_with_env(None, env(&[("LOCKSTEP_MODEL__INIT_FROM", &init)]))
+                .unwrap_err()
+                .to_string()
+        };
+        let absent = dir.path().join("absent");
+        let err = load(format!("hf:{}", absent.display()));
+        assert!(
+            err.contains("model.init_from") && err.contains("absent") && err.contains("not a directory"),
+            "{err}"
+        );
+
+        let hf = dir.path().join("hf");
+        hf_dir(&hf, 2, 4, 48, 32, 97);
+        std::fs::remove_file(hf.join("model.safetensors")).unwrap();
+        let err = load(format!("hf:{}", hf.display()));
+        assert!(err.contains("model.safetensors"), "{err}");
+
+        // A Lockstep checkpoint needs its manifest; a checkpoint.dir gets a hint to name a step directory.
+        let root = dir.path().join("ckpt");
+        hf_dir(&root.join("step-00000005"), 2, 4, 48, 32, 97);
+        let err = load(format!("lockstep:{}", root.join("step-00000005").display()));
+        assert!(err.contains("manifest.json"), "{err}");
+        let err = load(format!("lockstep:{}", root.display()));
+        assert!(err.contains("step-*"), "{err}");
+
+        std::fs::write(hf.join("model.safetensors"), b"").unwrap();
+        std::fs::write(hf.join("config.json"), "{\"n_layer\": 2}").unwrap();
+        let err = load(format!("hf:{}", hf.display()));
+        assert!(err.contains("config.json") && err.contains("n_head"), "{err}");
+
+        for bad in ["gpt2", "s3:bucket/gpt2", "hf:"] {
+            let err = load(bad.to_string());
+            assert!(err.contains("model.init_from") && err.contains(bad), "{bad}: {err}");
+        }
+        // Syntax is checked without the disk too (a spec arriving over the wire).
+        let mut spec = RunSpec::default();
+        spec.model.init_from = "gpt2".into();
+        assert!(spec.validate().unwrap_err().to_string().contains("hf:DIR"));
+    }
+}
+
+#[cfg(test)]
 mod example_tests {
     use super::*;
 
-    /// The shipped examples must stay valid as the spec evolves.
+    /// The shipped examples must stay valid as the spec evolves. An example that starts from Hugging Face
+    /// weights gets a stand-in directory with the real GPT-2 small `config.json` shape.
     #[test]
     fn every_deploy_example_parses_and_validates() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+        let stand_in = tempfile::tempdir().unwrap();
+        super::preset_tests::hf_dir(stand_in.path(), 12, 12, 768, 1024, 50257);
         let mut seen = 0;
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
             if path.extension().is_some_and(|e| e == "toml") {
-                RunSpec::load_with_env(Some(&path), vec![]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                let text = std::fs::read_to_string(&path).unwrap();
+                let env = if text.contains("init_from = \"hf:") {
+                    vec![(
+                        "LOCKSTEP_MODEL__INIT_FROM".to_string(),
+                        format!("hf:{}", stand_in.path().display()),
+                    )]
+                } else {
+                    vec![]
+                };
+                RunSpec::load_with_env(Some(&path), env).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 seen += 1;
             }
         }
-        assert!(seen >= 3);
+        assert!(seen >= 4);
+    }
+
+    /// The benchmark example is the nanogpt-cpu preset with the vocabulary padded to 65.
+    #[test]
+    fn nanogpt_example_uses_its_preset() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/nanogpt-cpu.toml");
+        let m = RunSpec::load_with_env(Some(&path), vec![]).unwrap().model;
+        assert_eq!(
+            (m.n_layer, m.n_head, m.n_embd, m.block_size, m.vocab_size),
+            (4, 4, 128, 64, 65)
+        );
     }
 
     /// The fully written-out demo equals the defaults it documents.

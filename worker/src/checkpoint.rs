@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use lockstep_common::data::Tokenizer;
+use lockstep_common::spec::Positions;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -350,7 +351,11 @@ pub struct LoadedModel {
 impl LoadedModel {
     /// The GPT over these parameters, in f32 on the device the checkpoint was loaded to.
     pub fn model(&self) -> Result<Gpt> {
-        let device = self.varmap.all_vars().first().map_or(Device::Cpu, |v| v.device().clone());
+        let device = self
+            .varmap
+            .all_vars()
+            .first()
+            .map_or(Device::Cpu, |v| v.device().clone());
         Gpt::new(VarBuilder::from_varmap(&self.varmap, DType::F32, &device), &self.cfg)
     }
 }
@@ -410,6 +415,93 @@ pub fn load_hf(dir: &Path, device: &Device) -> Result<(GptConfig, VarMap)> {
         }
     }
     Ok((cfg, varmap))
+}
+
+/// Checks that weights read from `dir` (a checkpoint or a Hugging Face directory, whose `config.json` says
+/// `theirs`) fit the run's model `ours`; the error names every differing field with both values. Dropout and the
+/// initialisation scale are training settings, not shape, and may differ.
+pub fn check_shape(ours: &GptConfig, theirs: &GptConfig, dir: &Path) -> Result<()> {
+    let positions = |p: Positions| match p {
+        Positions::Learned => "learned",
+        Positions::Sinusoidal => "sinusoidal",
+    };
+    let rows = [
+        (
+            "model.n_layer",
+            "n_layer",
+            ours.n_layer.to_string(),
+            theirs.n_layer.to_string(),
+        ),
+        (
+            "model.n_head",
+            "n_head",
+            ours.n_head.to_string(),
+            theirs.n_head.to_string(),
+        ),
+        (
+            "model.n_embd",
+            "n_embd",
+            ours.n_embd.to_string(),
+            theirs.n_embd.to_string(),
+        ),
+        (
+            "model.block_size",
+            "n_positions",
+            ours.block_size.to_string(),
+            theirs.block_size.to_string(),
+        ),
+        (
+            "model.vocab_size (resolved)",
+            "vocab_size",
+            ours.vocab_size.to_string(),
+            theirs.vocab_size.to_string(),
+        ),
+        (
+            "model.positions",
+            "lockstep.positions",
+            positions(ours.positions).to_string(),
+            positions(theirs.positions).to_string(),
+        ),
+        (
+            "the LayerNorm epsilon (fixed)",
+            "layer_norm_epsilon",
+            format!("{:e}", ours.layer_norm_eps),
+            format!("{:e}", theirs.layer_norm_eps),
+        ),
+    ];
+    let diffs: Vec<String> = rows
+        .into_iter()
+        .filter(|(_, _, a, b)| a != b)
+        .map(|(key, hf_key, a, b)| format!("{key} = {a} vs {hf_key} = {b}"))
+        .collect();
+    if diffs.is_empty() {
+        return Ok(());
+    }
+    Err(ckpt_err(
+        &dir.join(CONFIG_FILE),
+        format!(
+            "the weights do not fit the run's model: {}; make the run spec's model section match (or remove its \
+             shape keys and model.preset so that model.init_from supplies them)",
+            diffs.join(", ")
+        ),
+    ))
+}
+
+/// Checks that `dir` is a checkpoint (a directory with a manifest) before it is loaded, so that naming a
+/// `checkpoint.dir` instead of one of its `step-*` directories gets an error that says so.
+pub fn check_is_checkpoint(dir: &Path) -> Result<()> {
+    if dir.join(MANIFEST_FILE).is_file() {
+        return Ok(());
+    }
+    let message = match newest(dir)? {
+        Some(step) => format!(
+            "not a checkpoint but a checkpoint directory; name one of its step directories, e.g. the newest: {}",
+            step.display()
+        ),
+        None if dir.is_dir() => format!("not a checkpoint: it has no {MANIFEST_FILE} (an incomplete write?)"),
+        None => "no such directory".to_string(),
+    };
+    Err(ckpt_err(dir, message))
 }
 
 /// Restores the optimizer's moments and step count from a checkpoint directory (already verified by [`load`]).
@@ -604,6 +696,110 @@ mod tests {
         std::fs::create_dir(root.path().join("step-00000099")).unwrap();
         assert_eq!(newest(root.path()).unwrap(), Some(root.path().join("step-00000040")));
         assert_eq!(newest(&root.path().join("absent")).unwrap(), None);
+    }
+
+    /// Interop, Lockstep → Hugging Face: for the config of the fixture that `save_pretrained` wrote, our
+    /// checkpoint has exactly its tensor names, shapes and dtypes (no `lm_head.weight`: it is tied), and a
+    /// `config.json` with the keys `transformers` reads, agreeing with the fixture's on every key both have.
+    #[test]
+    fn checkpoint_has_the_layout_of_hf_save_pretrained() {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf-gpt2-tiny");
+        let hf_config: serde_json::Value = read_json(&fixture.join(CONFIG_FILE)).unwrap();
+        let cfg = GptConfig::from_hf_config(&hf_config).unwrap();
+        let params = Params::from_varmap(&init_varmap(&cfg, 3, &Device::Cpu).unwrap()).unwrap();
+        let opt = AdamW::new(
+            &params,
+            AdamWConfig {
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                weight_decay: 0.1,
+            },
+        )
+        .unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let tok = Tokenizer::learn(TokenizerKind::Char, "0123456789+=\n");
+        let dir = save(root.path(), &state(1), &params, &cfg, &opt, &tok, "{}", 0).unwrap();
+
+        let layout = |path: &Path| -> BTreeMap<String, (Vec<usize>, DType)> {
+            candle_core::safetensors::load(path, &Device::Cpu)
+                .unwrap()
+                .into_iter()
+                .map(|(name, t)| (name, (t.dims().to_vec(), t.dtype())))
+                .collect()
+        };
+        let ours = layout(&dir.join(MODEL_FILE));
+        let theirs = layout(&fixture.join(MODEL_FILE));
+        assert_eq!(
+            ours.keys().collect::<Vec<_>>(),
+            theirs.keys().collect::<Vec<_>>(),
+            "tensor names"
+        );
+        assert_eq!(ours, theirs, "shapes and dtypes");
+
+        let our_config: serde_json::Value = read_json(&dir.join(CONFIG_FILE)).unwrap();
+        assert_eq!(GptConfig::from_hf_config(&our_config).unwrap(), cfg);
+        // What GPT2Config and GPT2LMHeadModel.from_pretrained need to rebuild the same architecture.
+        for key in [
+            "model_type",
+            "architectures",
+            "vocab_size",
+            "n_positions",
+            "n_embd",
+            "n_layer",
+            "n_head",
+            "n_inner",
+            "activation_function",
+            "layer_norm_epsilon",
+            "tie_word_embeddings",
+            "scale_attn_weights",
+            "scale_attn_by_inverse_layer_idx",
+            "reorder_and_upcast_attn",
+            "resid_pdrop",
+            "embd_pdrop",
+            "attn_pdrop",
+            "initializer_range",
+        ] {
+            let (a, b) = (&our_config[key], &hf_config[key]);
+            assert!(!a.is_null() || key == "n_inner", "config.json lacks {key}");
+            let same = match (a.as_f64(), b.as_f64()) {
+                (Some(x), Some(y)) => x == y,
+                _ => a == b,
+            };
+            assert!(same, "config.json {key}: ours {a}, save_pretrained's {b}");
+        }
+    }
+
+    #[test]
+    fn shape_check_names_each_field_and_checkpoint_roots_get_a_hint() {
+        let ours = cfg();
+        let theirs = GptConfig {
+            n_layer: 3,
+            positions: Positions::Learned,
+            dropout: 0.3,
+            ..cfg()
+        };
+        let err = check_shape(&ours, &theirs, Path::new("/models/x"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/models/x/config.json"), "{err}");
+        assert!(err.contains("model.n_layer = 1 vs n_layer = 3"), "{err}");
+        assert!(
+            err.contains("model.positions = sinusoidal vs lockstep.positions = learned"),
+            "{err}"
+        );
+        assert!(!err.contains("dropout"), "{err}");
+        check_shape(&ours, &GptConfig { dropout: 0.3, ..cfg() }, Path::new("x")).unwrap();
+
+        let root = tempfile::tempdir().unwrap();
+        let err = check_is_checkpoint(root.path()).unwrap_err().to_string();
+        assert!(err.contains("manifest.json"), "{err}");
+        let dir = save_at(root.path(), &fixture(), 7, 0);
+        check_is_checkpoint(&dir).unwrap();
+        let err = check_is_checkpoint(root.path()).unwrap_err().to_string();
+        assert!(err.contains("step-00000007"), "{err}");
+        let err = check_is_checkpoint(&root.path().join("nope")).unwrap_err().to_string();
+        assert!(err.contains("no such directory"), "{err}");
     }
 
     #[test]

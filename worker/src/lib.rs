@@ -11,8 +11,10 @@ pub mod device;
 pub mod error;
 pub mod generate;
 pub mod model;
+pub mod ops;
 pub mod optim;
 pub mod params;
+pub mod sampling;
 pub mod session;
 pub mod trainer;
 

@@ -40,6 +40,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    lockstep_worker::device::keep_freed_memory();
     let args = Args::parse();
     if let Some(n) = args.threads {
         // candle sizes its CPU thread pool from this variable; set before any thread exists.

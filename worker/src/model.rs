@@ -66,6 +66,8 @@ impl GptConfig {
             "reorder_and_upcast_attn": false,
             "tie_word_embeddings": true,
             "use_cache": true,
+            "bos_token_id": null,
+            "eos_token_id": null,
             "dtype": "float32",
             "lockstep": { "positions": positions_name(self.positions) },
         })
@@ -296,11 +298,8 @@ impl LayerNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?; // [.., 1]
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let xhat = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        Ok(xhat.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+        // Fused with its own backward on the CPU, composed elsewhere (ops::composed::layer_norm).
+        crate::ops::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -320,20 +319,14 @@ impl Conv1D {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, n_in) = x.dims3()?;
-        let y = x
-            .reshape((b * t, n_in))?
-            .matmul(&self.weight)?
-            .broadcast_add(&self.bias)?; // [B*T, out]
+        let y = crate::ops::bias_add(&x.reshape((b * t, n_in))?.matmul(&self.weight)?, &self.bias)?; // [B*T, out]
         Ok(y.reshape((b, t, ()))?)
     }
 }
 
-/// softmax(x) = exp(x - max) / sum, with the max detached: it only guards against overflow and cancels out
-/// mathematically, so it needs no gradient.
+/// softmax(x) = exp(x - max) / sum over the last dimension (fused with its backward on the CPU, see `ops`).
 fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+    crate::ops::softmax_last_dim(x)
 }
 
 struct CausalSelfAttention {
@@ -368,12 +361,48 @@ impl CausalSelfAttention {
                 .contiguous()?)
         };
         let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
-        let att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?; // [B, nh, T, T]
-        let att = softmax_last_dim(&att.broadcast_add(mask)?)?;
+        // softmax(QKᵀ/√hd + mask), the scale and mask fused into the softmax: [B, nh, T, T]
+        let att = crate::ops::masked_softmax_last_dim(&q.matmul(&k.t()?)?, mask, 1.0 / (hd as f64).sqrt())?;
         let att = dropout(att, self.dropout, rng)?;
         let y = att.matmul(&v)?; // [B, nh, T, hd]
         let y = y.transpose(1, 2)?.reshape((b, t, c))?; // re-assemble all head outputs side by side
         dropout(self.c_proj.forward(&y)?, self.dropout, rng)
+    }
+
+    /// Inference over `x` [B, T_new, C], the positions after those whose keys and values are in `past`
+    /// ([B, nh, T_past, hd] each). Returns the output and the keys and values of all T_past + T_new positions.
+    /// `mask`: [T_new, T_past + T_new] (see `causal_mask_after`); `None` for a single new position, which may see
+    /// everything.
+    fn forward_cached(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        past: Option<&(Tensor, Tensor)>,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
+        let (b, t, c) = x.dims3()?;
+        let hd = c / self.n_head;
+        let qkv = self.c_attn.forward(x)?; // [B, T_new, 3C]
+        let heads = |i: usize| -> Result<Tensor> {
+            // [B, T_new, C] -> [B, nh, T_new, hd]
+            Ok(qkv
+                .narrow(2, i * c, c)?
+                .reshape((b, t, self.n_head, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
+        let (k, v) = match past {
+            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?), // [B, nh, T_all, hd]
+            None => (k, v),
+        };
+        let att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?; // [B, nh, T_new, T_all]
+        let att = match mask {
+            Some(mask) => att.broadcast_add(mask)?,
+            None => att,
+        };
+        let y = softmax_last_dim(&att)?.matmul(&v)?; // [B, nh, T_new, hd]
+        let y = y.transpose(1, 2)?.reshape((b, t, c))?;
+        Ok((self.c_proj.forward(&y)?, (k, v)))
     }
 }
 
@@ -394,8 +423,8 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, rng: &mut Option<&mut DropoutRng>) -> Result<Tensor> {
-        // candle's `gelu` is the tanh approximation, i.e. HF's "gelu_new".
-        let h = self.c_fc.forward(x)?.gelu()?; // [B, T, 4C]
+        // The tanh approximation, i.e. HF's "gelu_new".
+        let h = crate::ops::gelu(&self.c_fc.forward(x)?)?; // [B, T, 4C]
         dropout(self.c_proj.forward(&h)?, self.dropout, rng)
     }
 }
@@ -421,6 +450,20 @@ impl Block {
         let x = (x + self.attn.forward(&self.ln_1.forward(x)?, mask, rng)?)?;
         Ok((&x + self.mlp.forward(&self.ln_2.forward(&x)?, rng)?)?)
     }
+
+    /// `forward` in eval mode for new positions only, given the cached keys and values of the earlier ones; also
+    /// returns this layer's keys and values of all positions.
+    fn forward_cached(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        past: Option<&(Tensor, Tensor)>,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
+        let (a, kv) = self.attn.forward_cached(&self.ln_1.forward(x)?, mask, past)?;
+        let x = (x + a)?;
+        let x = (&x + self.mlp.forward(&self.ln_2.forward(&x)?, &mut None)?)?;
+        Ok((x, kv))
+    }
 }
 
 enum PositionEmbedding {
@@ -441,6 +484,48 @@ fn sinusoidal_table(block_size: usize, n_embd: usize, device: &Device) -> Result
         }
     }
     Ok(Tensor::from_vec(table, (block_size, n_embd), device)?)
+}
+
+/// The keys and values of every layer for the positions fed so far ([B, nh, T, hd] each), so that decoding a new
+/// token costs one position's work instead of the whole context's (`Gpt::forward_cached`).
+///
+/// Positions are absolute (learned or sinusoidal), so a cache cannot slide: it holds at most `block_size`
+/// positions, and a caller whose context grows past that must `clear` it and re-feed the last `block_size` tokens.
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for a model with this config.
+    pub fn new(cfg: &GptConfig) -> Self {
+        Self {
+            layers: vec![None; cfg.n_layer],
+            len: 0,
+        }
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(|kv| *kv = None);
+        self.len = 0;
+    }
+
+    /// Rows (sequences) held, or `None` while empty.
+    fn batch(&self) -> Result<Option<usize>> {
+        match self.layers.first().and_then(Option::as_ref) {
+            Some((k, _)) => Ok(Some(k.dim(0)?)),
+            None => Ok(None),
+        }
+    }
 }
 
 pub struct Gpt {
@@ -507,6 +592,76 @@ impl Gpt {
         let logits = x.reshape((b * t, c))?.matmul(&self.wte.t()?)?; // [B*T, vocab]
         Ok(logits.reshape((b, t, self.cfg.vocab_size))?)
     }
+
+    /// Logits [B, T_new, vocab] for `idx_new` [B, T_new], the tokens that follow the `cache.len()` positions already
+    /// in `cache`, which then holds them too. Eval mode (no dropout). Feeding a sequence in chunks gives the logits
+    /// `forward` gives for the whole of it (within float rounding). Fails, leaving `cache` unchanged, if the cache
+    /// would exceed `block_size` positions: the caller then clears it and re-feeds the last `block_size` tokens.
+    pub fn forward_cached(&self, idx_new: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, t) = idx_new.dims2()?;
+        let x = self.ln_f.forward(&self.cached_hidden(idx_new, cache)?)?; // [B, T_new, C]
+        let logits = x.reshape((b * t, self.cfg.n_embd))?.matmul(&self.wte.t()?)?; // [B*T_new, vocab]
+        Ok(logits.reshape((b, t, self.cfg.vocab_size))?)
+    }
+
+    /// `forward_cached`, but only the last new position's logits [B, vocab]: what decoding needs, without the LM
+    /// head's work for the rest of a multi-token chunk.
+    pub fn forward_cached_last(&self, idx_new: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, t) = idx_new.dims2()?;
+        let x = self.cached_hidden(idx_new, cache)?; // [B, T_new, C]
+        let x = self.ln_f.forward(&x.narrow(1, t - 1, 1)?)?; // [B, 1, C]
+        Ok(x.reshape((b, self.cfg.n_embd))?.matmul(&self.wte.t()?)?) // [B, vocab]
+    }
+
+    /// The residual stream [B, T_new, C] after the last block for the new positions; appends their keys and values
+    /// to `cache` once every layer has succeeded.
+    fn cached_hidden(&self, idx_new: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, t) = idx_new.dims2()?;
+        let past = cache.len();
+        if t == 0 {
+            return Err(Error::Model("forward_cached needs at least one new token".into()));
+        }
+        if past + t > self.cfg.block_size {
+            return Err(Error::Model(format!(
+                "cannot feed {t} more token(s) to a cache of {past}: the block size is only {}",
+                self.cfg.block_size
+            )));
+        }
+        if cache.layers.len() != self.h.len() {
+            return Err(Error::Model(format!(
+                "the KV cache has {} layers, the model {}",
+                cache.layers.len(),
+                self.h.len()
+            )));
+        }
+        if let Some(rows) = cache.batch()?
+            && rows != b
+        {
+            return Err(Error::Model(format!(
+                "the KV cache holds {rows} sequence(s), not the {b} given"
+            )));
+        }
+        let c = self.cfg.n_embd;
+        let tok_emb = self.wte.index_select(&idx_new.flatten_all()?, 0)?.reshape((b, t, c))?; // [B, T_new, C]
+        let pos_emb = match &self.wpe {
+            PositionEmbedding::Learned(w) | PositionEmbedding::Sinusoidal(w) => w.narrow(0, past, t)?, // [T_new, C]
+        };
+        let mut x = tok_emb.broadcast_add(&pos_emb)?;
+        // A single new position may attend to everything before it: only a chunk needs a mask.
+        let mask = match t {
+            1 => None,
+            _ => Some(causal_mask_after(past, t, x.dtype(), x.device())?),
+        };
+        let mut kvs = Vec::with_capacity(self.h.len());
+        for (block, kv) in self.h.iter().zip(&cache.layers) {
+            let (y, kv) = block.forward_cached(&x, mask.as_ref(), kv.as_ref())?;
+            x = y;
+            kvs.push(Some(kv));
+        }
+        cache.layers = kvs;
+        cache.len = past + t;
+        Ok(x)
+    }
 }
 
 /// [T, T]: 0 where a position may attend (itself and earlier), -inf where it may not; added before the softmax.
@@ -515,6 +670,15 @@ fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
         .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
         .collect();
     Ok(Tensor::from_vec(mask, (t, t), device)?.to_dtype(dtype)?)
+}
+
+/// [T_new, T_past + T_new]: the causal mask of `t` new positions that follow `past` cached ones (which every new
+/// position may see). `causal_mask(t)` is `causal_mask_after(0, t)`.
+fn causal_mask_after(past: usize, t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..past + t).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Ok(Tensor::from_vec(mask, (t, past + t), device)?.to_dtype(dtype)?)
 }
 
 /// The sum (not the mean) of the token cross-entropies of `logits` [.., vocab] against `targets` [..] (integer
@@ -530,12 +694,8 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
             targets.dims()
         )));
     }
-    let logits = logits.reshape((n, vocab))?.to_dtype(DType::F32)?;
-    let max = logits.max_keepdim(1)?.detach(); // [N, 1]; cancels out, so no gradient needed
-    let shifted = logits.broadcast_sub(&max)?;
-    let log_sum_exp = shifted.exp()?.sum_keepdim(1)?.log()?; // [N, 1]
-    let target_logit = shifted.gather(&targets.reshape((n, 1))?, 1)?; // [N, 1]
-    Ok((log_sum_exp - target_logit)?.sum_all()?)
+    // Softmax and the target pick fused with their backward on the CPU (ops::composed::cross_entropy_sum elsewhere).
+    crate::ops::cross_entropy_sum(&logits.reshape((n, vocab))?, &targets.reshape(n)?)
 }
 
 /// A fresh parameter set, deterministic from `seed`. Each tensor draws from its own ChaCha8 stream keyed by
@@ -795,5 +955,91 @@ mod tests {
         let lse = (1f64.exp() + 2f64.exp() + 3f64.exp()).ln();
         let want = (lse - 3.0) + 3f64.ln();
         assert!((got as f64 - want).abs() < 1e-6, "{got} vs {want}");
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn forward_cached_in_chunks_matches_forward() {
+        for positions in [Positions::Learned, Positions::Sinusoidal] {
+            let cfg = GptConfig {
+                init_std: 0.5,
+                ..tiny(positions, 0.1) // dropout is ignored: both paths below run in eval mode
+            };
+            let (_vm, gpt) = model(&cfg, 4);
+            let idx = Tensor::new(&[[1u32, 2, 3, 4, 5, 6], [6, 7, 8, 9, 10, 0]], &Device::Cpu).unwrap();
+            let full = gpt.forward(&idx, None).unwrap(); // [2, 6, 11]
+            // Chunks of 1 (a one-token prompt), 3 (a prompt after a cached prefix: needs the offset mask), 1, 1.
+            let mut cache = KvCache::new(&cfg);
+            let mut start = 0;
+            for len in [1, 3, 1, 1] {
+                let got = gpt
+                    .forward_cached(&idx.narrow(1, start, len).unwrap(), &mut cache)
+                    .unwrap();
+                let want = full.narrow(1, start, len).unwrap();
+                assert!(max_diff(&got, &want) <= 1e-5, "{positions:?} chunk at {start}");
+                start += len;
+                assert_eq!(cache.len(), start);
+            }
+            // The last-position variant, from an empty cache with the whole sequence as one chunk.
+            cache.clear();
+            assert!(cache.is_empty());
+            let last = gpt.forward_cached_last(&idx, &mut cache).unwrap(); // [2, 11]
+            let want = full.narrow(1, 5, 1).unwrap().squeeze(1).unwrap();
+            assert!(max_diff(&last, &want) <= 1e-5, "{positions:?}");
+            // Each prefix's last position, decoding one token at a time.
+            cache.clear();
+            for i in 0..6 {
+                let step = gpt
+                    .forward_cached_last(&idx.narrow(1, i, 1).unwrap(), &mut cache)
+                    .unwrap();
+                let want = gpt.forward(&idx.narrow(1, 0, i + 1).unwrap(), None).unwrap();
+                let want = want.narrow(1, i, 1).unwrap().squeeze(1).unwrap();
+                assert!(max_diff(&step, &want) <= 1e-5, "{positions:?} step {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn forward_cached_refuses_overflow_and_mismatches_leaving_the_cache_intact() {
+        let cfg = tiny(Positions::Learned, 0.0);
+        let (_vm, gpt) = model(&cfg, 2);
+        let mut cache = KvCache::new(&cfg);
+        gpt.forward_cached(&Tensor::zeros((1, 5), DType::U32, &Device::Cpu).unwrap(), &mut cache)
+            .unwrap();
+        let two = Tensor::zeros((1, 2), DType::U32, &Device::Cpu).unwrap();
+        let err = gpt.forward_cached(&two, &mut cache).err().unwrap().to_string();
+        assert!(
+            err.contains("block size") && err.contains('6') && err.contains('5'),
+            "{err}"
+        );
+        assert_eq!(cache.len(), 5);
+        let batch2 = Tensor::zeros((2, 1), DType::U32, &Device::Cpu).unwrap();
+        let err = gpt.forward_cached(&batch2, &mut cache).err().unwrap().to_string();
+        assert!(err.contains("1 sequence") && err.contains("2 given"), "{err}");
+        // The cache still works: the sixth position fits.
+        let one = Tensor::zeros((1, 1), DType::U32, &Device::Cpu).unwrap();
+        assert_eq!(gpt.forward_cached(&one, &mut cache).unwrap().dims(), [1, 1, 11]);
+        assert_eq!(cache.len(), 6);
+        let deeper = GptConfig {
+            n_layer: 3,
+            ..cfg.clone()
+        };
+        let err = gpt
+            .forward_cached(&one, &mut KvCache::new(&deeper))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("3 layers"), "{err}");
     }
 }

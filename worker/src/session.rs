@@ -220,12 +220,6 @@ struct Job {
 fn train(job: Job) -> Result<()> {
     let a = &job.assignment;
     let spec = RunSpec::from_json(&a.spec_json)?;
-    if !a.resume_from.is_empty() {
-        return Err(Error::Model(format!(
-            "resuming from checkpoint {} is not supported by this worker yet",
-            a.resume_from
-        )));
-    }
     let (rank, world, generation) = (a.rank, a.world_size, a.generation);
     let span = info_span!("train", run = %a.run_name, generation, rank);
     let _g = span.enter();
@@ -248,7 +242,30 @@ fn train(job: Job) -> Result<()> {
         }
         Box::new(ring)
     };
-    let mut trainer = Trainer::new(spec.clone(), collective, job.device.clone())?;
+    let mut trainer = if a.resume_from.is_empty() {
+        Trainer::new(spec.clone(), collective, job.device.clone())?
+    } else {
+        Trainer::resume(
+            spec.clone(),
+            collective,
+            job.device.clone(),
+            std::path::Path::new(&a.resume_from),
+        )?
+    };
+    if trainer.step() != a.start_step || trainer.data_cursor() != a.data_cursor {
+        let from = if a.resume_from.is_empty() {
+            "a new run".to_string()
+        } else {
+            format!("checkpoint {}", a.resume_from)
+        };
+        return Err(Error::Model(format!(
+            "the assignment starts at step {} (data cursor {}) but {from} is at step {} (data cursor {})",
+            a.start_step,
+            a.data_cursor,
+            trainer.step(),
+            trainer.data_cursor()
+        )));
+    }
     info!(
         params = trainer.params().num_elements(),
         steps = a.end_step - a.start_step,

@@ -5,6 +5,10 @@
 //! canonical parameter order, with the loss already divided by the global batch's target-token count. One
 //! all-reduce sums the buffer (and the loss) over ranks; then global-norm clipping and AdamW, identically on every
 //! rank, so every rank holds bitwise-identical parameters.
+//!
+//! A trainer starts a run at step 0 ([`Trainer::new`]: random init, or the weights `model.init_from` names) or
+//! continues one from its checkpoint ([`Trainer::resume`]), on any world size.
+use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -12,7 +16,9 @@ use candle_nn::{VarBuilder, VarMap};
 use lockstep_common::RunSpec;
 use lockstep_common::data::corpus::Split;
 use lockstep_common::data::plan::{mix, rank_share};
-use lockstep_common::data::{Corpus, DataPlan};
+use lockstep_common::data::{Corpus, DataPlan, Tokenizer};
+use lockstep_common::spec::InitFrom;
+use tracing::info;
 
 use crate::checkpoint::{self, TrainerState};
 use crate::collective::Collective;
@@ -56,16 +62,102 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    /// A freshly initialised model (seeded by the run seed) at step 0.
+    /// Step 0 of a run: the model starts from `model.init_from` (a Hugging Face GPT-2 directory or a Lockstep
+    /// checkpoint's weights, whose shape must be the run's) or, when that is empty, from a random initialisation
+    /// seeded by the run seed. The optimizer starts fresh either way.
     pub fn new(spec: RunSpec, collective: Box<dyn Collective>, device: Device) -> Result<Self> {
         let corpus = Corpus::load(&spec)?;
+        let cfg = model_config(&spec, &corpus)?;
+        let varmap = match spec.model.init_source()? {
+            InitFrom::Random => init_varmap(&cfg, spec.run.seed, &device)?,
+            InitFrom::HuggingFace(dir) => {
+                let (theirs, varmap) = checkpoint::load_hf(&dir, &device)?;
+                checkpoint::check_shape(&cfg, &theirs, &dir)?;
+                info!(init_from = %dir.display(), "starting from Hugging Face weights");
+                varmap
+            }
+            InitFrom::Lockstep(dir) => {
+                checkpoint::check_is_checkpoint(&dir)?;
+                let loaded = checkpoint::load(&dir, &device)?;
+                checkpoint::check_shape(&cfg, &loaded.cfg, &dir)?;
+                check_tokenizer(&loaded.tokenizer, &corpus.tokenizer, &dir)?;
+                info!(init_from = %dir.display(), step = loaded.state.step, "starting from a checkpoint's weights");
+                loaded.varmap
+            }
+        };
+        Self::assemble(spec, corpus, cfg, varmap, collective, device)
+    }
+
+    /// Continues a run from its checkpoint `dir` (a `step-*` directory): model weights, optimizer moments and step
+    /// count, and the step / data cursor, so that training on is bitwise the same as never having stopped (on the
+    /// same world size; on another one it is the same math, DESIGN §3). The checkpoint must have been written by a
+    /// run with the same training fields (`RunSpec::training_hash`); the world size may differ.
+    pub fn resume(spec: RunSpec, collective: Box<dyn Collective>, device: Device, dir: &Path) -> Result<Self> {
+        checkpoint::check_is_checkpoint(dir)?;
+        let loaded = checkpoint::load(dir, &device)?;
+        let ours = spec.training_hash();
+        if loaded.state.spec_hash != ours {
+            let diff = RunSpec::from_json(&loaded.spec_json)
+                .map(|theirs| spec.training_diff(&theirs))
+                .unwrap_or_default();
+            let detail = if diff.is_empty() {
+                String::new()
+            } else {
+                format!(" (this run vs the checkpoint: {})", diff.join(", "))
+            };
+            return Err(Error::Checkpoint {
+                path: dir.to_path_buf(),
+                message: format!(
+                    "written by a run with other training settings: spec hash {} is not this run's {ours}{detail}; \
+                     resume it with the spec it was written with, or start a new run from its weights with \
+                     model.init_from = \"lockstep:{}\"",
+                    loaded.state.spec_hash,
+                    dir.display()
+                ),
+            });
+        }
+        let corpus = Corpus::load(&spec)?;
+        let cfg = model_config(&spec, &corpus)?;
+        checkpoint::check_shape(&cfg, &loaded.cfg, dir)?;
+        check_tokenizer(&loaded.tokenizer, &corpus.tokenizer, dir)?;
+        let state = loaded.state;
+        if state.data_cursor != state.step * spec.train.global_batch as u64 {
+            return Err(Error::Checkpoint {
+                path: dir.join(checkpoint::TRAINER_FILE),
+                message: format!(
+                    "data cursor {} is not step {} × train.global_batch {}; the file is inconsistent, use another \
+                     checkpoint",
+                    state.data_cursor, state.step, spec.train.global_batch
+                ),
+            });
+        }
+        let mut trainer = Self::assemble(spec, corpus, cfg, loaded.varmap, collective, device)?;
+        checkpoint::restore_optimizer(dir, &trainer.params, &mut trainer.opt)?;
+        trainer.step = state.step;
+        info!(
+            checkpoint = %dir.display(),
+            step = state.step,
+            saved_world_size = state.world_size,
+            world_size = trainer.world_size(),
+            "resumed"
+        );
+        Ok(trainer)
+    }
+
+    /// The trainer over `varmap` (whose shape is `cfg`'s) at step 0 with a fresh optimizer.
+    fn assemble(
+        spec: RunSpec,
+        corpus: Corpus,
+        cfg: GptConfig,
+        varmap: VarMap,
+        collective: Box<dyn Collective>,
+        device: Device,
+    ) -> Result<Self> {
         let plan = DataPlan::new(
             spec.run.seed,
             corpus.num_windows(Split::Train),
             spec.train.global_batch as u64,
         )?;
-        let cfg = GptConfig::from_spec(&spec.model, spec.vocab_size(corpus.tokenizer.vocab_size())?);
-        let varmap = init_varmap(&cfg, spec.run.seed, &device)?;
         let model = Gpt::new(VarBuilder::from_varmap(&varmap, DType::F32, &device), &cfg)?;
         let params = Params::from_varmap(&varmap)?;
         let opt = AdamW::new(&params, AdamWConfig::from_spec(&spec.train))?;
@@ -87,6 +179,11 @@ impl Trainer {
 
     pub fn step(&self) -> u64 {
         self.step
+    }
+
+    /// Sequences of the data plan consumed so far (DESIGN §3: the cursor is step × global batch).
+    pub fn data_cursor(&self) -> u64 {
+        self.step * self.spec.train.global_batch as u64
     }
 
     pub fn rank(&self) -> u32 {
@@ -218,7 +315,7 @@ impl Trainer {
     pub fn save_checkpoint(&self) -> Result<std::path::PathBuf> {
         let state = TrainerState {
             step: self.step,
-            data_cursor: self.step * self.spec.train.global_batch as u64,
+            data_cursor: self.data_cursor(),
             world_size: self.world_size(),
             spec_hash: self.spec.training_hash(),
             seed: self.spec.run.seed,
@@ -245,6 +342,30 @@ impl Trainer {
     }
 }
 
+/// The model's configuration for this run: the spec's shape over the tokenizer's vocabulary (which must fit).
+fn model_config(spec: &RunSpec, corpus: &Corpus) -> Result<GptConfig> {
+    Ok(GptConfig::from_spec(
+        &spec.model,
+        spec.vocab_size(corpus.tokenizer.vocab_size())?,
+    ))
+}
+
+/// Weights trained with another tokenizer would read this run's token ids as other text.
+fn check_tokenizer(theirs: &Tokenizer, ours: &Tokenizer, dir: &Path) -> Result<()> {
+    if theirs == ours {
+        return Ok(());
+    }
+    Err(Error::Checkpoint {
+        path: dir.join(checkpoint::TOKENIZER_FILE),
+        message: format!(
+            "its tokenizer ({} tokens) differs from this run's ({} tokens, from the data.* settings): token ids \
+             would mean other text; train on data that gives the same tokenizer",
+            theirs.vocab_size(),
+            ours.vocab_size()
+        ),
+    })
+}
+
 fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -252,4 +373,257 @@ fn ms(d: std::time::Duration) -> f64 {
 /// Whether a step-count `interval` falls due at `step` (1-based), always at the run's last step.
 pub fn due(step: u64, interval: u64, last: u64) -> bool {
     step == last || (interval > 0 && step.is_multiple_of(interval))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::collective::{Local, Ring, RingConfig, RingListener};
+
+    /// A small model on the built-in addition data: 2 layers, 32 dims, 8 sequences of 40 tokens per step in
+    /// micro-batches of 4.
+    fn spec(checkpoints: &Path, total_steps: u64, dropout: f64) -> RunSpec {
+        let mut spec = RunSpec::default();
+        spec.model.n_layer = 2;
+        spec.model.n_head = 4;
+        spec.model.n_embd = 32;
+        spec.model.dropout = dropout;
+        spec.train.seq_len = 40;
+        spec.train.global_batch = 8;
+        spec.train.micro_batch = 4;
+        spec.train.total_steps = total_steps;
+        spec.train.warmup_steps = 2;
+        spec.checkpoint.dir = checkpoints.to_path_buf();
+        spec.checkpoint.keep = 0;
+        spec.validate().unwrap();
+        spec
+    }
+
+    fn local(spec: &RunSpec) -> Trainer {
+        Trainer::new(spec.clone(), Box::new(Local), Device::Cpu).unwrap()
+    }
+
+    fn train(t: &mut Trainer, steps: u64) -> Vec<f64> {
+        (0..steps).map(|_| t.train_step().unwrap().loss).collect()
+    }
+
+    fn values(params: &Params) -> Vec<f32> {
+        params
+            .vars()
+            .iter()
+            .flat_map(|v| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn resume_is_bitwise_identical_to_not_stopping() {
+        for dropout in [0.0, 0.1] {
+            let root = tempfile::tempdir().unwrap();
+            let spec = spec(root.path(), 6, dropout);
+            let mut straight = local(&spec);
+            let straight_losses = train(&mut straight, 6);
+
+            let mut first = local(&spec);
+            let mut losses = train(&mut first, 3);
+            let dir = first.save_checkpoint().unwrap();
+            drop(first);
+            let mut resumed = Trainer::resume(spec.clone(), Box::new(Local), Device::Cpu, &dir).unwrap();
+            assert_eq!((resumed.step(), resumed.data_cursor()), (3, 24));
+            losses.extend(train(&mut resumed, 3));
+
+            assert_eq!(losses, straight_losses, "dropout {dropout}");
+            assert_eq!(
+                resumed.checksum().unwrap(),
+                straight.checksum().unwrap(),
+                "dropout {dropout}"
+            );
+            assert_eq!(values(resumed.params()), values(straight.params()));
+        }
+    }
+
+    /// The control for the test above: the same weights with a fresh optimizer (`init_from = "lockstep:DIR"`, a
+    /// fine-tuning start) do not continue the run, so the optimizer state really is what resume restores.
+    #[test]
+    fn init_from_lockstep_takes_the_weights_with_a_fresh_optimizer() {
+        let root = tempfile::tempdir().unwrap();
+        let spec = spec(root.path(), 6, 0.0);
+        let mut first = local(&spec);
+        train(&mut first, 3);
+        let dir = first.save_checkpoint().unwrap();
+
+        let mut tuned_spec = spec.clone();
+        tuned_spec.model.init_from = format!("lockstep:{}", dir.display());
+        // The checkpoint's config.json holds the resolved vocabulary (the tokenizer's 13), not "0 = the
+        // tokenizer's"; loading a spec from a file fills it in, a spec built in code must say it.
+        tuned_spec.model.vocab_size = first.model().config().vocab_size;
+        tuned_spec.validate().unwrap();
+        tuned_spec.check_init_from().unwrap();
+        let mut tuned = local(&tuned_spec);
+        assert_eq!(tuned.step(), 0);
+        assert_eq!(tuned.checksum().unwrap(), first.checksum().unwrap());
+        let mut resumed = Trainer::resume(spec, Box::new(Local), Device::Cpu, &dir).unwrap();
+        train(&mut tuned, 3);
+        train(&mut resumed, 3);
+        assert_ne!(tuned.checksum().unwrap(), resumed.checksum().unwrap());
+
+        // Naming the checkpoint directory instead of a step directory is explained.
+        tuned_spec.model.init_from = format!("lockstep:{}", root.path().display());
+        let err = Trainer::new(tuned_spec, Box::new(Local), Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("step-00000003"), "{err}");
+    }
+
+    #[test]
+    fn resume_on_two_ranks_matches_one_rank() {
+        let root = tempfile::tempdir().unwrap();
+        let spec = spec(root.path(), 6, 0.1);
+        let mut straight = local(&spec);
+        train(&mut straight, 6);
+        let want = values(straight.params());
+
+        let mut first = local(&spec);
+        train(&mut first, 3);
+        let dir = first.save_checkpoint().unwrap();
+
+        let listeners: Vec<RingListener> = (0..2).map(|_| RingListener::bind("127.0.0.1:0").unwrap()).collect();
+        let peers: Vec<String> = listeners.iter().map(|l| l.local_addr().to_string()).collect();
+        let results: Vec<(Vec<f32>, String)> = std::thread::scope(|s| {
+            let handles: Vec<_> = listeners
+                .into_iter()
+                .enumerate()
+                .map(|(rank, listener)| {
+                    let (spec, peers, dir) = (spec.clone(), peers.clone(), dir.clone());
+                    s.spawn(move || {
+                        let ring = Ring::connect(
+                            &listener,
+                            RingConfig {
+                                rank: rank as u32,
+                                world_size: 2,
+                                peers,
+                                timeout: std::time::Duration::from_secs(60),
+                                session: "resume-test".into(),
+                            },
+                        )
+                        .unwrap();
+                        let mut t = Trainer::resume(spec, Box::new(ring), Device::Cpu, &dir).unwrap();
+                        assert_eq!(t.step(), 3);
+                        train(&mut t, 3);
+                        (values(t.params()), t.checksum().unwrap())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(results[0].1, results[1].1, "the two ranks disagree");
+        let got = &results[0].0;
+        let diff: f64 = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let norm: f64 = want.iter().map(|b| f64::from(*b).powi(2)).sum::<f64>().sqrt();
+        assert!(diff / norm < 1e-5, "relative L2 difference {}", diff / norm);
+    }
+
+    #[test]
+    fn resume_refuses_another_spec_and_names_the_checkpoint() {
+        let root = tempfile::tempdir().unwrap();
+        let spec = spec(root.path(), 6, 0.0);
+        let mut first = local(&spec);
+        train(&mut first, 2);
+        let dir = first.save_checkpoint().unwrap();
+
+        let mut other = spec.clone();
+        other.train.lr = 5e-4;
+        let err = Trainer::resume(other, Box::new(Local), Device::Cpu, &dir)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains(&dir.display().to_string()), "{err}");
+        assert!(err.contains("train.lr: 0.0005 vs 0.001"), "{err}");
+
+        let err = Trainer::resume(spec, Box::new(Local), Device::Cpu, root.path())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("step-00000002"), "{err}");
+    }
+
+    fn fixture_dir() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf-gpt2-tiny")
+    }
+
+    #[test]
+    fn init_from_hf_starts_from_the_fixture_weights() {
+        let root = tempfile::tempdir().unwrap();
+        // The shape comes from the fixture's config.json (2 layers, 4 heads, 48 dims, 32 positions, vocab 97).
+        let env = [
+            ("LOCKSTEP_MODEL__INIT_FROM", format!("hf:{}", fixture_dir().display())),
+            ("LOCKSTEP_TRAIN__SEQ_LEN", "30".into()),
+            ("LOCKSTEP_TRAIN__GLOBAL_BATCH", "4".into()),
+            ("LOCKSTEP_CHECKPOINT__DIR", root.path().display().to_string()),
+        ];
+        let spec = RunSpec::load_with_env(None, env.map(|(k, v)| (k.to_string(), v))).unwrap();
+        assert_eq!((spec.model.n_embd, spec.model.vocab_size), (48, 97));
+        let mut t = local(&spec);
+        let want = candle_core::safetensors::load(fixture_dir().join("model.safetensors"), &Device::Cpu).unwrap();
+        for (name, var) in t.params().names().iter().zip(t.params().vars()) {
+            let a: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = want[name].flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(a, b, "{name}");
+        }
+        assert!(t.train_step().unwrap().loss.is_finite());
+
+        // A run whose shape disagrees (built in code, so the spec's own check is bypassed) fails in the worker,
+        // naming each differing field with both values.
+        let mut wrong = spec.clone();
+        wrong.model.n_layer = 3;
+        wrong.model.block_size = 40;
+        let err = Trainer::new(wrong, Box::new(Local), Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("config.json"), "{err}");
+        assert!(err.contains("model.n_layer = 3 vs n_layer = 2"), "{err}");
+        assert!(err.contains("model.block_size = 40 vs n_positions = 32"), "{err}");
+    }
+
+    /// Writes a trained checkpoint and the logits Lockstep computes for two validation sequences, for
+    /// `scripts/hf_interop.py` to compare with `transformers`:
+    ///
+    /// ```sh
+    /// LOCKSTEP_INTEROP_DIR=/tmp/interop cargo test -p lockstep-worker --lib export_for_hf_interop -- --ignored
+    /// python scripts/hf_interop.py /tmp/interop/checkpoints/step-00000030 /tmp/interop/reference.safetensors
+    /// ```
+    #[test]
+    #[ignore = "writes files for scripts/hf_interop.py; run by hand"]
+    fn export_for_hf_interop() {
+        let out = std::env::var_os("LOCKSTEP_INTEROP_DIR")
+            .map_or_else(|| std::env::temp_dir().join("lockstep-hf-interop"), PathBuf::from);
+        let mut spec = spec(&out.join("checkpoints"), 30, 0.1);
+        spec.model.n_embd = 64;
+        let mut t = local(&spec);
+        train(&mut t, 30);
+        let dir = t.save_checkpoint().unwrap();
+        let (x, _) = t.batch(Split::Val, &[0, 1]).unwrap();
+        let logits = t.model().forward(&x, None).unwrap();
+        let reference = out.join("reference.safetensors");
+        let tensors = std::collections::HashMap::from([
+            ("input_ids".to_string(), x.to_dtype(DType::I64).unwrap()),
+            ("logits".to_string(), logits),
+        ]);
+        candle_core::safetensors::save(&tensors, &reference).unwrap();
+        println!(
+            "checkpoint {}\nreference {}\nrun: python scripts/hf_interop.py {} {}",
+            dir.display(),
+            reference.display(),
+            dir.display(),
+            reference.display()
+        );
+    }
 }

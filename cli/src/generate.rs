@@ -1,0 +1,384 @@
+//! `lockstep generate`: continue a prompt with a trained checkpoint, streaming the text to stdout as it is sampled
+//! (KV-cached decoding, `lockstep_worker::generate`).
+//!
+//! ```text
+//! lockstep generate --checkpoint runs/addition-2digit/checkpoints --prompt "12+34=" --temperature 0
+//! lockstep generate --checkpoint ckpts/step-00005000 --prompt "ROMEO:" --top-k 40 --seed 7
+//! ```
+//!
+//! stdout carries only the text: the prompt, the continuation, a newline. A one-line summary goes to stderr.
+//! Without `--seed` the seed comes from the clock and the summary prints it, so any run can be repeated.
+use std::io::Write;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use candle_core::Device;
+use lockstep_common::data::Tokenizer;
+use lockstep_worker::checkpoint;
+use lockstep_worker::generate::{Generator, generate};
+use lockstep_worker::sampling::{Sampler, SamplingConfig};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct GenerateArgs {
+    /// A checkpoint directory (step-NNNNNNNN), or a directory of them such as the run's checkpoint.dir (the newest
+    /// complete one is used).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// The text to continue; printed first.
+    #[arg(long)]
+    pub prompt: String,
+    /// Tokens to generate. Past the model's block size, generation goes on over the last block_size tokens.
+    #[arg(long, default_value_t = 200)]
+    pub max_new_tokens: usize,
+    /// Divides the logits before sampling: < 1 is more conservative, > 1 more varied; 0 = greedy (argmax).
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f64,
+    /// Sample only among the K most likely tokens.
+    #[arg(long, value_name = "K")]
+    pub top_k: Option<usize>,
+    /// Nucleus sampling: only among the most likely tokens whose probabilities add up to P, in (0, 1].
+    #[arg(long, value_name = "P")]
+    pub top_p: Option<f64>,
+    /// Seed of the sampling stream (default: from the clock; the summary on stderr prints it).
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+impl GenerateArgs {
+    /// The sampling settings, checked, with errors that name the flag.
+    pub fn sampling(&self) -> Result<SamplingConfig> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(Error::Usage(format!(
+                "--temperature {}: must be a number >= 0 (0 = greedy)",
+                self.temperature
+            )));
+        }
+        if self.top_k == Some(0) {
+            return Err(Error::Usage("--top-k 0: must be at least 1".into()));
+        }
+        if let Some(p) = self.top_p
+            && !(p > 0.0 && p <= 1.0)
+        {
+            return Err(Error::Usage(format!("--top-p {p}: must be in (0, 1]")));
+        }
+        Ok(SamplingConfig {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+        })
+    }
+}
+
+/// What a generation did, for the summary line.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub checkpoint: PathBuf,
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    /// From the first forward (the prompt's) to the last token.
+    pub secs: f64,
+    pub seed: u64,
+}
+
+impl Summary {
+    pub fn line(&self) -> String {
+        format!(
+            "{} tokens in {:.2} s ({:.1} tokens/s; prompt {} tokens, seed {}, {})",
+            self.new_tokens,
+            self.secs,
+            self.new_tokens as f64 / self.secs.max(1e-9),
+            self.prompt_tokens,
+            self.seed,
+            self.checkpoint.display()
+        )
+    }
+}
+
+/// `lockstep generate`: streams to stdout, prints the summary to stderr.
+pub fn command(args: &GenerateArgs) -> Result<()> {
+    let stdout = std::io::stdout();
+    let summary = run(args, &mut stdout.lock())?;
+    eprintln!("{}", summary.line());
+    Ok(())
+}
+
+/// Generates as `args` say, writing the prompt and then each piece of text to `out` as soon as it is known (and
+/// flushing it). A closed `out` (e.g. `| head`) ends the generation quietly.
+pub fn run(args: &GenerateArgs, out: &mut impl Write) -> Result<Summary> {
+    let sampling = args.sampling()?;
+    let seed = args.seed.unwrap_or_else(clock_seed);
+    let dir = resolve_checkpoint(&args.checkpoint)?;
+    let device = Device::Cpu;
+    let loaded = checkpoint::load(&dir, &device)?;
+    let prompt = encode_prompt(&loaded.tokenizer, &args.prompt)?;
+    let model = loaded.model()?;
+    let mut sink = Sink { out, closed: false };
+    sink.write(&args.prompt)?;
+
+    let started = Instant::now();
+    let mut generator = Generator::new(&model, std::slice::from_ref(&prompt), &device)?;
+    let mut sampler = Sampler::new(sampling, seed)?;
+    let mut text = TextStream::new(&loaded.tokenizer);
+    let new = generate(&mut generator, &mut sampler, args.max_new_tokens, |token| {
+        sink.write(&text.push(token))?;
+        Ok(if sink.closed {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        })
+    })?;
+    let secs = started.elapsed().as_secs_f64();
+    sink.write(&(text.finish() + "\n"))?;
+    Ok(Summary {
+        checkpoint: dir,
+        prompt_tokens: prompt.len(),
+        new_tokens: new.len(),
+        secs,
+        seed,
+    })
+}
+
+/// `out`, flushed after every write; remembers a closed pipe instead of failing on it.
+struct Sink<'a, W: Write> {
+    out: &'a mut W,
+    closed: bool,
+}
+
+impl<W: Write> Sink<'_, W> {
+    fn write(&mut self, text: &str) -> lockstep_worker::error::Result<()> {
+        if self.closed || text.is_empty() {
+            return Ok(());
+        }
+        match self.out.write_all(text.as_bytes()).and_then(|()| self.out.flush()) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                self.closed = true;
+                Ok(())
+            }
+            Err(source) => Err(lockstep_worker::Error::Io {
+                context: "write the generated text to stdout".into(),
+                source,
+            }),
+        }
+    }
+}
+
+fn clock_seed() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// `path` itself if it is a checkpoint (has a manifest), else the newest complete checkpoint inside it.
+pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
+    if !path.is_dir() {
+        return Err(Error::Usage(format!(
+            "--checkpoint {}: no such directory",
+            path.display()
+        )));
+    }
+    if path.join(checkpoint::MANIFEST_FILE).is_file() {
+        return Ok(path.to_path_buf());
+    }
+    checkpoint::newest(path)?.ok_or_else(|| {
+        Error::Usage(format!(
+            "--checkpoint {}: neither a checkpoint (no {}) nor a directory holding a complete step-* checkpoint",
+            path.display(),
+            checkpoint::MANIFEST_FILE
+        ))
+    })
+}
+
+/// The prompt's token ids; the error names the first character the checkpoint's vocabulary lacks.
+pub fn encode_prompt(tokenizer: &Tokenizer, prompt: &str) -> Result<Vec<u32>> {
+    if prompt.is_empty() {
+        return Err(Error::Usage("--prompt is empty: give at least one character".into()));
+    }
+    if let Tokenizer::Char { chars } = tokenizer
+        && let Some(c) = prompt.chars().find(|&c| !chars.contains(c))
+    {
+        let n = chars.chars().count();
+        let known = if n <= 100 {
+            format!(", which has only these {n} characters: {chars:?}")
+        } else {
+            format!(" ({n} characters)")
+        };
+        return Err(Error::Usage(format!(
+            "--prompt: character {c:?} is not in this checkpoint's vocabulary; its char tokenizer was learned from \
+             the training corpus{known}"
+        )));
+    }
+    Ok(tokenizer.encode(prompt)?)
+}
+
+/// Turns tokens into text as they come. Byte tokens are held back until they complete a UTF-8 character (bytes
+/// that cannot become one turn into U+FFFD), so the streamed pieces add up to `Tokenizer::decode` of all tokens.
+pub struct TextStream<'t> {
+    tokenizer: &'t Tokenizer,
+    pending: Vec<u8>,
+}
+
+impl<'t> TextStream<'t> {
+    pub fn new(tokenizer: &'t Tokenizer) -> Self {
+        Self {
+            tokenizer,
+            pending: Vec::new(),
+        }
+    }
+
+    /// The text that `token` completes (possibly empty).
+    pub fn push(&mut self, token: u32) -> String {
+        match self.tokenizer {
+            Tokenizer::Char { .. } => self.tokenizer.decode(&[token]),
+            Tokenizer::Byte => {
+                // As `Tokenizer::decode`: an id past 255 (a padded vocabulary) is '?'.
+                self.pending.push(u8::try_from(token).unwrap_or(b'?'));
+                let mut text = String::new();
+                loop {
+                    match std::str::from_utf8(&self.pending) {
+                        Ok(s) => {
+                            text.push_str(s);
+                            self.pending.clear();
+                            return text;
+                        }
+                        Err(e) => {
+                            let valid = e.valid_up_to();
+                            text.push_str(&String::from_utf8_lossy(&self.pending[..valid]));
+                            match e.error_len() {
+                                // An incomplete character at the end: wait for its next byte.
+                                None => {
+                                    self.pending.drain(..valid);
+                                    return text;
+                                }
+                                Some(bad) => {
+                                    text.push(char::REPLACEMENT_CHARACTER);
+                                    self.pending.drain(..valid + bad);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The text of bytes still held back (an unfinished character becomes U+FFFD).
+    pub fn finish(&mut self) -> String {
+        let text = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lockstep_common::spec::TokenizerKind;
+
+    fn stream_all(tok: &Tokenizer, ids: &[u32]) -> (Vec<String>, String) {
+        let mut s = TextStream::new(tok);
+        let mut pieces: Vec<String> = ids.iter().map(|&t| s.push(t)).collect();
+        pieces.push(s.finish());
+        let whole = pieces.concat();
+        (pieces, whole)
+    }
+
+    #[test]
+    fn byte_stream_holds_partial_characters_back() {
+        let tok = Tokenizer::Byte;
+        let ids: Vec<u32> = "a☃é".bytes().map(u32::from).collect(); // 1 + 3 + 2 bytes
+        let (pieces, whole) = stream_all(&tok, &ids);
+        assert_eq!(pieces, ["a", "", "", "☃", "", "é", ""]);
+        assert_eq!(whole, "a☃é");
+    }
+
+    #[test]
+    fn byte_stream_equals_lossy_decoding_of_any_bytes() {
+        let tok = Tokenizer::Byte;
+        // xorshift64: enough randomness for picking bytes.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n as u64) as usize
+        };
+        let alphabet: Vec<u8> = "aé☃😀".bytes().chain([0x80, 0xbf, 0xc0, 0xe2, 0xf0, 0xff]).collect();
+        for _ in 0..2000 {
+            let n = next(12);
+            let ids: Vec<u32> = (0..n).map(|_| u32::from(alphabet[next(alphabet.len())])).collect();
+            assert_eq!(stream_all(&tok, &ids).1, tok.decode(&ids), "{ids:?}");
+        }
+        assert_eq!(stream_all(&tok, &[0xe2, 0x98]).1, "\u{FFFD}"); // cut off at the end
+        assert_eq!(stream_all(&tok, &[300]).1, "?");
+    }
+
+    #[test]
+    fn char_stream_is_one_character_per_token() {
+        let tok = Tokenizer::learn(TokenizerKind::Char, "ab\n");
+        let (pieces, whole) = stream_all(&tok, &[1, 2, 0, 9]);
+        assert_eq!(pieces, ["a", "b", "\n", "\u{FFFD}", ""]);
+        assert_eq!(whole, tok.decode(&[1, 2, 0, 9]));
+    }
+
+    #[test]
+    fn unknown_prompt_character_is_named_with_the_vocabulary() {
+        let tok = Tokenizer::learn(TokenizerKind::Char, "0123456789+=\n");
+        assert_eq!(encode_prompt(&tok, "12+3=").unwrap(), tok.encode("12+3=").unwrap());
+        let err = encode_prompt(&tok, "12-3").unwrap_err().to_string();
+        assert!(err.starts_with("--prompt") && err.contains("'-'"), "{err}");
+        assert!(err.contains("13 characters") && err.contains("corpus"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+        assert!(encode_prompt(&tok, "").unwrap_err().to_string().contains("--prompt"));
+        assert_eq!(encode_prompt(&Tokenizer::Byte, "é").unwrap(), [0xc3, 0xa9]);
+    }
+
+    fn args(temperature: f64, top_k: Option<usize>, top_p: Option<f64>) -> GenerateArgs {
+        GenerateArgs {
+            checkpoint: PathBuf::from("x"),
+            prompt: "a".into(),
+            max_new_tokens: 1,
+            temperature,
+            top_k,
+            top_p,
+            seed: None,
+        }
+    }
+
+    #[test]
+    fn sampling_flags_are_checked_by_name() {
+        assert!(args(0.0, Some(3), Some(1.0)).sampling().unwrap().is_greedy());
+        for (a, flag) in [
+            (args(-0.5, None, None), "--temperature"),
+            (args(f64::INFINITY, None, None), "--temperature"),
+            (args(1.0, Some(0), None), "--top-k"),
+            (args(1.0, None, Some(0.0)), "--top-p"),
+            (args(1.0, None, Some(1.01)), "--top-p"),
+        ] {
+            let err = a.sampling().unwrap_err().to_string();
+            assert!(err.starts_with(flag), "{err}");
+        }
+    }
+
+    #[test]
+    fn checkpoint_path_must_be_a_checkpoint_or_hold_one() {
+        let root = tempfile::tempdir().unwrap();
+        let err = resolve_checkpoint(&root.path().join("nope")).unwrap_err().to_string();
+        assert!(err.contains("--checkpoint") && err.contains("nope"), "{err}");
+        let err = resolve_checkpoint(root.path()).unwrap_err().to_string();
+        assert!(err.contains("step-*"), "{err}");
+        // A step directory without a manifest is not complete, so it is not picked.
+        std::fs::create_dir(root.path().join("step-00000001")).unwrap();
+        assert!(resolve_checkpoint(root.path()).is_err());
+        std::fs::write(root.path().join("step-00000001/manifest.json"), "{}").unwrap();
+        assert_eq!(
+            resolve_checkpoint(root.path()).unwrap(),
+            root.path().join("step-00000001")
+        );
+        let step = root.path().join("step-00000001");
+        assert_eq!(resolve_checkpoint(&step).unwrap(), step);
+    }
+}

@@ -1,0 +1,321 @@
+//! Fused tensor ops with hand-written forward AND backward passes, for the ops whose composed candle versions
+//! dominated a CPU training step: the tanh GELU, LayerNorm, the (masked, scaled) softmax of attention, softmax
+//! cross-entropy, and a linear layer's bias add. Composed, each is a chain of broadcasts and reductions whose
+//! backward allocates a tensor per node and reduces over leading dimensions element by element (two integer
+//! divisions per element in candle 0.11); fused, it is one pass forward and one back.
+//!
+//! Every public function dispatches on the device and dtype: f32 on the CPU takes the fused kernel (a candle
+//! `CustomOp` whose `bwd` is itself a fused kernel, so no second-order gradients); anything else takes the
+//! composed version in [`composed`], which has candle's autograd and runs on every device (the CUDA path until it
+//! has kernels of its own). The two agree to float rounding: the tests beside each kernel check the outputs and
+//! the gradients against the composed version, and the gradients against central finite differences in f64.
+//!
+//! The kernels are plain loops over contiguous rows that LLVM vectorises (no libm call per element:
+//! `math::exp` is branch-free), compiled for the baseline x86-64 and for AVX2 with a run-time pick
+//! (`math::simd_kernel!`, bitwise the same results), and single-threaded: they are a few percent of a step.
+use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
+
+use crate::error::{Error, Result};
+
+mod bias;
+mod cross_entropy;
+mod gelu;
+mod layer_norm;
+pub(crate) mod math;
+mod softmax;
+
+/// Whether `t` takes the fused CPU kernels.
+fn fused(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+/// GPT-2's GELU, the tanh approximation (Hugging Face "gelu_new"):
+/// 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if fused(x) {
+        Ok(x.contiguous()?.apply_op1(gelu::GeluTanh)?)
+    } else {
+        composed::gelu(x)
+    }
+}
+
+/// LayerNorm over the last dimension (biased variance, as torch): (x − mean) / √(var + eps) · weight + bias, with
+/// `weight` and `bias` of the last dimension's size.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let c = x.dim(candle_core::D::Minus1)?;
+    if fused(x) && fused(weight) && fused(bias) && weight.dims() == [c] && bias.dims() == [c] {
+        let op = layer_norm::LayerNorm { eps: eps as f32 };
+        Ok(x.contiguous()?
+            .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?)
+    } else {
+        composed::layer_norm(x, weight, bias, eps)
+    }
+}
+
+/// x + bias, the bias `[C]` broadcast over the rows of x `[.., C]` (a linear layer's bias).
+pub fn bias_add(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let c = x.dim(candle_core::D::Minus1)?;
+    if fused(x) && fused(bias) && bias.dims() == [c] {
+        Ok(x.contiguous()?.apply_op2(&bias.contiguous()?, bias::BiasAdd)?)
+    } else {
+        Ok(x.broadcast_add(bias)?)
+    }
+}
+
+/// Softmax over the last dimension.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if fused(x) {
+        Ok(x.contiguous()?.apply_op1(softmax::Softmax { scale: 1.0 })?)
+    } else {
+        composed::softmax_last_dim(x)
+    }
+}
+
+/// softmax(scale·x + mask) over the last dimension, for attention scores `x` [.., T_q, T_k] and an additive
+/// `mask` [T_q, T_k] (0 where a query may attend, −∞ where it may not) shared by the leading dimensions. The mask
+/// gets no gradient. Fully masked rows give NaN, as the composed version does.
+pub fn masked_softmax_last_dim(x: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    let rank = x.rank();
+    if fused(x) && fused(mask) && rank >= 2 && mask.dims() == &x.dims()[rank - 2..] {
+        let op = softmax::MaskedSoftmax { scale: scale as f32 };
+        Ok(x.contiguous()?.apply_op2(&mask.contiguous()?, op)?)
+    } else {
+        composed::masked_softmax_last_dim(x, mask, scale)
+    }
+}
+
+/// The sum over rows of the cross-entropy of `logits` `[N, vocab]` against `targets` `[N]` (integer ids), as a scalar
+/// f32 tensor. The targets get no gradient.
+pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let (n, _vocab) = logits.dims2()?;
+    if targets.dims() != [n] {
+        return Err(Error::Model(format!(
+            "cross-entropy: logits {:?} do not match targets {:?}",
+            logits.dims(),
+            targets.dims()
+        )));
+    }
+    let logits = logits.to_dtype(DType::F32)?;
+    if fused(&logits) {
+        let targets = targets.to_dtype(DType::U32)?.contiguous()?;
+        Ok(logits
+            .contiguous()?
+            .apply_op2(&targets, cross_entropy::CrossEntropySum::default())?)
+    } else {
+        composed::cross_entropy_sum(&logits, targets)
+    }
+}
+
+/// The same functions from candle's differentiable primitives: the fallback for other devices and dtypes, and
+/// the reference the fused kernels are tested against.
+pub mod composed {
+    use candle_core::{D, Tensor};
+
+    use crate::error::Result;
+
+    /// candle's `gelu` is the tanh approximation.
+    pub fn gelu(x: &Tensor) -> Result<Tensor> {
+        Ok(x.gelu()?)
+    }
+
+    pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?; // [.., 1]
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let xhat = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+        Ok(xhat.broadcast_mul(weight)?.broadcast_add(bias)?)
+    }
+
+    /// exp(x − max) / sum, with the max detached: it only guards against overflow and cancels out mathematically,
+    /// so it needs no gradient.
+    pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+        let max = x.max_keepdim(D::Minus1)?.detach();
+        let e = x.broadcast_sub(&max)?.exp()?;
+        Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+    }
+
+    pub fn masked_softmax_last_dim(x: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+        softmax_last_dim(&(x * scale)?.broadcast_add(mask)?)
+    }
+
+    /// log-sum-exp minus the target's logit, summed; `logits` `[N, vocab]`, `targets` `[N]`.
+    pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let n = targets.elem_count();
+        let max = logits.max_keepdim(1)?.detach(); // [N, 1]; cancels out, so no gradient needed
+        let shifted = logits.broadcast_sub(&max)?;
+        let log_sum_exp = shifted.exp()?.sum_keepdim(1)?.log()?; // [N, 1]
+        let target_logit = shifted.gather(&targets.reshape((n, 1))?, 1)?; // [N, 1]
+        Ok((log_sum_exp - target_logit)?.sum_all()?)
+    }
+}
+
+/// The f32 elements of a contiguous CPU layout (the kernels' inputs are made contiguous before they are applied).
+fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: input is not contiguous")))?;
+    Ok(&s.as_slice::<f32>()?[start..end])
+}
+
+/// [`cpu_f32`] for a storage behind a tensor (in a `bwd`, which is handed tensors).
+fn storage_f32<'a>(s: &'a Storage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+    match s {
+        Storage::Cpu(s) => cpu_f32(s, l, op),
+        _ => Err(candle_core::Error::Msg(format!(
+            "{op}: the fused kernel runs on the CPU only"
+        ))),
+    }
+}
+
+/// A non-empty last dimension, and the number of rows before it.
+fn rows_and_len(dims: &[usize], op: &str) -> candle_core::Result<(usize, usize)> {
+    match dims.split_last() {
+        Some((&len, rest)) if len > 0 => Ok((rest.iter().product(), len)),
+        _ => Err(candle_core::Error::Msg(format!(
+            "{op}: needs a non-empty last dimension, got shape {dims:?}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! Shared helpers for the kernels' tests: seeded inputs, comparisons, and central finite differences of the
+    //! composed version in f64.
+    use candle_core::{DType, Device, Tensor, Var};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    pub fn randn(seed: u64, dims: &[usize], std: f32) -> Tensor {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let n: usize = dims.iter().product();
+        // A sum of uniforms: roughly normal, no tails, plenty for tests.
+        let v: Vec<f32> = (0..n)
+            .map(|_| (0..4).map(|_| rng.random::<f32>() - 0.5).sum::<f32>() * std * 1.7)
+            .collect();
+        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+    }
+
+    pub fn to_vec(t: &Tensor) -> Vec<f64> {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+    }
+
+    /// max |a − b| / (atol + rtol·|b|) ≤ 1, elementwise; panics naming the worst element.
+    pub fn assert_close(what: &str, a: &Tensor, b: &Tensor, atol: f64, rtol: f64) {
+        assert_eq!(a.dims(), b.dims(), "{what}: shapes");
+        let (a, b) = (to_vec(a), to_vec(b));
+        let mut worst = (0.0, 0);
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            if x == y {
+                continue;
+            }
+            let r = (x - y).abs() / (atol + rtol * y.abs());
+            assert!(!r.is_nan(), "{what}: NaN at {i}: {x} vs {y}");
+            if r > worst.0 {
+                worst = (r, i);
+            }
+        }
+        let i = worst.1;
+        assert!(
+            worst.0 <= 1.0,
+            "{what}: element {i}: {} vs {} (atol {atol}, rtol {rtol})",
+            a[i],
+            b[i]
+        );
+    }
+
+    /// d/dx of Σ f(x)·w by central differences, in f64, for each element of `x`.
+    pub fn finite_diff(f: &dyn Fn(&Tensor) -> Tensor, x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
+        let x64 = to_vec(x);
+        let w = w.to_dtype(DType::F64).unwrap();
+        let loss = |v: &[f64]| -> f64 {
+            let t = Tensor::from_slice(v, x.dims(), &Device::Cpu).unwrap();
+            (f(&t) * &w).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+        };
+        let mut v = x64.clone();
+        let grads: Vec<f64> = (0..x64.len())
+            .map(|i| {
+                v[i] = x64[i] + eps;
+                let up = loss(&v);
+                v[i] = x64[i] - eps;
+                let down = loss(&v);
+                v[i] = x64[i];
+                (up - down) / (2.0 * eps)
+            })
+            .collect();
+        Tensor::from_vec(grads, x.dims(), &Device::Cpu).unwrap()
+    }
+
+    /// The gradient of Σ f(x)·w with respect to `x`, by candle's backward.
+    pub fn grad_of(f: &dyn Fn(&Tensor) -> Tensor, x: &Tensor, w: &Tensor) -> Tensor {
+        let x = Var::from_tensor(x).unwrap();
+        let loss = (f(x.as_tensor()) * w).unwrap().sum_all().unwrap();
+        loss.backward().unwrap().get(x.as_tensor()).unwrap().clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor, Var};
+
+    use super::math::BASELINE_ONLY;
+    use super::testing::randn;
+    use super::*;
+
+    /// Every fused op's output and input gradients, for one set of odd-shaped inputs.
+    fn run_all() -> Vec<Vec<f32>> {
+        let (x, w, b) = (randn(1, &[3, 5, 19], 2.0), randn(2, &[19], 1.0), randn(3, &[19], 1.0));
+        let mask = Tensor::from_vec(
+            (0..5 * 5)
+                .map(|i| if i % 5 <= i / 5 { 0.0 } else { f32::NEG_INFINITY })
+                .collect::<Vec<f32>>(),
+            (5, 5),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let scores = randn(4, &[3, 5, 5], 2.0);
+        let targets = Tensor::from_vec((0..15u32).map(|i| i % 19).collect::<Vec<_>>(), 15, &Device::Cpu).unwrap();
+        let vars = [&x, &w, &b, &scores].map(|t| Var::from_tensor(t).unwrap());
+        let [x, w, b, scores] = vars.each_ref().map(|v| v.as_tensor());
+        let outs = [
+            gelu(x).unwrap(),
+            layer_norm(x, w, b, 1e-5).unwrap(),
+            bias_add(x, b).unwrap(),
+            softmax_last_dim(x).unwrap(),
+            masked_softmax_last_dim(scores, &mask, 0.3).unwrap(),
+            cross_entropy_sum(&x.reshape((15, 19)).unwrap(), &targets).unwrap(),
+        ];
+        let mut got = Vec::new();
+        for (i, y) in outs.iter().enumerate() {
+            let up = randn(10 + i as u64, y.dims(), 1.0);
+            let grads = (y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            got.push(y.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            for v in &vars {
+                if let Some(g) = grads.get(v.as_tensor()) {
+                    got.push(g.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                }
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn kernels_give_bitwise_the_same_results_on_both_paths() {
+        let wide = run_all();
+        BASELINE_ONLY.with(|b| b.set(true));
+        let baseline = run_all();
+        BASELINE_ONLY.with(|b| b.set(false));
+        assert_eq!(wide.len(), baseline.len());
+        for (i, (a, b)) in wide.iter().zip(&baseline).enumerate() {
+            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(
+                same && a.len() == b.len(),
+                "output {i} differs between the AVX2 and the baseline path"
+            );
+        }
+    }
+}
