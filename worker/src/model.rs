@@ -2,8 +2,13 @@
 //! config → LayerNorm → attention → MLP → block → GPT, then the loss and the seeded initialisation.
 //!
 //! Tensor names and layouts are Hugging Face GPT-2's (`transformer.h.0.attn.c_attn.weight`, `Conv1D` weights stored
-//! `[in, out]`), so checkpoints move both ways. Every op used here has a backward pass in candle 0.11: the fused
-//! `layer_norm`/`softmax_last_dim` kernels do not (DESIGN "candle traps"), so LayerNorm and softmax are composed.
+//! `[in, out]`), so checkpoints move both ways. Every op used here has a backward pass: candle 0.11's fused
+//! `layer_norm`/`softmax_last_dim` kernels do not (DESIGN "candle traps"), so LayerNorm, softmax, GELU and the loss
+//! are our own ops with hand-written backward passes (`crate::ops`; composed candle ops on other devices).
+//!
+//! Precision: parameters are f32 ("master weights"). With a bf16 compute dtype ([`Gpt::with_compute_dtype`]) the
+//! residual stream, matmuls and activations are bf16 and each weight is cast where it is used (the cast's backward
+//! returns f32 gradients); LayerNorm, the attention softmax and the logits are computed in f32.
 use candle_core::{D, DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use lockstep_common::data::plan::mix;
@@ -280,7 +285,7 @@ fn dropout(x: Tensor, p: f64, rng: &mut Option<&mut DropoutRng>) -> Result<Tenso
     }
 }
 
-/// LayerNorm from composed ops (biased variance, as torch), because candle's fused kernel has no backward.
+/// LayerNorm (biased variance, as torch), always computed in f32 and returned in the input's dtype.
 struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
@@ -299,7 +304,8 @@ impl LayerNorm {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // Fused with its own backward on the CPU, composed elsewhere (ops::composed::layer_norm).
-        crate::ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+        let y = crate::ops::layer_norm(&x.to_dtype(DType::F32)?, &self.weight, &self.bias, self.eps)?;
+        Ok(y.to_dtype(x.dtype())?)
     }
 }
 
@@ -319,14 +325,17 @@ impl Conv1D {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, n_in) = x.dims3()?;
-        let y = crate::ops::bias_add(&x.reshape((b * t, n_in))?.matmul(&self.weight)?, &self.bias)?; // [B*T, out]
+        // A no-op cast in f32; in bf16 the f32 master weight is cast at its use.
+        let (w, bias) = (self.weight.to_dtype(x.dtype())?, self.bias.to_dtype(x.dtype())?);
+        let y = crate::ops::bias_add(&x.reshape((b * t, n_in))?.matmul(&w)?, &bias)?; // [B*T, out]
         Ok(y.reshape((b, t, ()))?)
     }
 }
 
-/// softmax(x) = exp(x - max) / sum over the last dimension (fused with its backward on the CPU, see `ops`).
+/// softmax(x) = exp(x - max) / sum over the last dimension (fused with its backward on the CPU, see `ops`),
+/// computed in f32 and returned in the input's dtype.
 fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    crate::ops::softmax_last_dim(x)
+    Ok(crate::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?)
 }
 
 struct CausalSelfAttention {
@@ -362,7 +371,9 @@ impl CausalSelfAttention {
         };
         let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
         // softmax(QKᵀ/√hd + mask), the scale and mask fused into the softmax: [B, nh, T, T]
-        let att = crate::ops::masked_softmax_last_dim(&q.matmul(&k.t()?)?, mask, 1.0 / (hd as f64).sqrt())?;
+        // In f32 whatever the compute dtype: `mask` is f32 and the softmax's sums need the precision.
+        let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
+        let att = crate::ops::masked_softmax_last_dim(&scores, mask, 1.0 / (hd as f64).sqrt())?.to_dtype(q.dtype())?;
         let att = dropout(att, self.dropout, rng)?;
         let y = att.matmul(&v)?; // [B, nh, T, hd]
         let y = y.transpose(1, 2)?.reshape((b, t, c))?; // re-assemble all head outputs side by side
@@ -395,12 +406,12 @@ impl CausalSelfAttention {
             Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?), // [B, nh, T_all, hd]
             None => (k, v),
         };
-        let att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?; // [B, nh, T_new, T_all]
+        let att = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * (1.0 / (hd as f64).sqrt()))?; // [B, nh, T_new, T_all]
         let att = match mask {
             Some(mask) => att.broadcast_add(mask)?,
             None => att,
         };
-        let y = softmax_last_dim(&att)?.matmul(&v)?; // [B, nh, T_new, hd]
+        let y = softmax_last_dim(&att)?.to_dtype(v.dtype())?.matmul(&v)?; // [B, nh, T_new, hd]
         let y = y.transpose(1, 2)?.reshape((b, t, c))?;
         Ok((self.c_proj.forward(&y)?, (k, v)))
     }
@@ -534,6 +545,8 @@ pub struct Gpt {
     h: Vec<Block>,
     ln_f: LayerNorm,
     cfg: GptConfig,
+    /// The dtype of the residual stream and the matmuls; the parameters stay f32.
+    compute_dtype: DType,
 }
 
 impl Gpt {
@@ -559,11 +572,41 @@ impl Gpt {
             h,
             ln_f,
             cfg: cfg.clone(),
+            compute_dtype: DType::F32,
         })
+    }
+
+    /// The same model computing in `dtype` (f32 or bf16); gradients still reach the f32 parameters.
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        self.compute_dtype = dtype;
+        self
+    }
+
+    pub fn compute_dtype(&self) -> DType {
+        self.compute_dtype
     }
 
     pub fn config(&self) -> &GptConfig {
         &self.cfg
+    }
+
+    /// Token + position embeddings [B, T, C] of `idx` [B, T] at positions `start..start+T`, in the compute dtype.
+    fn embed(&self, idx: &Tensor, start: usize) -> Result<Tensor> {
+        let (b, t) = idx.dims2()?;
+        let tok_emb = self
+            .wte
+            .index_select(&idx.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.n_embd))?; // [B, T, C]
+        let pos_emb = match &self.wpe {
+            PositionEmbedding::Learned(w) | PositionEmbedding::Sinusoidal(w) => w.narrow(0, start, t)?, // [T, C]
+        };
+        Ok(tok_emb.broadcast_add(&pos_emb)?.to_dtype(self.compute_dtype)?)
+    }
+
+    /// The LM head, tied to the token embedding: logits = h · wteᵀ, returned in f32 for the loss and sampling.
+    fn lm_head(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.wte.to_dtype(x.dtype())?;
+        Ok(x.matmul(&w.t()?)?.to_dtype(DType::F32)?)
     }
 
     /// Logits [B, T, vocab] for token ids `idx` [B, T] (any integer dtype). `dropout`: `None` = eval mode;
@@ -577,19 +620,13 @@ impl Gpt {
             )));
         }
         let c = self.cfg.n_embd;
-        let tok_emb = self.wte.index_select(&idx.flatten_all()?, 0)?.reshape((b, t, c))?; // [B, T, C]
-        let pos_emb = match &self.wpe {
-            PositionEmbedding::Learned(w) | PositionEmbedding::Sinusoidal(w) => w.narrow(0, 0, t)?, // [T, C]
-        };
-        let x = dropout(tok_emb.broadcast_add(&pos_emb)?, self.cfg.dropout, &mut dropout_rng)?;
-        let mask = causal_mask(t, x.dtype(), x.device())?;
-        let mut x = x;
+        let mut x = dropout(self.embed(idx, 0)?, self.cfg.dropout, &mut dropout_rng)?; // [B, T, C]
+        let mask = causal_mask(t, DType::F32, x.device())?;
         for block in &self.h {
             x = block.forward(&x, &mask, &mut dropout_rng)?;
         }
         let x = self.ln_f.forward(&x)?;
-        // The LM head is tied to the token embedding: logits = h · wteᵀ.
-        let logits = x.reshape((b * t, c))?.matmul(&self.wte.t()?)?; // [B*T, vocab]
+        let logits = self.lm_head(&x.reshape((b * t, c))?)?; // [B*T, vocab]
         Ok(logits.reshape((b, t, self.cfg.vocab_size))?)
     }
 
@@ -600,7 +637,7 @@ impl Gpt {
     pub fn forward_cached(&self, idx_new: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (b, t) = idx_new.dims2()?;
         let x = self.ln_f.forward(&self.cached_hidden(idx_new, cache)?)?; // [B, T_new, C]
-        let logits = x.reshape((b * t, self.cfg.n_embd))?.matmul(&self.wte.t()?)?; // [B*T_new, vocab]
+        let logits = self.lm_head(&x.reshape((b * t, self.cfg.n_embd))?)?; // [B*T_new, vocab]
         Ok(logits.reshape((b, t, self.cfg.vocab_size))?)
     }
 
@@ -610,7 +647,7 @@ impl Gpt {
         let (b, t) = idx_new.dims2()?;
         let x = self.cached_hidden(idx_new, cache)?; // [B, T_new, C]
         let x = self.ln_f.forward(&x.narrow(1, t - 1, 1)?)?; // [B, 1, C]
-        Ok(x.reshape((b, self.cfg.n_embd))?.matmul(&self.wte.t()?)?) // [B, vocab]
+        self.lm_head(&x.reshape((b, self.cfg.n_embd))?) // [B, vocab]
     }
 
     /// The residual stream [B, T_new, C] after the last block for the new positions; appends their keys and values
@@ -641,16 +678,11 @@ impl Gpt {
                 "the KV cache holds {rows} sequence(s), not the {b} given"
             )));
         }
-        let c = self.cfg.n_embd;
-        let tok_emb = self.wte.index_select(&idx_new.flatten_all()?, 0)?.reshape((b, t, c))?; // [B, T_new, C]
-        let pos_emb = match &self.wpe {
-            PositionEmbedding::Learned(w) | PositionEmbedding::Sinusoidal(w) => w.narrow(0, past, t)?, // [T_new, C]
-        };
-        let mut x = tok_emb.broadcast_add(&pos_emb)?;
-        // A single new position may attend to everything before it: only a chunk needs a mask.
+        let mut x = self.embed(idx_new, past)?; // [B, T_new, C]
+        // A single new position may attend to everything before it: only a chunk needs a mask (f32, as the scores).
         let mask = match t {
             1 => None,
-            _ => Some(causal_mask_after(past, t, x.dtype(), x.device())?),
+            _ => Some(causal_mask_after(past, t, DType::F32, x.device())?),
         };
         let mut kvs = Vec::with_capacity(self.h.len());
         for (block, kv) in self.h.iter().zip(&cache.layers) {

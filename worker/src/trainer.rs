@@ -17,7 +17,7 @@ use lockstep_common::RunSpec;
 use lockstep_common::data::corpus::Split;
 use lockstep_common::data::plan::{mix, rank_share};
 use lockstep_common::data::{Corpus, DataPlan, Tokenizer};
-use lockstep_common::spec::InitFrom;
+use lockstep_common::spec::{ComputeDtype, InitFrom};
 use tracing::info;
 
 use crate::checkpoint::{self, TrainerState};
@@ -158,7 +158,12 @@ impl Trainer {
             corpus.num_windows(Split::Train),
             spec.train.global_batch as u64,
         )?;
-        let model = Gpt::new(VarBuilder::from_varmap(&varmap, DType::F32, &device), &cfg)?;
+        let compute = match spec.train.compute_dtype {
+            ComputeDtype::F32 => DType::F32,
+            ComputeDtype::Bf16 => DType::BF16,
+        };
+        // The parameters stay f32 whatever the compute dtype: the optimizer updates master weights.
+        let model = Gpt::new(VarBuilder::from_varmap(&varmap, DType::F32, &device), &cfg)?.with_compute_dtype(compute);
         let params = Params::from_varmap(&varmap)?;
         let opt = AdamW::new(&params, AdamWConfig::from_spec(&spec.train))?;
         let flat = vec![0f32; params.num_elements() + 1];
@@ -625,5 +630,35 @@ mod tests {
             dir.display(),
             reference.display()
         );
+    }
+
+    /// bf16 compute with f32 master weights trains on the CPU: the loss falls, and the parameters and the optimizer
+    /// stay f32.
+    #[test]
+    fn a_bf16_run_trains_with_f32_master_weights() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = spec(dir.path(), 30, 0.0);
+        spec.train.lr = 1e-2;
+        spec.train.compute_dtype = ComputeDtype::Bf16;
+        let mut t = local(&spec);
+        assert_eq!(t.model().compute_dtype(), DType::BF16);
+        let losses = train(&mut t, 30);
+        assert!(losses.iter().all(|l| l.is_finite()));
+        let (first, last) = (
+            losses[..3].iter().sum::<f64>() / 3.0,
+            losses[27..].iter().sum::<f64>() / 3.0,
+        );
+        assert!(last < 0.8 * first, "bf16 loss did not fall: {first:.4} -> {last:.4}");
+        assert!(t.params().vars().iter().all(|v| v.dtype() == DType::F32));
+        // The same run in f32 starts from the same loss (bf16 rounding aside) and ends elsewhere.
+        spec.train.compute_dtype = ComputeDtype::F32;
+        let f32_losses = train(&mut local(&spec), 30);
+        assert!(
+            (f32_losses[0] - losses[0]).abs() < 0.05 * f32_losses[0],
+            "{} vs {}",
+            f32_losses[0],
+            losses[0]
+        );
+        assert_ne!(f32_losses, losses);
     }
 }
