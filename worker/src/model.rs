@@ -357,7 +357,8 @@ impl CausalSelfAttention {
     }
 
     /// `mask`: [T, T], 0 on and below the diagonal, -inf above.
-    fn forward(&self, x: &Tensor, mask: &Tensor, rng: &mut Option<&mut DropoutRng>) -> Result<Tensor> {
+    /// Queries, keys and values of `x` [B, T, C], each split into heads: [B, nh, T, hd].
+    fn qkv_heads(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, c) = x.dims3()?;
         let hd = c / self.n_head;
         let qkv = self.c_attn.forward(x)?; // [B, T, 3C]
@@ -369,7 +370,13 @@ impl CausalSelfAttention {
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
+        Ok((heads(0)?, heads(1)?, heads(2)?))
+    }
+
+    fn forward(&self, x: &Tensor, mask: &Tensor, rng: &mut Option<&mut DropoutRng>) -> Result<Tensor> {
+        let (b, t, c) = x.dims3()?;
+        let hd = c / self.n_head;
+        let (q, k, v) = self.qkv_heads(x)?;
         // softmax(QKᵀ/√hd + mask), the scale and mask fused into the softmax: [B, nh, T, T]
         // In f32 whatever the compute dtype: `mask` is f32 and the softmax's sums need the precision.
         let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
@@ -392,16 +399,7 @@ impl CausalSelfAttention {
     ) -> Result<(Tensor, (Tensor, Tensor))> {
         let (b, t, c) = x.dims3()?;
         let hd = c / self.n_head;
-        let qkv = self.c_attn.forward(x)?; // [B, T_new, 3C]
-        let heads = |i: usize| -> Result<Tensor> {
-            // [B, T_new, C] -> [B, nh, T_new, hd]
-            Ok(qkv
-                .narrow(2, i * c, c)?
-                .reshape((b, t, self.n_head, hd))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
+        let (q, k, v) = self.qkv_heads(x)?; // [B, nh, T_new, hd] each
         let (k, v) = match past {
             Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?), // [B, nh, T_all, hd]
             None => (k, v),
