@@ -16,7 +16,8 @@ pub enum Error {
     Io { context: String, source: std::io::Error },
 
     #[error(
-        "cannot find the {name} binary next to {beside}; build the workspace (cargo build --release) or put it on PATH"
+        "cannot find the {name} binary next to {beside} or on PATH; build the binaries first (cargo build --bins, \
+         with --release for a release run; cargo test --workspace builds them too)"
     )]
     MissingBinary { name: String, beside: PathBuf },
 
