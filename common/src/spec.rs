@@ -761,32 +761,70 @@ impl CheckpointShape {
 
     /// `model.KEY = ours vs KEY = theirs` for every shape field where `model` differs.
     pub fn differences(&self, model: &ModelSpec) -> Vec<String> {
+        let theirs = ModelShape {
+            n_layer: self.n_layer,
+            n_head: self.n_head,
+            n_embd: self.n_embd,
+            block_size: self.block_size,
+            vocab_size: self.vocab_size,
+            positions: self.positions,
+        };
+        ModelShape::of(model).differences(&theirs)
+    }
+}
+
+/// The fields that fix a GPT-2 model's tensor shapes, compared wherever weights meet a run: the coordinator's
+/// start-up check against `config.json` and the worker's check of the loaded weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelShape {
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_embd: usize,
+    pub block_size: usize,
+    pub vocab_size: usize,
+    pub positions: Positions,
+}
+
+impl ModelShape {
+    pub fn of(model: &ModelSpec) -> Self {
+        Self {
+            n_layer: model.n_layer,
+            n_head: model.n_head,
+            n_embd: model.n_embd,
+            block_size: model.block_size,
+            vocab_size: model.vocab_size,
+            positions: model.positions,
+        }
+    }
+
+    /// `model.KEY = ours vs KEY = theirs` (the spec's key, then `config.json`'s) for every field that differs.
+    pub fn differences(&self, theirs: &ModelShape) -> Vec<String> {
         let rows: [(&str, &str, String, String); 6] = [
             (
                 "n_layer",
                 "n_layer",
-                model.n_layer.to_string(),
                 self.n_layer.to_string(),
+                theirs.n_layer.to_string(),
             ),
-            ("n_head", "n_head", model.n_head.to_string(), self.n_head.to_string()),
-            ("n_embd", "n_embd", model.n_embd.to_string(), self.n_embd.to_string()),
+            ("n_head", "n_head", self.n_head.to_string(), theirs.n_head.to_string()),
+            ("n_embd", "n_embd", self.n_embd.to_string(), theirs.n_embd.to_string()),
             (
                 "block_size",
                 "n_positions",
-                model.block_size.to_string(),
                 self.block_size.to_string(),
+                theirs.block_size.to_string(),
             ),
             (
                 "vocab_size",
                 "vocab_size",
-                model.vocab_size.to_string(),
                 self.vocab_size.to_string(),
+                theirs.vocab_size.to_string(),
             ),
             (
                 "positions",
                 "lockstep.positions",
-                positions_name(model.positions).to_string(),
                 positions_name(self.positions).to_string(),
+                positions_name(theirs.positions).to_string(),
             ),
         ];
         rows.into_iter()

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use lockstep_common::data::Tokenizer;
-use lockstep_common::spec::Positions;
+use lockstep_common::spec::ModelShape;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -421,59 +421,21 @@ pub fn load_hf(dir: &Path, device: &Device) -> Result<(GptConfig, VarMap)> {
 /// `theirs`) fit the run's model `ours`; the error names every differing field with both values. Dropout and the
 /// initialisation scale are training settings, not shape, and may differ.
 pub fn check_shape(ours: &GptConfig, theirs: &GptConfig, dir: &Path) -> Result<()> {
-    let positions = |p: Positions| match p {
-        Positions::Learned => "learned",
-        Positions::Sinusoidal => "sinusoidal",
+    let shape = |c: &GptConfig| ModelShape {
+        n_layer: c.n_layer,
+        n_head: c.n_head,
+        n_embd: c.n_embd,
+        block_size: c.block_size,
+        vocab_size: c.vocab_size,
+        positions: c.positions,
     };
-    let rows = [
-        (
-            "model.n_layer",
-            "n_layer",
-            ours.n_layer.to_string(),
-            theirs.n_layer.to_string(),
-        ),
-        (
-            "model.n_head",
-            "n_head",
-            ours.n_head.to_string(),
-            theirs.n_head.to_string(),
-        ),
-        (
-            "model.n_embd",
-            "n_embd",
-            ours.n_embd.to_string(),
-            theirs.n_embd.to_string(),
-        ),
-        (
-            "model.block_size",
-            "n_positions",
-            ours.block_size.to_string(),
-            theirs.block_size.to_string(),
-        ),
-        (
-            "model.vocab_size (resolved)",
-            "vocab_size",
-            ours.vocab_size.to_string(),
-            theirs.vocab_size.to_string(),
-        ),
-        (
-            "model.positions",
-            "lockstep.positions",
-            positions(ours.positions).to_string(),
-            positions(theirs.positions).to_string(),
-        ),
-        (
-            "the LayerNorm epsilon (fixed)",
-            "layer_norm_epsilon",
-            format!("{:e}", ours.layer_norm_eps),
-            format!("{:e}", theirs.layer_norm_eps),
-        ),
-    ];
-    let diffs: Vec<String> = rows
-        .into_iter()
-        .filter(|(_, _, a, b)| a != b)
-        .map(|(key, hf_key, a, b)| format!("{key} = {a} vs {hf_key} = {b}"))
-        .collect();
+    let mut diffs = shape(ours).differences(&shape(theirs));
+    if ours.layer_norm_eps != theirs.layer_norm_eps {
+        diffs.push(format!(
+            "the LayerNorm epsilon (fixed) = {:e} vs layer_norm_epsilon = {:e}",
+            ours.layer_norm_eps, theirs.layer_norm_eps
+        ));
+    }
     if diffs.is_empty() {
         return Ok(());
     }
