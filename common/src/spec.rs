@@ -652,14 +652,9 @@ impl ModelSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckpointShape {
     pub config_path: PathBuf,
-    pub n_layer: usize,
-    pub n_head: usize,
-    pub n_embd: usize,
-    /// `n_positions` (or the older `n_ctx`).
-    pub block_size: usize,
-    pub vocab_size: usize,
-    /// `lockstep.positions` in Lockstep's own checkpoints; `learned` otherwise.
-    pub positions: Positions,
+    /// `block_size` is `n_positions` (or the older `n_ctx`); `positions` is `lockstep.positions` in Lockstep's own
+    /// checkpoints, `learned` otherwise.
+    pub shape: ModelShape,
 }
 
 impl CheckpointShape {
@@ -736,40 +731,32 @@ impl CheckpointShape {
                 }
             },
         };
-        Ok(Some(Self {
+        let shape = ModelShape {
             n_layer: field(&["n_layer"])?,
             n_head: field(&["n_head"])?,
             n_embd: field(&["n_embd"])?,
             block_size: field(&["n_positions", "n_ctx"])?,
             vocab_size: field(&["vocab_size"])?,
             positions,
-            config_path,
-        }))
+        };
+        Ok(Some(Self { config_path, shape }))
     }
 
     /// The spec keys this shape fills in, for the config layer underneath the preset.
     fn defaults(&self) -> Vec<(&'static str, config::Value)> {
         vec![
-            ("model.n_layer", (self.n_layer as u64).into()),
-            ("model.n_head", (self.n_head as u64).into()),
-            ("model.n_embd", (self.n_embd as u64).into()),
-            ("model.block_size", (self.block_size as u64).into()),
-            ("model.vocab_size", (self.vocab_size as u64).into()),
-            ("model.positions", positions_name(self.positions).into()),
+            ("model.n_layer", (self.shape.n_layer as u64).into()),
+            ("model.n_head", (self.shape.n_head as u64).into()),
+            ("model.n_embd", (self.shape.n_embd as u64).into()),
+            ("model.block_size", (self.shape.block_size as u64).into()),
+            ("model.vocab_size", (self.shape.vocab_size as u64).into()),
+            ("model.positions", positions_name(self.shape.positions).into()),
         ]
     }
 
     /// `model.KEY = ours vs KEY = theirs` for every shape field where `model` differs.
     pub fn differences(&self, model: &ModelSpec) -> Vec<String> {
-        let theirs = ModelShape {
-            n_layer: self.n_layer,
-            n_head: self.n_head,
-            n_embd: self.n_embd,
-            block_size: self.block_size,
-            vocab_size: self.vocab_size,
-            positions: self.positions,
-        };
-        ModelShape::of(model).differences(&theirs)
+        ModelShape::of(model).differences(&self.shape)
     }
 }
 
