@@ -4,6 +4,7 @@
 pub mod addition;
 pub mod corpus;
 pub mod plan;
+pub mod shard;
 pub mod tokenizer;
 
 pub use corpus::Corpus;
