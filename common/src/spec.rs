@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub use crate::data::tokenizer::TokenizerSpec;
 use crate::error::{Error, Result};
 use crate::presets;
 
@@ -100,8 +101,11 @@ pub struct ModelSpec {
 pub enum DataSource {
     /// Built-in: zero-padded multi-digit additions with the sum written reversed, e.g. `07+45=250`. No download.
     Addition,
-    /// A UTF-8 text file at `data.path`.
+    /// A UTF-8 text file at `data.path`, tokenised in memory at start-up (small corpora).
     Text,
+    /// A directory `lockstep prepare` wrote (token shards + `manifest.json` + `tokenizer.json`) at `data.path`, or a
+    /// directory of llm.c `.bin` shards (`*train*.bin`, `*val*.bin`) with `data.tokenizer` naming their tokenizer.
+    Prepared,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,9 +121,12 @@ pub enum TokenizerKind {
 #[serde(deny_unknown_fields, default)]
 pub struct DataSpec {
     pub source: DataSource,
-    /// The text file, for `source = "text"`. Every worker reads it at this path.
+    /// The text file (`source = "text"`) or prepared directory (`source = "prepared"`). Every worker reads it at
+    /// this path.
     pub path: Option<PathBuf>,
-    pub tokenizer: TokenizerKind,
+    /// `char`, `byte`, `gpt2` or `hf:PATH/tokenizer.json`. For `text` the default is `char`; for `prepared` the
+    /// directory's manifest names the tokenizer and this, when set, must agree with it.
+    pub tokenizer: Option<TokenizerSpec>,
     /// Share of the data held out for validation.
     pub val_fraction: f64,
     /// Digits per operand, for `source = "addition"`.
@@ -222,7 +229,7 @@ impl Default for DataSpec {
         Self {
             source: DataSource::Addition,
             path: None,
-            tokenizer: TokenizerKind::Char,
+            tokenizer: None,
             val_fraction: 0.1,
             addition_digits: 2,
         }
@@ -485,6 +492,21 @@ impl RunSpec {
                     "data.path",
                     "(none)",
                     "data.source = \"text\" needs the path of a UTF-8 text file",
+                );
+            }
+            DataSource::Prepared if d.path.is_none() => {
+                return bad(
+                    "data.path",
+                    "(none)",
+                    "data.source = \"prepared\" needs the directory lockstep prepare wrote",
+                );
+            }
+            DataSource::Addition | DataSource::Text if matches!(d.tokenizer, Some(TokenizerSpec::Bpe { .. })) => {
+                return bad(
+                    "data.tokenizer",
+                    d.tokenizer.as_ref().map(ToString::to_string).unwrap_or_default(),
+                    "a BPE is trained by lockstep prepare --tokenizer bpe:N; train on the directory it writes \
+                     (data.source = \"prepared\")",
                 );
             }
             DataSource::Addition if !(1..=6).contains(&d.addition_digits) => {

@@ -31,10 +31,22 @@ impl Corpus {
     pub fn load(spec: &RunSpec) -> Result<Self> {
         let d = &spec.data;
         let seq_len = spec.train.seq_len;
+        // Interim until the tokenizer module grows gpt2 / hf: support for in-memory text.
+        let kind = match &d.tokenizer {
+            None | Some(crate::spec::TokenizerSpec::Char) => crate::spec::TokenizerKind::Char,
+            Some(crate::spec::TokenizerSpec::Byte) => crate::spec::TokenizerKind::Byte,
+            Some(other) => {
+                return Err(Error::Invalid {
+                    field: "data.tokenizer",
+                    value: other.to_string(),
+                    reason: "not supported for this data source yet".into(),
+                });
+            }
+        };
         let (tokenizer, train, val, val_problems, origin) = match d.source {
             DataSource::Addition => {
                 let (train, val) = addition::split(d.addition_digits, d.val_fraction, spec.run.seed, ADDITION_LIMIT);
-                let tokenizer = Tokenizer::learn(d.tokenizer, addition::ALPHABET);
+                let tokenizer = Tokenizer::learn(kind, addition::ALPHABET);
                 let text = |ps: &[Problem]| ps.iter().map(Problem::line).collect::<String>();
                 let train_ids = tokenizer.encode(&text(&train))?;
                 let val_ids = tokenizer.encode(&text(&val))?;
@@ -45,6 +57,13 @@ impl Corpus {
                     val,
                     PathBuf::from("<built-in addition data>"),
                 )
+            }
+            DataSource::Prepared => {
+                return Err(Error::Invalid {
+                    field: "data.source",
+                    value: "prepared".into(),
+                    reason: "not supported yet".into(),
+                });
             }
             DataSource::Text => {
                 let path = d.path.clone().unwrap_or_default();
@@ -59,7 +78,7 @@ impl Corpus {
                         e.utf8_error().valid_up_to()
                     ),
                 })?;
-                let tokenizer = Tokenizer::learn(d.tokenizer, &text);
+                let tokenizer = Tokenizer::learn(kind, &text);
                 let ids = tokenizer.encode(&text)?;
                 let n_val = ((ids.len() as f64) * d.val_fraction).round() as usize;
                 let split_at = ids.len() - n_val;

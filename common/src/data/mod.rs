@@ -3,6 +3,7 @@
 
 pub mod addition;
 pub mod corpus;
+pub mod manifest;
 pub mod plan;
 pub mod shard;
 pub mod tokenizer;
