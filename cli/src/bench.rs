@@ -1,11 +1,19 @@
 //! `lockstep bench`: throughput figures for docs/BENCHMARKS.md, measured in-process (no coordinator), so the
-//! numbers are the training step and the collective themselves.
+//! numbers are the training step, the collective and the data loader themselves.
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::Device;
 use lockstep_common::RunSpec;
+use lockstep_common::data::corpus::Split;
+use lockstep_common::data::dataset::write_prepared;
+use lockstep_common::data::tokenizer::TokenizerSpec;
+use lockstep_common::data::{Corpus, DataPlan, Tokenizer};
+use lockstep_common::spec::DataSource;
 use lockstep_worker::collective::{Collective, Local};
 use lockstep_worker::collective::{Ring, RingConfig, RingListener};
+use lockstep_worker::loader::{Loader, Share};
 use lockstep_worker::trainer::{StepOutcome, Trainer};
 
 use crate::error::{Error, Result};
@@ -111,4 +119,137 @@ pub fn train(spec: &RunSpec, workers: u32, warmup: u64, steps: u64) -> Result<Tr
         }
     }
     Ok(bench)
+}
+
+/// What `lockstep bench data` measured: one worker's loader assembling batches as fast as they are taken.
+#[derive(Debug, Clone)]
+pub struct DataBench {
+    /// The directory read (a generated one is deleted afterwards).
+    pub data: PathBuf,
+    pub generated: bool,
+    pub steps: u64,
+    pub batch: usize,
+    pub seq_len: usize,
+    pub secs: f64,
+    /// Input tokens assembled per second (each with its target).
+    pub tokens_per_sec: f64,
+}
+
+/// Tokens of the directory generated when none is given: 4 shards of 8 Mi tokens (64 MiB of `u16`).
+const GENERATED_SHARDS: usize = 4;
+const GENERATED_SHARD_TOKENS: usize = 8 << 20;
+
+/// Times `steps` steps of `batch` sequences of `seq_len` tokens from the loader of a single worker (rank 0 of 1,
+/// one micro-batch per step) on the prepared directory `data` (or llm.c shards of `tokenizer`), or on a generated
+/// one when `None`. The first step (thread start-up) is not timed.
+pub fn data(
+    data: Option<&Path>,
+    tokenizer: Option<&TokenizerSpec>,
+    seq_len: usize,
+    batch: usize,
+    steps: u64,
+) -> Result<DataBench> {
+    if seq_len == 0 || batch == 0 || steps == 0 {
+        return Err(Error::Usage("--seq-len, --batch and --steps must be at least 1".into()));
+    }
+    let (dir, generated) = match data {
+        Some(dir) => (dir.to_path_buf(), None),
+        None => {
+            let g = GeneratedDir::write()?;
+            (g.0.clone(), Some(g))
+        }
+    };
+    let mut spec = RunSpec::default();
+    spec.data.source = DataSource::Prepared;
+    spec.data.path = Some(dir.clone());
+    spec.data.tokenizer = tokenizer.cloned();
+    spec.model.block_size = spec.model.block_size.max(seq_len);
+    spec.train.seq_len = seq_len;
+    spec.train.global_batch = batch;
+    spec.train.micro_batch = batch;
+    spec.validate()?;
+    let corpus = Arc::new(Corpus::load(&spec)?);
+    let plan = DataPlan::new(spec.run.seed, corpus.num_windows(Split::Train), batch as u64)?;
+    let share = Share {
+        rank: 0,
+        world_size: 1,
+        global_batch: batch,
+        micro_batch: batch,
+    };
+    let mut loader = Loader::start(corpus, plan, share, 0)?;
+    loader.take(0)?;
+    let start = Instant::now();
+    let mut tokens = 0u64;
+    for step in 1..=steps {
+        tokens += loader.take(step)?.tokens();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok(DataBench {
+        data: dir,
+        generated: generated.is_some(),
+        steps,
+        batch,
+        seq_len,
+        secs,
+        tokens_per_sec: tokens as f64 / secs,
+    })
+}
+
+/// A prepared directory of pseudo-random byte tokens under the system's temporary directory, deleted on drop.
+struct GeneratedDir(PathBuf);
+
+impl GeneratedDir {
+    fn write() -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("lockstep-bench-data-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
+            context: format!("create {}", dir.display()),
+            source,
+        })?;
+        let generated = GeneratedDir(dir);
+        let tokenizer = Tokenizer::train(&TokenizerSpec::Byte, std::iter::empty::<String>())?;
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut shard = || {
+            (0..GENERATED_SHARD_TOKENS)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x % 256) as u32
+                })
+                .collect::<Vec<u32>>()
+        };
+        let train: Vec<Vec<u32>> = (0..GENERATED_SHARDS).map(|_| shard()).collect();
+        let val = vec![shard()[..1 << 16].to_vec()];
+        write_prepared(&generated.0, &tokenizer, &TokenizerSpec::Byte, &train, &val)?;
+        Ok(generated)
+    }
+}
+
+impl Drop for GeneratedDir {
+    fn drop(&mut self) {
+        // Best effort: a leftover directory in the temporary directory is harmless.
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_bench_reads_a_prepared_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokenizer = Tokenizer::train(&TokenizerSpec::Byte, std::iter::empty::<String>()).unwrap();
+        let ids: Vec<u32> = (0..5000).map(|i| i % 256).collect();
+        let shards = [ids];
+        write_prepared(dir.path(), &tokenizer, &TokenizerSpec::Byte, &shards, &shards).unwrap();
+        let b = data(Some(dir.path()), None, 16, 4, 50).unwrap();
+        assert!(!b.generated && b.data == dir.path());
+        assert!(b.tokens_per_sec > 0.0 && b.secs > 0.0);
+        let err = data(Some(&dir.path().join("nope")), None, 16, 4, 5)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nope") && err.contains("not a directory"), "{err}");
+        assert!(data(Some(dir.path()), None, 16, 0, 5).is_err());
+    }
 }

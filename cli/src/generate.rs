@@ -15,6 +15,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use candle_core::Device;
 use lockstep_common::data::Tokenizer;
+pub use lockstep_common::data::tokenizer::TextStream;
 use lockstep_worker::checkpoint;
 use lockstep_worker::generate::{Generator, generate};
 use lockstep_worker::sampling::{Sampler, SamplingConfig};
@@ -192,148 +193,33 @@ pub fn resolve_checkpoint(path: &Path) -> Result<PathBuf> {
     })
 }
 
-/// The prompt's token ids; the error names the first character the checkpoint's vocabulary lacks.
+/// The prompt's token ids; the error names the first character the checkpoint's vocabulary lacks (a char tokenizer
+/// knows only the characters of its training corpus).
 pub fn encode_prompt(tokenizer: &Tokenizer, prompt: &str) -> Result<Vec<u32>> {
     if prompt.is_empty() {
         return Err(Error::Usage("--prompt is empty: give at least one character".into()));
     }
-    if let Tokenizer::Char { chars } = tokenizer
-        && let Some(c) = prompt.chars().find(|&c| !chars.contains(c))
-    {
-        let n = chars.chars().count();
-        let known = if n <= 100 {
-            format!(", which has only these {n} characters: {chars:?}")
-        } else {
-            format!(" ({n} characters)")
-        };
-        return Err(Error::Usage(format!(
-            "--prompt: character {c:?} is not in this checkpoint's vocabulary; its char tokenizer was learned from \
-             the training corpus{known}"
-        )));
-    }
-    Ok(tokenizer.encode(prompt)?)
-}
-
-/// Turns tokens into text as they come. Byte tokens are held back until they complete a UTF-8 character (bytes
-/// that cannot become one turn into U+FFFD), so the streamed pieces add up to `Tokenizer::decode` of all tokens.
-pub struct TextStream<'t> {
-    tokenizer: &'t Tokenizer,
-    pending: Vec<u8>,
-}
-
-impl<'t> TextStream<'t> {
-    pub fn new(tokenizer: &'t Tokenizer) -> Self {
-        Self {
-            tokenizer,
-            pending: Vec::new(),
-        }
-    }
-
-    /// The text that `token` completes (possibly empty).
-    pub fn push(&mut self, token: u32) -> String {
-        match self.tokenizer {
-            Tokenizer::Char { .. } => self.tokenizer.decode(&[token]),
-            Tokenizer::Byte => {
-                // As `Tokenizer::decode`: an id past 255 (a padded vocabulary) is '?'.
-                self.pending.push(u8::try_from(token).unwrap_or(b'?'));
-                let mut text = String::new();
-                loop {
-                    match std::str::from_utf8(&self.pending) {
-                        Ok(s) => {
-                            text.push_str(s);
-                            self.pending.clear();
-                            return text;
-                        }
-                        Err(e) => {
-                            let valid = e.valid_up_to();
-                            text.push_str(&String::from_utf8_lossy(&self.pending[..valid]));
-                            match e.error_len() {
-                                // An incomplete character at the end: wait for its next byte.
-                                None => {
-                                    self.pending.drain(..valid);
-                                    return text;
-                                }
-                                Some(bad) => {
-                                    text.push(char::REPLACEMENT_CHARACTER);
-                                    self.pending.drain(..valid + bad);
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// The text of bytes still held back (an unfinished character becomes U+FFFD).
-    pub fn finish(&mut self) -> String {
-        let text = String::from_utf8_lossy(&self.pending).into_owned();
-        self.pending.clear();
-        text
-    }
+    tokenizer
+        .encode(prompt)
+        .map_err(|e| Error::Usage(format!("--prompt: {e}")))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lockstep_common::spec::TokenizerKind;
-
-    fn stream_all(tok: &Tokenizer, ids: &[u32]) -> (Vec<String>, String) {
-        let mut s = TextStream::new(tok);
-        let mut pieces: Vec<String> = ids.iter().map(|&t| s.push(t)).collect();
-        pieces.push(s.finish());
-        let whole = pieces.concat();
-        (pieces, whole)
-    }
-
-    #[test]
-    fn byte_stream_holds_partial_characters_back() {
-        let tok = Tokenizer::Byte;
-        let ids: Vec<u32> = "a☃é".bytes().map(u32::from).collect(); // 1 + 3 + 2 bytes
-        let (pieces, whole) = stream_all(&tok, &ids);
-        assert_eq!(pieces, ["a", "", "", "☃", "", "é", ""]);
-        assert_eq!(whole, "a☃é");
-    }
-
-    #[test]
-    fn byte_stream_equals_lossy_decoding_of_any_bytes() {
-        let tok = Tokenizer::Byte;
-        // xorshift64: enough randomness for picking bytes.
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = |n: usize| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % n as u64) as usize
-        };
-        let alphabet: Vec<u8> = "aé☃😀".bytes().chain([0x80, 0xbf, 0xc0, 0xe2, 0xf0, 0xff]).collect();
-        for _ in 0..2000 {
-            let n = next(12);
-            let ids: Vec<u32> = (0..n).map(|_| u32::from(alphabet[next(alphabet.len())])).collect();
-            assert_eq!(stream_all(&tok, &ids).1, tok.decode(&ids), "{ids:?}");
-        }
-        assert_eq!(stream_all(&tok, &[0xe2, 0x98]).1, "\u{FFFD}"); // cut off at the end
-        assert_eq!(stream_all(&tok, &[300]).1, "?");
-    }
-
-    #[test]
-    fn char_stream_is_one_character_per_token() {
-        let tok = Tokenizer::learn(TokenizerKind::Char, "ab\n");
-        let (pieces, whole) = stream_all(&tok, &[1, 2, 0, 9]);
-        assert_eq!(pieces, ["a", "b", "\n", "\u{FFFD}", ""]);
-        assert_eq!(whole, tok.decode(&[1, 2, 0, 9]));
-    }
+    use lockstep_common::spec::TokenizerSpec;
 
     #[test]
     fn unknown_prompt_character_is_named_with_the_vocabulary() {
-        let tok = Tokenizer::learn(TokenizerKind::Char, "0123456789+=\n");
+        let tok = Tokenizer::for_text(&TokenizerSpec::Char, "0123456789+=\n").unwrap();
         assert_eq!(encode_prompt(&tok, "12+3=").unwrap(), tok.encode("12+3=").unwrap());
         let err = encode_prompt(&tok, "12-3").unwrap_err().to_string();
         assert!(err.starts_with("--prompt") && err.contains("'-'"), "{err}");
         assert!(err.contains("13 characters") && err.contains("corpus"), "{err}");
         assert!(!err.contains('\n'), "{err}");
         assert!(encode_prompt(&tok, "").unwrap_err().to_string().contains("--prompt"));
-        assert_eq!(encode_prompt(&Tokenizer::Byte, "é").unwrap(), [0xc3, 0xa9]);
+        let byte = Tokenizer::for_text(&TokenizerSpec::Byte, "").unwrap();
+        assert_eq!(encode_prompt(&byte, "é").unwrap(), [0xc3, 0xa9]);
     }
 
     fn args(temperature: f64, top_k: Option<usize>, top_p: Option<f64>) -> GenerateArgs {

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod demo;
 pub mod error;
 pub mod generate;
+pub mod prepare;
 pub mod procs;
 pub mod run;
 pub mod status_view;

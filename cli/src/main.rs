@@ -3,8 +3,10 @@
 //! ```text
 //! lockstep run                      # the built-in addition demo: coordinator + 2 workers on 127.0.0.1
 //! lockstep status --coordinator http://HOST:7070 [--json] [--watch]
-//! lockstep bench train|allreduce
+//! lockstep bench train|allreduce|data
 //! lockstep generate --checkpoint DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
+//! lockstep prepare --input PATH... --tokenizer SPEC --out DIR [--format text|jsonl] [--field NAME] [--val-fraction F]
+//!                  [--shard-tokens N] [--threads N] [--invalid-utf8 fail|skip] [--force]
 //! ```
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use lockstep_cli::{bench, demo, generate, run, status_view};
+use lockstep_cli::{bench, demo, generate, prepare, run, status_view};
 use lockstep_common::RunSpec;
 use lockstep_common::data::corpus::Split;
 use lockstep_common::proto::coordinator_client::CoordinatorClient;
@@ -36,11 +38,13 @@ enum Command {
     Run(RunArgs),
     /// Show a coordinator's run: state, step, loss, throughput, ETA and one row per worker.
     Status(StatusArgs),
-    /// Measure training-step and all-reduce throughput (figures for docs/BENCHMARKS.md).
+    /// Measure training-step, all-reduce and data-loader throughput (figures for docs/BENCHMARKS.md).
     #[command(subcommand)]
     Bench(BenchCommand),
     /// Continue a prompt with a checkpoint, streaming the text as it is sampled (KV-cached decoding).
     Generate(generate::GenerateArgs),
+    /// Tokenise text or JSONL files into llm.c token shards plus tokenizer.json and manifest.json, for training.
+    Prepare(prepare::PrepareArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -108,6 +112,25 @@ enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         iters: u32,
     },
+    /// Batch-assembly throughput of one worker's data loader (tokens/s) on a prepared directory.
+    Data {
+        /// A prepared directory (lockstep prepare's output) or a directory of llm.c shards; default: a generated
+        /// one of 32 Mi byte tokens.
+        #[arg(long, value_name = "DIR")]
+        data: Option<PathBuf>,
+        /// The tokenizer of llm.c shards (e.g. gpt2); a prepared directory names its own.
+        #[arg(long, value_name = "SPEC")]
+        tokenizer: Option<lockstep_common::spec::TokenizerSpec>,
+        /// Tokens per sequence.
+        #[arg(long, default_value_t = 1024)]
+        seq_len: usize,
+        /// Sequences per step.
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Measured steps.
+        #[arg(long, default_value_t = 2000)]
+        steps: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -146,6 +169,11 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             tokio::task::spawn_blocking(move || generate::command(&args)).await??;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Prepare(args) => {
+            let summary = tokio::task::spawn_blocking(move || prepare::command(&args)).await??;
+            println!("{}", summary.line());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench(BenchCommand::Train {
             workers,
             steps,
@@ -169,6 +197,29 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 b.backward_ms,
                 b.allreduce_ms,
                 b.optimizer_ms
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Data {
+            data,
+            tokenizer,
+            seq_len,
+            batch,
+            steps,
+        }) => {
+            let b = tokio::task::spawn_blocking(move || {
+                bench::data(data.as_deref(), tokenizer.as_ref(), seq_len, batch, steps)
+            })
+            .await??;
+            println!(
+                "data {}{}  seq_len {}  batch {}  steps {}  {:.2}M tokens/s  ({:.3} s)",
+                b.data.display(),
+                if b.generated { " (generated)" } else { "" },
+                b.seq_len,
+                b.batch,
+                b.steps,
+                b.tokens_per_sec / 1e6,
+                b.secs
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -254,7 +305,7 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<ExitCode> {
         s.step,
         status_view::duration(s.elapsed_secs),
         s.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
-        s.val_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        status_view::val(s.val_loss),
         status_view::rate(s.tokens_per_sec)
     );
     println!("checkpoint: {}", s.last_checkpoint);
@@ -285,7 +336,7 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     } else {
         let corpus = lockstep_common::data::Corpus::load(&spec)?;
-        let (prompt, _) = corpus.window(Split::Val, 0);
+        let (prompt, _) = corpus.window(Split::Val, 0)?;
         let prompt = prompt[..prompt.len().min(16)].to_vec();
         let text = tokio::task::spawn_blocking(move || demo::sample_text(&ckpt, &prompt, 200)).await??;
         println!("sample:\n{text}");

@@ -153,8 +153,8 @@ async fn follow(url: &str, total_steps: u64, progress: bool) -> Result<RunStatus
                 bar.set_position(status.step);
                 if status.state == RunState::Running as i32 || status.step > 0 {
                     let mut msg = format!("loss {}", status.last_loss.map_or("-".into(), |l| format!("{l:.4}")));
-                    if let Some(v) = status.val_loss {
-                        msg.push_str(&format!("  val {v:.4}"));
+                    if status.val_loss.is_some() {
+                        msg.push_str(&format!("  val {}", status_view::val(status.val_loss)));
                     }
                     msg.push_str(&format!("  {}", status_view::rate(status.tokens_per_sec)));
                     bar.set_message(msg);

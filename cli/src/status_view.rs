@@ -54,6 +54,7 @@ pub fn to_json(s: &RunStatus) -> Value {
         "total_steps": s.total_steps,
         "last_loss": s.last_loss,
         "val_loss": s.val_loss,
+        "val_perplexity": s.val_loss.map(f64::exp),
         "lr": s.lr,
         "tokens_per_sec": s.tokens_per_sec,
         "eta_secs": s.eta_secs,
@@ -88,6 +89,11 @@ fn opt(v: Option<f64>) -> String {
     v.map_or_else(|| "-".into(), |v| format!("{v:.4}"))
 }
 
+/// A validation loss with its perplexity, `exp(loss)`: `2.0794 (ppl 8.00)`.
+pub fn val(loss: Option<f64>) -> String {
+    loss.map_or_else(|| "-".into(), |l| format!("{l:.4} (ppl {:.2})", l.exp()))
+}
+
 pub fn render_table(s: &RunStatus) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -105,7 +111,7 @@ pub fn render_table(s: &RunStatus) -> String {
         s.step,
         s.total_steps,
         opt(s.last_loss),
-        opt(s.val_loss),
+        val(s.val_loss),
         s.lr,
         rate(s.tokens_per_sec),
         s.eta_secs.map_or_else(|| "-".into(), duration)
@@ -167,8 +173,21 @@ mod tests {
         assert_eq!(v["state"], "running");
         assert_eq!(v["last_loss"], 1.5);
         assert!(v["val_loss"].is_null());
+        assert!(v["val_perplexity"].is_null());
         assert_eq!(v["workers"][0]["state"], "training");
         assert!(render_table(&s).contains("step 3/10"));
+    }
+
+    #[test]
+    fn validation_loss_comes_with_its_perplexity() {
+        let s = RunStatus {
+            val_loss: Some(8f64.ln()),
+            ..Default::default()
+        };
+        let v = to_json(&s);
+        assert!((v["val_perplexity"].as_f64().unwrap() - 8.0).abs() < 1e-9);
+        let table = render_table(&s);
+        assert!(table.contains("val 2.0794 (ppl 8.00)"), "{table}");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::process::{Command, Output};
 
 use candle_core::Device;
 use lockstep_common::data::Tokenizer;
-use lockstep_common::spec::{Positions, TokenizerKind};
+use lockstep_common::spec::{Positions, TokenizerSpec};
 use lockstep_worker::checkpoint::{self, TrainerState};
 use lockstep_worker::generate::{Generator, generate};
 use lockstep_worker::model::{GptConfig, init_varmap};
@@ -17,7 +17,7 @@ const CORPUS: &str = "hello world, the quick brown fox\n";
 
 /// A random-weight char model of the corpus's vocabulary, saved as step 7 under `root`.
 fn tiny_checkpoint(root: &Path) -> PathBuf {
-    let tok = Tokenizer::learn(TokenizerKind::Char, CORPUS);
+    let tok = Tokenizer::for_text(&TokenizerSpec::Char, CORPUS).unwrap();
     let cfg = GptConfig {
         vocab_size: tok.vocab_size(),
         n_layer: 2,

@@ -108,15 +108,6 @@ pub enum DataSource {
     Prepared,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TokenizerKind {
-    /// One token per distinct character of the corpus.
-    Char,
-    /// One token per byte (vocabulary 256).
-    Byte,
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataSpec {
@@ -131,6 +122,24 @@ pub struct DataSpec {
     pub val_fraction: f64,
     /// Digits per operand, for `source = "addition"`.
     pub addition_digits: u32,
+    /// How much of a prepared directory the coordinator checks at start-up (workers always check only what is
+    /// cheap): `full` (default) reads every shard once — its SHA-256 against the manifest and every token id
+    /// against the tokenizer's vocabulary, naming the file and byte offset of the first bad one; `sizes` checks
+    /// only that every shard exists, its header parses and agrees with the file's size and the manifest's count.
+    /// Shards are memory-mapped while training and must not be modified until the run ends.
+    pub verify: DataVerify,
+}
+
+/// How thoroughly the coordinator checks a prepared directory at start-up (`data.verify`). Not part of the training
+/// math: it is left out of [`RunSpec::training_hash`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DataVerify {
+    /// Sizes and headers, plus one pass over every byte: SHA-256 of each shard and every token id < vocabulary.
+    #[default]
+    Full,
+    /// Every shard exists, its header parses, and its size and token count agree with the header and manifest.
+    Sizes,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -232,6 +241,7 @@ impl Default for DataSpec {
             tokenizer: None,
             val_fraction: 0.1,
             addition_digits: 2,
+            verify: DataVerify::Full,
         }
     }
 }
@@ -554,8 +564,12 @@ impl RunSpec {
         flatten("", &value, &mut out);
         // The preset only fills in the shape, which is compared itself. An empty `init_from` (random init) is
         // left out so that specs from before it existed keep their hash (and their checkpoints stay resumable).
+        // `data.verify` only decides how much the coordinator checks at start-up.
         out.retain(|k, v| {
-            !k.starts_with("cluster.") && k != "model.preset" && !(k == "model.init_from" && v.as_str() == Some(""))
+            !k.starts_with("cluster.")
+                && k != "model.preset"
+                && k != "data.verify"
+                && !(k == "model.init_from" && v.as_str() == Some(""))
         });
         out
     }

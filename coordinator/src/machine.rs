@@ -387,7 +387,13 @@ impl RunMachine {
         if self.val_loss.is_none_or(|(step, _)| r.step >= step) {
             self.val_loss = Some((r.step, r.val_loss));
         }
-        info!(worker = %self.workers[idx].id, step = r.step, val_loss = r.val_loss, "evaluation");
+        info!(
+            worker = %self.workers[idx].id,
+            step = r.step,
+            val_loss = r.val_loss,
+            val_perplexity = r.val_loss.exp(),
+            "evaluation"
+        );
     }
 
     fn on_checkpoint(&mut self, idx: usize, r: proto::CheckpointReport) {

@@ -7,6 +7,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
@@ -127,17 +128,40 @@ fn prepare(cli: &Cli) -> anyhow::Result<(RunSpec, ServeOptions)> {
     if let Some(listen) = cli.listen {
         spec.cluster.listen = listen.to_string();
     }
-    // Workers load the same data; failing here names the file before anyone joins.
-    let corpus = Corpus::load(&spec).context("checking the run's data")?;
+    // Workers load the same data; failing here names the file (and byte offset) before anyone joins. Workers
+    // check only sizes and headers; the full pass over a prepared directory (`data.verify`) happens once, here.
+    let checking = Instant::now();
+    let corpus = Corpus::load_checked(&spec, spec.data.verify).context("checking the run's data")?;
     let windows = corpus.num_windows(Split::Train);
     let plan =
         DataPlan::new(spec.run.seed, windows, spec.train.global_batch as u64).context("checking the run's data")?;
     info!(
+        data = %corpus.origin.display(),
+        layout = ?corpus.layout,
+        verify = ?spec.data.verify,
+        tokenizer = %corpus.tokenizer.describe(),
+        train_shards = corpus.train.num_shards(),
+        train_tokens = corpus.train.tokens(),
+        val_shards = corpus.val.num_shards(),
+        val_tokens = corpus.val.tokens(),
+        val_windows = corpus.num_windows(Split::Val),
+        eval_sequences = (spec.train.eval_sequences as u64).min(corpus.num_windows(Split::Val)),
+        secs = checking.elapsed().as_secs_f64(),
+        "data checked"
+    );
+    info!(
+        train_windows = windows,
+        seq_len = spec.train.seq_len,
+        global_batch = spec.train.global_batch,
+        steps_per_epoch = plan.steps_per_epoch(),
+        dropped_per_epoch = plan.dropped_per_epoch(),
+        epochs = plan.epochs_in(spec.train.total_steps),
+        "data plan"
+    );
+    info!(
         run = %spec.run.name,
         spec_hash = %spec.training_hash(),
         spec = %spec.to_json(),
-        train_windows = windows,
-        steps_per_epoch = plan.steps_per_epoch(),
         "resolved run spec"
     );
     let opts = ServeOptions {

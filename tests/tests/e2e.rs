@@ -174,3 +174,78 @@ async fn a_worker_with_a_conflicting_spec_is_refused_in_one_line() {
     assert!(errors[0].contains("train.global_batch: 32 vs 16"), "{text}");
     assert!(!text.contains("panicked"), "{text}");
 }
+
+/// Two workers train on a prepared directory (shards + manifest + tokenizer.json, written here by hand): the
+/// coordinator checks it fully at start-up and logs the data plan, and the validation loss is reported with its
+/// perplexity in the workers' logs and in the status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_train_on_a_prepared_directory_and_report_perplexity() {
+    use lockstep_common::data::dataset::write_prepared;
+    use lockstep_common::data::tokenizer::{Tokenizer, TokenizerSpec};
+    use lockstep_common::spec::DataSource;
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let text = |n: usize, seed: usize| {
+        let words = [
+            "the ", "quick ", "brown ", "fox ", "jumps ", "over ", "a ", "lazy ", "dog. ",
+        ];
+        (0..n)
+            .map(|i| words[(i * i + seed) % words.len()])
+            .collect::<String>()
+            .bytes()
+            .take(n)
+            .map(u32::from)
+            .collect::<Vec<u32>>()
+    };
+    let tokenizer = Tokenizer::train(&TokenizerSpec::Byte, std::iter::empty::<String>()).unwrap();
+    write_prepared(
+        &data,
+        &tokenizer,
+        &TokenizerSpec::Byte,
+        &[text(3000, 0), text(2000, 1)],
+        &[text(600, 2)],
+    )
+    .unwrap();
+    let mut spec = small_spec(dir.path(), 2, 6);
+    spec.data.source = DataSource::Prepared;
+    spec.data.path = Some(data);
+    spec.train.eval_interval = 3;
+    let mut cluster = Cluster::start(&spec, 2, dir.path()).await;
+    let status = cluster.final_status().await;
+    let (workers, coordinator) = cluster.wait().await;
+    assert_eq!(status.state, RunState::Finished as i32, "run failed: {}", status.error);
+    assert!(workers.iter().all(|s| s.success()), "worker exits: {workers:?}");
+    assert!(coordinator.success(), "coordinator exit: {coordinator:?}");
+    assert_eq!(status.step, 6);
+
+    let (a, b) = (steps(&cluster, 0), steps(&cluster, 1));
+    assert_eq!(a.len(), 6);
+    assert_eq!(a, b, "the two ranks disagree");
+    for i in 0..2 {
+        let evals = cluster.worker_events(i, "evaluated");
+        assert_eq!(
+            evals.iter().map(|e| e["step"].as_u64().unwrap()).collect::<Vec<_>>(),
+            vec![3, 6]
+        );
+        for e in &evals {
+            let (loss, ppl) = (e["val_loss"].as_f64().unwrap(), e["val_perplexity"].as_f64().unwrap());
+            assert!(loss > 0.0 && loss.is_finite(), "{e}");
+            assert!((ppl - loss.exp()).abs() < 1e-9 * ppl, "{e}");
+        }
+    }
+    let val = status.val_loss.expect("a validation loss in the status");
+    assert_eq!(Some(val), cluster.worker_events(0, "evaluated")[1]["val_loss"].as_f64());
+    let json = lockstep_cli::status_view::to_json(&status);
+    assert!((json["val_perplexity"].as_f64().unwrap() - val.exp()).abs() < 1e-9 * val.exp());
+    assert!(lockstep_cli::status_view::render_table(&status).contains("(ppl "));
+
+    let log = std::fs::read_to_string(dir.path().join("coordinator.log")).unwrap();
+    assert!(log.contains("data checked") && log.contains("verify=Full"), "{log}");
+    // (3000 − 1) / 40 + (2000 − 1) / 40 = 74 + 49 windows; 16 per step.
+    assert!(
+        log.contains("train_windows=123") && log.contains("steps_per_epoch=7") && log.contains("dropped_per_epoch=11"),
+        "{log}"
+    );
+}

@@ -495,7 +495,7 @@ mod tests {
     use super::*;
     use crate::model::init_varmap;
     use crate::optim::AdamWConfig;
-    use lockstep_common::spec::{Positions, TokenizerKind};
+    use lockstep_common::spec::{Positions, TokenizerSpec};
 
     fn cfg() -> GptConfig {
         GptConfig {
@@ -534,7 +534,7 @@ mod tests {
         .unwrap();
         let grads: Vec<f32> = (0..params.num_elements()).map(|i| (i as f32 * 0.37).sin()).collect();
         opt.step(&params, &params.unflatten(&grads).unwrap(), 1e-2).unwrap();
-        let tok = Tokenizer::learn(TokenizerKind::Char, "0123456789+=\n");
+        let tok = Tokenizer::for_text(&TokenizerSpec::Char, "0123456789+=\n").unwrap();
         Fixture { cfg, params, opt, tok }
     }
 
@@ -680,7 +680,7 @@ mod tests {
         )
         .unwrap();
         let root = tempfile::tempdir().unwrap();
-        let tok = Tokenizer::learn(TokenizerKind::Char, "0123456789+=\n");
+        let tok = Tokenizer::for_text(&TokenizerSpec::Char, "0123456789+=\n").unwrap();
         let dir = save(root.path(), &state(1), &params, &cfg, &opt, &tok, "{}", 0).unwrap();
 
         let layout = |path: &Path| -> BTreeMap<String, (Vec<usize>, DType)> {

@@ -24,6 +24,9 @@ pub enum Error {
     #[error("model: {0}")]
     Model(String),
 
+    #[error("data loader: {0}")]
+    Loader(String),
+
     #[error("coordinator {addr}: {message}")]
     Coordinator { addr: String, message: String },
 

@@ -10,6 +10,7 @@ pub mod collective;
 pub mod device;
 pub mod error;
 pub mod generate;
+pub mod loader;
 pub mod model;
 pub mod ops;
 pub mod optim;

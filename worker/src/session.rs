@@ -314,7 +314,7 @@ fn train(job: Job) -> Result<()> {
         );
         if due(out.step, spec.train.eval_interval, last) {
             let val_loss = trainer.evaluate()?;
-            info!(step = out.step, val_loss, "evaluated");
+            info!(step = out.step, val_loss, val_perplexity = val_loss.exp(), "evaluated");
             send(
                 &job.up,
                 worker_message::Msg::Eval(EvalReport {

@@ -7,8 +7,10 @@
 //! rank, so every rank holds bitwise-identical parameters.
 //!
 //! A trainer starts a run at step 0 ([`Trainer::new`]: random init, or the weights `model.init_from` names) or
-//! continues one from its checkpoint ([`Trainer::resume`]), on any world size.
+//! continues one from its checkpoint ([`Trainer::resume`]), on any world size. Each step's micro-batches are
+//! assembled ahead of time by a [`Loader`] thread started at the trainer's current step.
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -23,6 +25,7 @@ use tracing::info;
 use crate::checkpoint::{self, TrainerState};
 use crate::collective::Collective;
 use crate::error::{Error, Result};
+use crate::loader::{Loader, Share, StepBatch};
 use crate::model::{DropoutRng, Gpt, GptConfig, cross_entropy_sum, init_varmap};
 use crate::optim::{AdamW, AdamWConfig, clip_scale, global_norm, lr_at};
 use crate::params::Params;
@@ -46,8 +49,10 @@ pub struct StepOutcome {
 
 pub struct Trainer {
     spec: RunSpec,
-    corpus: Corpus,
+    corpus: Arc<Corpus>,
     plan: DataPlan,
+    /// Assembles the coming steps' batches; started on the first step (and again if the step moved under it).
+    loader: Option<Loader>,
     model: Gpt,
     // Owns the parameters the model and `params` refer to.
     _varmap: VarMap,
@@ -169,8 +174,9 @@ impl Trainer {
         let flat = vec![0f32; params.num_elements() + 1];
         Ok(Self {
             spec,
-            corpus,
+            corpus: Arc::new(corpus),
             plan,
+            loader: None,
             model,
             _varmap: varmap,
             params,
@@ -224,25 +230,47 @@ impl Trainer {
             Vec::with_capacity(windows.len() * t),
         );
         for &w in windows {
-            let (x, y) = self.corpus.window(split, w);
-            xs.extend_from_slice(x);
-            ys.extend_from_slice(y);
+            self.corpus.extend_window(split, w, &mut xs, &mut ys)?;
         }
-        let b = windows.len();
+        self.tensors(xs, ys)
+    }
+
+    /// `[b, seq_len]` tensors of row-major inputs and targets.
+    fn tensors(&self, xs: Vec<u32>, ys: Vec<u32>) -> Result<(Tensor, Tensor)> {
+        let t = self.spec.train.seq_len;
+        let b = xs.len() / t;
         Ok((
             Tensor::from_vec(xs, (b, t), &self.device)?,
             Tensor::from_vec(ys, (b, t), &self.device)?,
         ))
     }
 
+    /// This rank's micro-batches of the coming step, from the loader thread (started here at the current step when
+    /// there is none, or when the step moved since it started).
+    fn next_batch(&mut self) -> Result<StepBatch> {
+        let step = self.step;
+        let loader = match &mut self.loader {
+            Some(loader) if loader.next_step() == step => loader,
+            slot => {
+                let share = Share {
+                    rank: self.collective.rank(),
+                    world_size: self.collective.world_size(),
+                    global_batch: self.spec.train.global_batch,
+                    micro_batch: self.spec.train.micro_batch,
+                };
+                // Replacing an old loader drops it, which stops and joins its thread.
+                slot.insert(Loader::start(self.corpus.clone(), self.plan, share, step)?)
+            }
+        };
+        loader.take(step)
+    }
+
     /// Runs optimizer step number `self.step() + 1`.
     pub fn train_step(&mut self) -> Result<StepOutcome> {
         let started = Instant::now();
-        let (rank, world) = (self.rank(), self.world_size());
+        let batch = self.next_batch()?;
         let train = &self.spec.train;
         let lr = lr_at(self.step, train);
-        let share = rank_share(train.global_batch as u64, world, rank);
-        let windows = self.plan.rank_windows(self.step, rank, world);
         let scale = 1.0 / self.global_tokens();
         let n = self.params.num_elements();
         self.flat.fill(0.0);
@@ -252,12 +280,12 @@ impl Trainer {
             ..Default::default()
         };
 
-        for (i, chunk) in windows.chunks(train.micro_batch).enumerate() {
+        for micro in batch.micro {
             let t0 = Instant::now();
-            let (x, y) = self.batch(Split::Train, chunk)?;
+            let sequences = micro.windows.len();
+            let (x, y) = self.tensors(micro.inputs, micro.targets)?;
             // Dropout masks are seeded by where the micro-batch sits in the global batch, not by rank.
-            let first = self.step * train.global_batch as u64 + share.start + (i * train.micro_batch) as u64;
-            let mut rng = DropoutRng::new(mix(self.spec.run.seed, first));
+            let mut rng = DropoutRng::new(mix(self.spec.run.seed, micro.first));
             let dropout = (self.spec.model.dropout > 0.0).then_some(&mut rng);
             let logits = self.model.forward(&x, dropout)?;
             let loss_sum = cross_entropy_sum(&logits, &y)?;
@@ -266,7 +294,7 @@ impl Trainer {
             let grads = loss.backward()?;
             self.params.accumulate_grads(&grads, &mut self.flat[..n])?;
             self.flat[n] += loss.to_scalar::<f32>()?;
-            out.tokens += (chunk.len() * train.seq_len) as u64;
+            out.tokens += (sequences * train.seq_len) as u64;
             out.forward_ms += ms(t1 - t0);
             out.backward_ms += ms(t1.elapsed());
         }
@@ -557,6 +585,43 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("step-00000002"), "{err}");
+    }
+
+    /// A directory of llm.c shards, built by hand from the format (256 little-endian `i32`: magic 20240520,
+    /// version 1, count; then little-endian `u16` tokens), trains with `data.tokenizer` naming their tokenizer.
+    #[test]
+    fn trains_and_evaluates_on_llmc_shards() {
+        let root = tempfile::tempdir().unwrap();
+        let data = root.path().join("fineweb");
+        std::fs::create_dir(&data).unwrap();
+        let shard = |name: &str, n: u32, seed: u32| {
+            let mut bytes: Vec<u8> = [20240520i32, 1, n as i32]
+                .into_iter()
+                .chain(std::iter::repeat_n(0, 253))
+                .flat_map(i32::to_le_bytes)
+                .collect();
+            bytes.extend((0..n).flat_map(|i| (((i * 7 + seed) % 97) as u16).to_le_bytes()));
+            std::fs::write(data.join(name), bytes).unwrap();
+        };
+        shard("fineweb_val_000000.bin", 400, 3);
+        shard("fineweb_train_000001.bin", 3000, 0);
+        shard("fineweb_train_000002.bin", 2000, 1);
+        let mut spec = spec(root.path(), 4, 0.0);
+        spec.data.source = lockstep_common::spec::DataSource::Prepared;
+        spec.data.path = Some(data);
+        spec.data.tokenizer = Some(lockstep_common::spec::TokenizerSpec::Byte);
+        spec.validate().unwrap();
+        let mut t = local(&spec);
+        assert_eq!(t.model().config().vocab_size, 256);
+        assert_eq!(t.corpus().num_windows(Split::Train), 74 + 49);
+        let losses = train(&mut t, 4);
+        assert!(losses.iter().all(|l| l.is_finite()));
+        let val = t.evaluate().unwrap();
+        assert!(val.is_finite() && val > 0.0);
+        // The same run again is bitwise the same (the loader thread changes nothing).
+        let mut again = local(&spec);
+        assert_eq!(train(&mut again, 4), losses);
+        assert_eq!(again.checksum().unwrap(), t.checksum().unwrap());
     }
 
     fn fixture_dir() -> PathBuf {

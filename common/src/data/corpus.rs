@@ -1,11 +1,16 @@
-//! Turns a [`DataSpec`] into a tokenizer and train/validation token streams, cut into fixed windows of
-//! `seq_len + 1` tokens (inputs and next-token targets overlap by all but one).
+//! Turns a [`crate::spec::DataSpec`] into a tokenizer and train/validation token streams, cut into fixed windows of
+//! `seq_len + 1` tokens (inputs and next-token targets overlap by all but one; see [`Windows`]).
+//!
+//! The built-in addition task and `text` files are tokenised in memory at start-up; a `prepared` directory is
+//! memory-mapped ([`crate::data::dataset`]). Either way the windows are read through the same [`Windows`], so the
+//! trainer, evaluation and generation have one path.
 use std::path::PathBuf;
 
 use crate::data::addition::{self, Problem};
+use crate::data::dataset::{Dataset, Layout, ShardTokens, Windows};
 use crate::data::tokenizer::Tokenizer;
 use crate::error::{Error, Result};
-use crate::spec::{DataSource, RunSpec};
+use crate::spec::{DataSource, DataVerify, RunSpec};
 
 /// Most addition problems generated for operands of many digits.
 const ADDITION_LIMIT: usize = 200_000;
@@ -13,11 +18,15 @@ const ADDITION_LIMIT: usize = 200_000;
 #[derive(Debug, Clone)]
 pub struct Corpus {
     pub tokenizer: Tokenizer,
-    pub train: Vec<u32>,
-    pub val: Vec<u32>,
+    pub train: Windows,
+    pub val: Windows,
     pub seq_len: usize,
     /// The held-out problems, for the addition task's accuracy.
     pub val_problems: Vec<Problem>,
+    /// Where the tokens come from: a file, a directory, or `<built-in addition data>`.
+    pub origin: PathBuf,
+    /// How a directory was laid out; `None` for data tokenised in memory.
+    pub layout: Option<Layout>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,26 +36,35 @@ pub enum Split {
 }
 
 impl Corpus {
-    /// Loads the corpus a spec names. Deterministic: every process gets the same tokens.
+    /// Loads the corpus a spec names, checking a prepared directory's sizes and headers (what a worker checks).
+    /// Deterministic: every process gets the same tokens.
     pub fn load(spec: &RunSpec) -> Result<Self> {
+        Self::load_checked(spec, DataVerify::Sizes)
+    }
+
+    /// As [`Corpus::load`], checking a prepared directory as `verify` says (the coordinator passes `data.verify`).
+    pub fn load_checked(spec: &RunSpec, verify: DataVerify) -> Result<Self> {
         let d = &spec.data;
         let seq_len = spec.train.seq_len;
-        // Interim until the tokenizer module grows gpt2 / hf: support for in-memory text.
-        let kind = match &d.tokenizer {
-            None | Some(crate::spec::TokenizerSpec::Char) => crate::spec::TokenizerKind::Char,
-            Some(crate::spec::TokenizerSpec::Byte) => crate::spec::TokenizerKind::Byte,
-            Some(other) => {
-                return Err(Error::Invalid {
-                    field: "data.tokenizer",
-                    value: other.to_string(),
-                    reason: "not supported for this data source yet".into(),
-                });
-            }
-        };
+        if d.source == DataSource::Prepared {
+            let dir = d.path.clone().unwrap_or_default();
+            let data = Dataset::open(&dir, d.tokenizer.as_ref(), verify)?;
+            let corpus = Corpus {
+                tokenizer: data.tokenizer,
+                train: Windows::new(data.train, seq_len, &dir),
+                val: Windows::new(data.val, seq_len, &dir),
+                seq_len,
+                val_problems: Vec::new(),
+                origin: dir,
+                layout: Some(data.layout),
+            };
+            return corpus.checked(spec);
+        }
+        let tokenizer_spec = d.tokenizer.clone().unwrap_or(crate::spec::TokenizerSpec::Char);
         let (tokenizer, train, val, val_problems, origin) = match d.source {
             DataSource::Addition => {
                 let (train, val) = addition::split(d.addition_digits, d.val_fraction, spec.run.seed, ADDITION_LIMIT);
-                let tokenizer = Tokenizer::learn(kind, addition::ALPHABET);
+                let tokenizer = Tokenizer::for_text(&tokenizer_spec, addition::ALPHABET)?;
                 let text = |ps: &[Problem]| ps.iter().map(Problem::line).collect::<String>();
                 let train_ids = tokenizer.encode(&text(&train))?;
                 let val_ids = tokenizer.encode(&text(&val))?;
@@ -58,13 +76,7 @@ impl Corpus {
                     PathBuf::from("<built-in addition data>"),
                 )
             }
-            DataSource::Prepared => {
-                return Err(Error::Invalid {
-                    field: "data.source",
-                    value: "prepared".into(),
-                    reason: "not supported yet".into(),
-                });
-            }
+            DataSource::Prepared => unreachable!("prepared directories are opened above"),
             DataSource::Text => {
                 let path = d.path.clone().unwrap_or_default();
                 let bytes = std::fs::read(&path).map_err(|source| Error::Read {
@@ -78,7 +90,7 @@ impl Corpus {
                         e.utf8_error().valid_up_to()
                     ),
                 })?;
-                let tokenizer = Tokenizer::learn(kind, &text);
+                let tokenizer = Tokenizer::for_text(&tokenizer_spec, &text)?;
                 let ids = tokenizer.encode(&text)?;
                 let n_val = ((ids.len() as f64) * d.val_fraction).round() as usize;
                 let split_at = ids.len() - n_val;
@@ -91,30 +103,50 @@ impl Corpus {
                 )
             }
         };
+        let in_memory = |ids: Vec<u32>| Windows::new(vec![ShardTokens::Memory(ids)], seq_len, &origin);
+        let (train, val) = (in_memory(train), in_memory(val));
         let corpus = Corpus {
             tokenizer,
             train,
             val,
             seq_len,
             val_problems,
+            origin,
+            layout: None,
         };
+        corpus.checked(spec)
+    }
+
+    /// The corpus, if both splits hold a window and the model's vocabulary fits the tokenizer.
+    fn checked(self, spec: &RunSpec) -> Result<Self> {
         for (split, name) in [(Split::Train, "training"), (Split::Val, "validation")] {
-            if corpus.num_windows(split) == 0 {
+            if self.num_windows(split) == 0 {
+                let hint = match self.layout {
+                    Some(Layout::Prepared) if self.split(split).num_shards() == 0 => {
+                        " (it has no shards: prepare the data with a --val-fraction above 0)"
+                    }
+                    Some(Layout::LlmC) if self.split(split).num_shards() == 0 => {
+                        " (no *val*.bin shard was found next to the training shards)"
+                    }
+                    _ => "",
+                };
                 return Err(Error::Data {
-                    path: origin,
+                    path: self.origin.clone(),
                     message: format!(
-                        "the {name} split has {} tokens, fewer than one window of train.seq_len + 1 = {}; use more data or a shorter sequence",
-                        corpus.tokens(split).len(),
-                        seq_len + 1
+                        "the {name} split has {} tokens{hint}, fewer than one window of train.seq_len + 1 = {}; use \
+                         more data or a shorter sequence",
+                        self.split(split).tokens(),
+                        self.seq_len + 1
                     ),
                 });
             }
         }
-        spec.vocab_size(corpus.tokenizer.vocab_size())?;
-        Ok(corpus)
+        spec.vocab_size(self.tokenizer.vocab_size())?;
+        Ok(self)
     }
 
-    fn tokens(&self, split: Split) -> &[u32] {
+    /// The windows of `split`.
+    pub fn split(&self, split: Split) -> &Windows {
         match split {
             Split::Train => &self.train,
             Split::Val => &self.val,
@@ -123,17 +155,20 @@ impl Corpus {
 
     /// Non-overlapping windows of `seq_len + 1` tokens (the last token of one is the first of the next).
     pub fn num_windows(&self, split: Split) -> u64 {
-        (self.tokens(split).len().saturating_sub(1) / self.seq_len) as u64
+        self.split(split).len()
     }
 
-    /// Inputs and targets of window `index`: `tokens[i·T .. i·T+T]` and the same shifted by one.
-    pub fn window(&self, split: Split, index: u64) -> (&[u32], &[u32]) {
-        let tokens = self.tokens(split);
-        let start = index as usize * self.seq_len;
-        (
-            &tokens[start..start + self.seq_len],
-            &tokens[start + 1..start + self.seq_len + 1],
-        )
+    /// Appends the inputs of window `index` to `inputs` and its targets (the inputs shifted by one) to `targets`.
+    pub fn extend_window(&self, split: Split, index: u64, inputs: &mut Vec<u32>, targets: &mut Vec<u32>) -> Result<()> {
+        self.split(split).extend_window(index, inputs, targets)
+    }
+
+    /// Inputs and targets of window `index`: `tokens[i·T .. i·T+T]` and the same shifted by one (within its shard).
+    pub fn window(&self, split: Split, index: u64) -> Result<(Vec<u32>, Vec<u32>)> {
+        let t = self.seq_len;
+        let (mut inputs, mut targets) = (Vec::with_capacity(t), Vec::with_capacity(t));
+        self.extend_window(split, index, &mut inputs, &mut targets)?;
+        Ok((inputs, targets))
     }
 }
 
@@ -147,12 +182,12 @@ mod tests {
         spec.train.seq_len = 40;
         let corpus = Corpus::load(&spec).unwrap();
         assert_eq!(corpus.tokenizer.vocab_size(), 13);
-        let (x, y) = corpus.window(Split::Train, 3);
-        let text = corpus.tokenizer.decode(x);
+        let (x, y) = corpus.window(Split::Train, 3).unwrap();
+        let text = corpus.tokenizer.decode(&x);
         assert_eq!(text.len(), 40);
         assert_eq!(text.as_bytes()[2], b'+', "{text}");
         assert_eq!(text.as_bytes()[9], b'\n', "{text}");
-        assert_eq!(&corpus.tokenizer.decode(y)[..39], &text[1..]);
+        assert_eq!(&corpus.tokenizer.decode(&y)[..39], &text[1..]);
         assert_eq!(corpus.val_problems.len(), 1000);
     }
 
@@ -166,8 +201,9 @@ mod tests {
         spec.data.path = Some(path.clone());
         spec.train.seq_len = 8;
         let corpus = Corpus::load(&spec).unwrap();
-        assert_eq!(corpus.train.len() + corpus.val.len(), 500);
-        assert_eq!(corpus.val.len(), 50);
+        assert_eq!(corpus.train.tokens() + corpus.val.tokens(), 500);
+        assert_eq!(corpus.val.tokens(), 50);
+        assert_eq!(corpus.num_windows(Split::Val), 49 / 8);
         spec.data.path = Some(dir.path().join("missing.txt"));
         let err = Corpus::load(&spec).unwrap_err().to_string();
         assert!(err.contains("missing.txt"), "{err}");

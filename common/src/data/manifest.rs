@@ -74,7 +74,7 @@ pub struct SourceEntry {
     pub val_fraction: f64,
     /// Lines (text) or records (jsonl) left out because they were not valid UTF-8 (`--invalid-utf8 skip`).
     pub skipped_invalid_utf8: u64,
-    /// Records left out because they had no text in `field` (jsonl only).
+    /// Records left out because they had no text in `field` (jsonl), or empty files (text).
     pub skipped_empty: u64,
 }
 
@@ -194,7 +194,10 @@ mod tests {
         m.format = "lockstep-prepared/99".into();
         m.save(dir.path()).unwrap();
         let err = Manifest::load(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("manifest.json") && err.contains("lockstep-prepared/99"), "{err}");
+        assert!(
+            err.contains("manifest.json") && err.contains("lockstep-prepared/99"),
+            "{err}"
+        );
         std::fs::write(dir.path().join(MANIFEST_FILE), "{}").unwrap();
         let err = Manifest::load(dir.path()).unwrap_err().to_string();
         assert!(err.contains("not a Lockstep data manifest"), "{err}");

@@ -47,9 +47,24 @@ impl DataPlan {
         self.num_windows % self.global_batch
     }
 
+    /// Sequences each epoch reads: every window but the dropped ones.
+    pub fn sequences_per_epoch(&self) -> u64 {
+        self.steps_per_epoch() * self.global_batch
+    }
+
+    /// The epoch (0-based) that global sequence index `index` belongs to.
+    pub fn epoch(&self, index: u64) -> u64 {
+        index / self.sequences_per_epoch()
+    }
+
+    /// How many epochs `steps` optimizer steps amount to (fractional).
+    pub fn epochs_in(&self, steps: u64) -> f64 {
+        steps as f64 / self.steps_per_epoch() as f64
+    }
+
     /// The window read by global sequence index `index`.
     pub fn window(&self, index: u64) -> u64 {
-        let per_epoch = self.steps_per_epoch() * self.global_batch;
+        let per_epoch = self.sequences_per_epoch();
         let (epoch, pos) = (index / per_epoch, index % per_epoch);
         permute(pos, self.num_windows, mix(self.seed, epoch))
     }
@@ -134,6 +149,9 @@ mod tests {
         let plan = DataPlan::new(7, 103, 10).unwrap();
         assert_eq!(plan.steps_per_epoch(), 10);
         assert_eq!(plan.dropped_per_epoch(), 3);
+        assert_eq!(plan.sequences_per_epoch(), 100);
+        assert_eq!((plan.epoch(99), plan.epoch(100)), (0, 1));
+        assert_eq!(plan.epochs_in(25), 2.5);
         let epoch: HashSet<u64> = (0..100).map(|i| plan.window(i)).collect();
         assert_eq!(epoch.len(), 100, "no window twice in an epoch");
     }

@@ -6,12 +6,15 @@
 //! | `20240520` | 1       | `u16`      | up to 65,536 ids    |
 //! | `20240801` | 7       | `u32`      | larger              |
 //!
-//! Writers are atomic (temporary file, fsync, rename); readers check magic, version and that the file size equals
-//! `1024 + tokens × width`, and say what was found, what was expected and what to do. (llm.c `dataloader.h`.)
+//! Writers are atomic (temporary file, fsync, rename) and stream ([`ShardWriter`]: memory does not grow with the
+//! shard); readers check magic, version and that the file size equals `1024 + tokens × width`, and say what was
+//! found, what was expected and what to do. (llm.c `dataloader.h`.)
 use std::ffi::OsString;
 use std::fs::File;
-use std::io::{BufWriter, Read, Write};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 
@@ -98,41 +101,197 @@ impl ShardHeader {
 }
 
 /// Writes a shard to `path` atomically: to `<path>.tmp`, fsynced, then renamed over `path`. An id that does not fit
-/// `width` is an error naming it, and nothing is written.
+/// `width` is an error naming it, and nothing is left behind.
 pub fn write_shard(path: &Path, tokens: &[u32], width: TokenWidth) -> Result<()> {
-    let data_err = |message: String| Error::Data {
-        path: path.to_path_buf(),
-        message,
-    };
-    if let Some((i, &id)) = tokens.iter().enumerate().find(|&(_, &id)| id > width.max_id()) {
-        return Err(data_err(format!(
-            "token {id} at position {} does not fit a {} shard (largest id {}); use TokenWidth::U32",
-            thousands(i as u64),
-            width.name(),
-            thousands(u64::from(width.max_id()))
-        )));
-    }
-    let count = i32::try_from(tokens.len()).map_err(|_| {
-        data_err(format!(
-            "{} tokens do not fit one shard (at most {}); split them over several shards",
-            thousands(tokens.len() as u64),
-            thousands(i32::MAX as u64)
-        ))
-    })?;
+    let mut writer = ShardWriter::create(path, width, tokens.len() as u64)?;
+    writer.push(tokens)?;
+    writer.finish().map(drop)
+}
 
-    let tmp = tmp_path(path);
-    let result = write_file(&tmp, count, tokens, width).and_then(|()| {
-        std::fs::rename(&tmp, path).map_err(|source| Error::Write {
+/// What a finished [`ShardWriter`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrittenShard {
+    pub tokens: u64,
+    /// SHA-256 of the whole file, header included, in lowercase hex.
+    pub sha256: String,
+}
+
+/// Streams a shard to disk: a placeholder header, then tokens as they are pushed, then [`ShardWriter::finish`]
+/// patches the header's count, fsyncs and renames `<path>.tmp` to `path`. Dropped unfinished (an error, a panic),
+/// it removes the temporary file, so `path` holds a complete shard or nothing.
+///
+/// The SHA-256 is computed while writing, assuming the header will say `expected_tokens`; a shard that ends with
+/// another count (a split's last one) is read back once to hash it.
+#[derive(Debug)]
+pub struct ShardWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    out: Option<BufWriter<File>>,
+    width: TokenWidth,
+    tokens: u64,
+    expected: u64,
+    hasher: Sha256,
+    scratch: Vec<u8>,
+    done: bool,
+}
+
+impl ShardWriter {
+    /// Starts `<path>.tmp`. `expected_tokens` (at most `i32::MAX`, the header's limit) is the count the shard will
+    /// most likely end with; any count works, that one saves a read-back.
+    pub fn create(path: &Path, width: TokenWidth, expected_tokens: u64) -> Result<Self> {
+        let expected_count = header_count(path, expected_tokens)?;
+        let tmp = tmp_path(path);
+        let file = File::create(&tmp).map_err(|source| Error::Write {
+            path: tmp.clone(),
+            source,
+        })?;
+        let mut writer = ShardWriter {
             path: path.to_path_buf(),
+            tmp,
+            out: Some(BufWriter::with_capacity(1 << 20, file)),
+            width,
+            tokens: 0,
+            expected: expected_tokens,
+            hasher: Sha256::new(),
+            scratch: Vec::new(),
+            done: false,
+        };
+        writer.hasher.update(header_bytes(width, expected_count));
+        // The real count is patched in by `finish`.
+        writer.write(&header_bytes(width, 0))?;
+        Ok(writer)
+    }
+
+    /// Appends tokens. An id that does not fit the width is an error naming it and its position in the shard.
+    pub fn push(&mut self, ids: &[u32]) -> Result<()> {
+        let width = self.width;
+        if let Some((i, &id)) = ids.iter().enumerate().find(|&(_, &id)| id > width.max_id()) {
+            return Err(Error::Data {
+                path: self.path.clone(),
+                message: format!(
+                    "token {id} at position {} does not fit a {} shard (largest id {}); use TokenWidth::U32",
+                    thousands(self.tokens + i as u64),
+                    width.name(),
+                    thousands(u64::from(width.max_id()))
+                ),
+            });
+        }
+        let total = self.tokens + ids.len() as u64;
+        header_count(&self.path, total)?;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        match width {
+            // Every id was checked against the width, so the narrowing cannot lose bits.
+            TokenWidth::U16 => scratch.extend(ids.iter().flat_map(|&id| (id as u16).to_le_bytes())),
+            TokenWidth::U32 => scratch.extend(ids.iter().flat_map(|&id| id.to_le_bytes())),
+        }
+        self.hasher.update(&scratch);
+        let written = self.write(&scratch);
+        self.scratch = scratch;
+        written?;
+        self.tokens = total;
+        Ok(())
+    }
+
+    /// Tokens pushed so far.
+    pub fn tokens(&self) -> u64 {
+        self.tokens
+    }
+
+    /// Patches the header, fsyncs, and renames the shard into place.
+    pub fn finish(mut self) -> Result<WrittenShard> {
+        let write_err = |source| Error::Write {
+            path: self.tmp.clone(),
+            source,
+        };
+        let out = self
+            .out
+            .take()
+            .ok_or_else(|| write_err(std::io::Error::other("writer already finished")))?;
+        let mut file = out.into_inner().map_err(|e| write_err(e.into_error()))?;
+        // `push` keeps the count within the header's range.
+        let count = self.tokens as i32;
+        file.seek(SeekFrom::Start(0))
+            .and_then(|_| file.write_all(&header_bytes(self.width, count)))
+            .and_then(|()| file.sync_all())
+            .map_err(write_err)?;
+        drop(file);
+        let sha256 = if self.tokens == self.expected {
+            hex::encode(std::mem::take(&mut self.hasher).finalize())
+        } else {
+            sha256_file(&self.tmp)?
+        };
+        std::fs::rename(&self.tmp, &self.path).map_err(|source| Error::Write {
+            path: self.path.clone(),
+            source,
+        })?;
+        self.done = true;
+        sync_parent(&self.path)?;
+        Ok(WrittenShard {
+            tokens: self.tokens,
+            sha256,
+        })
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        let result = match self.out.as_mut() {
+            Some(out) => out.write_all(bytes),
+            None => Err(std::io::Error::other("writer already finished")),
+        };
+        result.map_err(|source| Error::Write {
+            path: self.tmp.clone(),
             source,
         })
-    });
-    if result.is_err() {
-        // Best effort: the write already failed, and a leftover temporary file is harmless.
-        let _ = std::fs::remove_file(&tmp);
     }
-    result?;
-    sync_parent(path)
+}
+
+impl Drop for ShardWriter {
+    fn drop(&mut self) {
+        if !self.done {
+            drop(self.out.take());
+            // Best effort: the shard was abandoned, and a leftover temporary file is harmless.
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// SHA-256 of a file in lowercase hex, read in blocks.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let read_err = |source| Error::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = File::open(path).map_err(read_err)?;
+    let mut hasher = Sha256::new();
+    let mut block = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut block).map_err(read_err)?;
+        if n == 0 {
+            return Ok(hex::encode(hasher.finalize()));
+        }
+        hasher.update(&block[..n]);
+    }
+}
+
+/// `tokens` as the header's `i32` count; more is an error naming the shard.
+fn header_count(path: &Path, tokens: u64) -> Result<i32> {
+    i32::try_from(tokens).map_err(|_| Error::Data {
+        path: path.to_path_buf(),
+        message: format!(
+            "{} tokens do not fit one shard (at most {}); split them over several shards",
+            thousands(tokens),
+            thousands(i32::MAX as u64)
+        ),
+    })
+}
+
+/// The 1024-byte header of a shard of `count` tokens.
+fn header_bytes(width: TokenWidth, count: i32) -> [u8; HEADER_BYTES] {
+    let mut header = [0u8; HEADER_BYTES];
+    header[0..4].copy_from_slice(&width.magic().to_le_bytes());
+    header[4..8].copy_from_slice(&width.version().to_le_bytes());
+    header[8..12].copy_from_slice(&count.to_le_bytes());
+    header
 }
 
 /// Reads and checks a shard's header against the file's size.
@@ -232,33 +391,6 @@ fn parse_header(path: &Path, head: &[u8], file_bytes: u64) -> Result<ShardHeader
     Ok(header)
 }
 
-/// Writes header and tokens to `tmp` and fsyncs it.
-fn write_file(tmp: &Path, count: i32, tokens: &[u32], width: TokenWidth) -> Result<()> {
-    let write_err = |source| Error::Write {
-        path: tmp.to_path_buf(),
-        source,
-    };
-    let file = File::create(tmp).map_err(write_err)?;
-    let mut out = BufWriter::new(file);
-    let mut header = [0i32; HEADER_INTS];
-    header[0] = width.magic();
-    header[1] = width.version();
-    header[2] = count;
-    for v in header {
-        out.write_all(&v.to_le_bytes()).map_err(write_err)?;
-    }
-    for &id in tokens {
-        match width {
-            // Every id was checked against the width, so the narrowing cannot lose bits.
-            TokenWidth::U16 => out.write_all(&(id as u16).to_le_bytes()),
-            TokenWidth::U32 => out.write_all(&id.to_le_bytes()),
-        }
-        .map_err(write_err)?;
-    }
-    let file = out.into_inner().map_err(|e| write_err(e.into_error()))?;
-    file.sync_all().map_err(write_err)
-}
-
 /// `<path>.tmp`.
 fn tmp_path(path: &Path) -> PathBuf {
     let mut name = OsString::from(path.as_os_str());
@@ -290,7 +422,7 @@ fn sync_parent(path: &Path) -> Result<()> {
 }
 
 /// `1234567` → `"1,234,567"`.
-fn thousands(n: u64) -> String {
+pub(crate) fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, c) in digits.chars().enumerate() {
@@ -544,15 +676,103 @@ mod tests {
         assert_eq!(read_shard(&path).unwrap(), vec![0x1234_5678, 65_536]);
     }
 
+    /// llm.c's format built byte by byte from its spec: 256 little-endian i32 `[magic, version, n, 0, ...]`, then
+    /// the n tokens little-endian, `u16` for magic 20240520 / version 1 and `u32` for 20240801 / 7.
+    fn llm_c_bytes(tokens: &[u32], width: TokenWidth) -> Vec<u8> {
+        let (magic, version) = match width {
+            TokenWidth::U16 => (20240520i32, 1i32),
+            TokenWidth::U32 => (20240801, 7),
+        };
+        let mut bytes = hand_header(magic, version, tokens.len() as i32);
+        for &t in tokens {
+            match width {
+                TokenWidth::U16 => bytes.extend(u16::try_from(t).unwrap().to_le_bytes()),
+                TokenWidth::U32 => bytes.extend(t.to_le_bytes()),
+            }
+        }
+        bytes
+    }
+
+    fn sha_hex(bytes: &[u8]) -> String {
+        hex::encode(Sha256::digest(bytes))
+    }
+
     #[test]
-    fn writer_produces_the_llm_c_header_bytes() {
+    fn streaming_writer_is_byte_for_byte_llm_c() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("w.bin");
-        write_shard(&path, &[0x0102, 0x0304], TokenWidth::U16).unwrap();
-        let bytes = std::fs::read(&path).unwrap();
-        let mut expected = hand_header(20240520, 1, 2);
-        expected.extend([0x02, 0x01, 0x04, 0x03]);
-        assert_eq!(bytes, expected);
+        let cases: [(TokenWidth, Vec<u32>); 2] = [
+            (TokenWidth::U16, (0..3000u32).map(|i| (i * 7919) % 65_536).collect()),
+            (
+                TokenWidth::U32,
+                (0..3000u32).map(|i| i.wrapping_mul(2_654_435_761)).collect(),
+            ),
+        ];
+        for (width, tokens) in cases {
+            // The count the header ends with equals the expected one (hashed while writing), or not (read back).
+            for expected in [tokens.len() as u64, 100_000] {
+                let path = dir.path().join(format!("{}_{expected}.bin", width.name()));
+                let mut w = ShardWriter::create(&path, width, expected).unwrap();
+                for part in tokens.chunks(777) {
+                    w.push(part).unwrap();
+                }
+                assert_eq!(w.tokens(), tokens.len() as u64);
+                assert!(!path.exists(), "visible before finish");
+                let written = w.finish().unwrap();
+                let bytes = std::fs::read(&path).unwrap();
+                let expected_bytes = llm_c_bytes(&tokens, width);
+                assert_eq!(bytes, expected_bytes, "{width:?}");
+                assert_eq!(written.tokens, tokens.len() as u64);
+                assert_eq!(written.sha256, sha_hex(&expected_bytes));
+                assert_eq!(sha256_file(&path).unwrap(), written.sha256);
+                assert!(!tmp_path(&path).exists());
+                assert_eq!(read_shard(&path).unwrap(), tokens);
+            }
+        }
+    }
+
+    #[test]
+    fn write_shard_is_byte_for_byte_llm_c() {
+        let dir = tempfile::tempdir().unwrap();
+        for (width, tokens) in [
+            (TokenWidth::U16, vec![0, 1, 0x1234, 65_535]),
+            (TokenWidth::U32, vec![65_536, 7]),
+        ] {
+            let path = dir.path().join("s.bin");
+            write_shard(&path, &tokens, width).unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), llm_c_bytes(&tokens, width));
+        }
+    }
+
+    #[test]
+    fn abandoned_writer_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.bin");
+        let mut w = ShardWriter::create(&path, TokenWidth::U16, 10).unwrap();
+        w.push(&[1, 2, 3]).unwrap();
+        assert!(tmp_path(&path).exists());
+        drop(w);
+        assert!(!tmp_path(&path).exists());
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn streaming_writer_names_a_bad_id_by_its_position_in_the_shard() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.bin");
+        let mut w = ShardWriter::create(&path, TokenWidth::U16, 10).unwrap();
+        w.push(&[1, 2, 3]).unwrap();
+        let msg = err_text(w.push(&[4, 70_000]));
+        assert!(msg.contains("token 70000 at position 4"), "{msg}");
+        assert!(msg.contains("s.bin"), "{msg}");
+    }
+
+    #[test]
+    fn a_count_beyond_the_header_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.bin");
+        let msg = err_text(ShardWriter::create(&path, TokenWidth::U16, 1 << 31));
+        assert!(msg.contains("2,147,483,648 tokens do not fit one shard"), "{msg}");
+        assert!(!tmp_path(&path).exists());
     }
 
     #[test]

@@ -63,7 +63,9 @@ impl FromStr for TokenizerSpec {
         }
         if let Some(path) = s.strip_prefix("hf:") {
             if path.is_empty() {
-                return Err(invalid("hf: needs the path of a tokenizer.json, e.g. hf:models/gpt2/tokenizer.json".into()));
+                return Err(invalid(
+                    "hf: needs the path of a tokenizer.json, e.g. hf:models/gpt2/tokenizer.json".into(),
+                ));
             }
             return Ok(TokenizerSpec::Hf(PathBuf::from(path)));
         }
@@ -110,7 +112,10 @@ mod tests {
             let spec: TokenizerSpec = s.parse().unwrap();
             assert_eq!(spec.to_string(), s);
         }
-        assert_eq!("bpe:300".parse::<TokenizerSpec>().unwrap(), TokenizerSpec::Bpe { vocab_size: 300 });
+        assert_eq!(
+            "bpe:300".parse::<TokenizerSpec>().unwrap(),
+            TokenizerSpec::Bpe { vocab_size: 300 }
+        );
     }
 
     #[test]
