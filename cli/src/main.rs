@@ -155,7 +155,7 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", lockstep_common::error::one_line(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -53,21 +53,9 @@ fn report(message: &str) {
     eprintln!("error: {line}");
 }
 
-/// The error and its causes on one line. Some errors already print their source; a cause whose text the line
-/// already ends with is not repeated.
+/// The error and its causes on one line.
 fn chain(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if line.ends_with(&text) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&text);
-    }
-    line
+    lockstep_common::error::one_line(e.as_ref())
 }
 
 fn main() -> ExitCode {

@@ -50,7 +50,7 @@ fn main() -> ExitCode {
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", lockstep_common::error::one_line(e.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -50,11 +50,7 @@ impl FromStr for TokenizerSpec {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self, Error> {
-        let invalid = |reason: String| Error::Invalid {
-            field: "tokenizer",
-            value: s.to_string(),
-            reason,
-        };
+        let invalid = |reason: String| Error::Tokenizer(format!("{s:?}: {reason}"));
         match s {
             "char" => return Ok(TokenizerSpec::Char),
             "byte" => return Ok(TokenizerSpec::Byte),
