@@ -3,7 +3,11 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("proto");
+    // Read at run time, not compile time: a build script binary reused from another checkout of the same source
+    // (a shared target directory) must still find this checkout's proto.
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?)
+        .join("..")
+        .join("proto");
     let proto = root.join("lockstep/v1/lockstep.proto");
     println!("cargo:rerun-if-changed={}", proto.display());
     let out = PathBuf::from(std::env::var("OUT_DIR")?);

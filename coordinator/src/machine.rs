@@ -129,6 +129,8 @@ pub struct RunMachine {
     spec: RunSpec,
     spec_json: String,
     spec_hash: String,
+    /// The data as the coordinator read it ([`RunMachine::with_data_fingerprint`]); empty = not checked.
+    data_fingerprint: String,
     phase: Phase,
     started: Instant,
     ended: Option<Instant>,
@@ -156,6 +158,7 @@ impl RunMachine {
         Self {
             spec_json: spec.to_json(),
             spec_hash: spec.training_hash(),
+            data_fingerprint: String::new(),
             spec,
             phase: Phase::Waiting,
             started: now,
@@ -168,6 +171,13 @@ impl RunMachine {
             last_checkpoint: None,
             error: String::new(),
         }
+    }
+
+    /// Hands every worker `fingerprint` (the coordinator's `Corpus::fingerprint`) in its assignment, so a worker
+    /// reading another copy of the data refuses to train.
+    pub fn with_data_fingerprint(mut self, fingerprint: String) -> Self {
+        self.data_fingerprint = fingerprint;
+        self
     }
 
     pub fn phase(&self) -> Phase {
@@ -297,6 +307,7 @@ impl RunMachine {
                     end_step: self.spec.train.total_steps,
                     data_cursor: 0,
                     resume_from: String::new(),
+                    data_fingerprint: self.data_fingerprint.clone(),
                 }),
             ));
         }

@@ -154,6 +154,7 @@ fn prepare(cli: &Cli) -> anyhow::Result<(RunSpec, ServeOptions)> {
     );
     let opts = ServeOptions {
         serve_after_finish: cli.serve_after_finish,
+        data_fingerprint: corpus.fingerprint.clone(),
         ..ServeOptions::default()
     };
     Ok((spec, opts))

@@ -26,6 +26,8 @@ pub struct ServeOptions {
     pub serve_after_finish: bool,
     /// After the run ended, how long to wait for workers to close their sessions (they exit on Stop/Abort).
     pub session_grace: Duration,
+    /// The coordinator's `Corpus::fingerprint`, sent in every assignment; empty = workers do not check it.
+    pub data_fingerprint: String,
 }
 
 impl Default for ServeOptions {
@@ -33,6 +35,7 @@ impl Default for ServeOptions {
         Self {
             serve_after_finish: false,
             session_grace: Duration::from_secs(10),
+            data_fingerprint: String::new(),
         }
     }
 }
@@ -47,7 +50,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<RunOutcome> {
     let addr = listener.local_addr().map_err(Error::Listener)?;
-    let shared = Shared::new(RunMachine::new(spec, std::time::Instant::now()));
+    let shared = Shared::new(
+        RunMachine::new(spec, std::time::Instant::now()).with_data_fingerprint(opts.data_fingerprint.clone()),
+    );
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CoordinatorServer<CoordinatorService>>().await;

@@ -1,5 +1,9 @@
 //! Real coordinator and worker processes on 127.0.0.1 (DESIGN §8, tier 3).
+use lockstep_cli::procs;
+use lockstep_common::data::dataset::write_prepared;
+use lockstep_common::data::tokenizer::{Tokenizer, TokenizerSpec};
 use lockstep_common::proto::RunState;
+use lockstep_common::spec::DataSource;
 use lockstep_tests::{Cluster, load_tensors, relative_l2, small_spec};
 
 /// Per-step (loss, checksum) from a worker's JSON log.
@@ -180,34 +184,9 @@ async fn a_worker_with_a_conflicting_spec_is_refused_in_one_line() {
 /// perplexity in the workers' logs and in the status.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_train_on_a_prepared_directory_and_report_perplexity() {
-    use lockstep_common::data::dataset::write_prepared;
-    use lockstep_common::data::tokenizer::{Tokenizer, TokenizerSpec};
-    use lockstep_common::spec::DataSource;
-
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    let text = |n: usize, seed: usize| {
-        let words = [
-            "the ", "quick ", "brown ", "fox ", "jumps ", "over ", "a ", "lazy ", "dog. ",
-        ];
-        (0..n)
-            .map(|i| words[(i * i + seed) % words.len()])
-            .collect::<String>()
-            .bytes()
-            .take(n)
-            .map(u32::from)
-            .collect::<Vec<u32>>()
-    };
-    let tokenizer = Tokenizer::train(&TokenizerSpec::Byte, std::iter::empty::<String>()).unwrap();
-    write_prepared(
-        &data,
-        &tokenizer,
-        &TokenizerSpec::Byte,
-        &[text(3000, 0), text(2000, 1)],
-        &[text(600, 2)],
-    )
-    .unwrap();
+    write_data(&data, 0);
     let mut spec = small_spec(dir.path(), 2, 6);
     spec.data.source = DataSource::Prepared;
     spec.data.path = Some(data);
@@ -248,4 +227,73 @@ async fn two_workers_train_on_a_prepared_directory_and_report_perplexity() {
         log.contains("train_windows=123") && log.contains("steps_per_epoch=7") && log.contains("dropped_per_epoch=11"),
         "{log}"
     );
+}
+
+/// A prepared directory of byte tokens at `data`: two training shards and one validation shard of English-like
+/// words; `seed` changes the words.
+fn write_data(data: &std::path::Path, seed: usize) {
+    let text = |n: usize, shard: usize| {
+        let words = [
+            "the ", "quick ", "brown ", "fox ", "jumps ", "over ", "a ", "lazy ", "dog. ",
+        ];
+        (0..n)
+            .map(|i| words[(i * i + shard + seed) % words.len()])
+            .collect::<String>()
+            .bytes()
+            .take(n)
+            .map(u32::from)
+            .collect::<Vec<u32>>()
+    };
+    std::fs::create_dir_all(data).unwrap();
+    let tokenizer = Tokenizer::train(&TokenizerSpec::Byte, std::iter::empty::<String>()).unwrap();
+    write_prepared(
+        data,
+        &tokenizer,
+        &TokenizerSpec::Byte,
+        &[text(3000, 0), text(2000, 1)],
+        &[text(600, 2)],
+    )
+    .unwrap();
+}
+
+/// A worker whose copy of the data differs from the coordinator's refuses to train and says so; the sum of
+/// gradients would otherwise hide it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_other_data_than_the_coordinator_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write_data(&data, 0);
+    let mut spec = small_spec(dir.path(), 1, 4);
+    spec.data.source = DataSource::Prepared;
+    spec.data.path = Some(data.clone());
+    let config = dir.path().join("run.toml");
+    std::fs::write(&config, toml::to_string(&spec).unwrap()).unwrap();
+    let mut coordinator = procs::spawn_coordinator(
+        &config,
+        &dir.path().join("coordinator.log"),
+        &[],
+        std::time::Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    // The coordinator has read the data (it does before it listens); the worker's host has another copy.
+    std::fs::remove_dir_all(&data).unwrap();
+    write_data(&data, 1);
+    let args: Vec<String> = ["--threads", "1", "--log-format", "json"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut worker = procs::spawn_worker(&coordinator.url(), &dir.path().join("worker-0.log"), &args).unwrap();
+    let status = tokio::time::timeout(std::time::Duration::from_secs(120), worker.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!status.success(), "the worker trained on other data");
+    let c = tokio::time::timeout(std::time::Duration::from_secs(120), coordinator.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!c.success(), "the run should fail");
+    let log = std::fs::read_to_string(dir.path().join("coordinator.log")).unwrap();
+    assert!(log.contains("is not the coordinator's (data fingerprint"), "{log}");
 }

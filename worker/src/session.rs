@@ -252,6 +252,18 @@ fn train(job: Job) -> Result<()> {
             std::path::Path::new(&a.resume_from),
         )?
     };
+    let ours = &trainer.corpus().fingerprint;
+    if !a.data_fingerprint.is_empty() && *ours != a.data_fingerprint {
+        return Err(Error::Common(lockstep_common::Error::Data {
+            path: trainer.corpus().origin.clone(),
+            message: format!(
+                "this worker's copy of the training data is not the coordinator's (data fingerprint {} vs {}); give \
+                 every host the same copy of data.path (the same lockstep prepare output, or the same file)",
+                short(ours),
+                short(&a.data_fingerprint)
+            ),
+        }));
+    }
     if trainer.step() != a.start_step || trainer.data_cursor() != a.data_cursor {
         let from = if a.resume_from.is_empty() {
             "a new run".to_string()
@@ -433,4 +445,9 @@ fn hostname() -> String {
         .filter(|s| !s.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "localhost".into())
+}
+
+/// The first 12 hex digits of a SHA-256, enough to tell two apart in a message.
+fn short(hex: &str) -> &str {
+    hex.get(..12).unwrap_or(hex)
 }

@@ -27,6 +27,8 @@ pub struct Corpus {
     pub origin: PathBuf,
     /// How a directory was laid out; `None` for data tokenised in memory.
     pub layout: Option<Layout>,
+    /// SHA-256 identifying the tokens (see [`Corpus::fingerprint`]).
+    pub fingerprint: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,20 +48,6 @@ impl Corpus {
     pub fn load_checked(spec: &RunSpec, verify: DataVerify) -> Result<Self> {
         let d = &spec.data;
         let seq_len = spec.train.seq_len;
-        if d.source == DataSource::Prepared {
-            let dir = d.path.clone().unwrap_or_default();
-            let data = Dataset::open(&dir, d.tokenizer.as_ref(), verify)?;
-            let corpus = Corpus {
-                tokenizer: data.tokenizer,
-                train: Windows::new(data.train, seq_len, &dir),
-                val: Windows::new(data.val, seq_len, &dir),
-                seq_len,
-                val_problems: Vec::new(),
-                origin: dir,
-                layout: Some(data.layout),
-            };
-            return corpus.checked(spec);
-        }
         let tokenizer_spec = d.tokenizer.clone().unwrap_or(crate::spec::TokenizerSpec::Char);
         let (tokenizer, train, val, val_problems, origin) = match d.source {
             DataSource::Addition => {
@@ -76,7 +64,7 @@ impl Corpus {
                     PathBuf::from("<built-in addition data>"),
                 )
             }
-            DataSource::Prepared => unreachable!("prepared directories are opened above"),
+            DataSource::Prepared => return Self::load_prepared(spec, verify),
             DataSource::Text => {
                 let path = d.path.clone().unwrap_or_default();
                 let bytes = std::fs::read(&path).map_err(|source| Error::Read {
@@ -113,6 +101,26 @@ impl Corpus {
             val_problems,
             origin,
             layout: None,
+            fingerprint: String::new(),
+        };
+        corpus.checked(spec)
+    }
+
+    /// Opens a `prepared` directory (or llm.c shards), checking it as `verify` says.
+    fn load_prepared(spec: &RunSpec, verify: DataVerify) -> Result<Self> {
+        let d = &spec.data;
+        let seq_len = spec.train.seq_len;
+        let dir = d.path.clone().unwrap_or_default();
+        let data = Dataset::open(&dir, d.tokenizer.as_ref(), verify)?;
+        let corpus = Corpus {
+            tokenizer: data.tokenizer,
+            train: Windows::new(data.train, seq_len, &dir),
+            val: Windows::new(data.val, seq_len, &dir),
+            seq_len,
+            val_problems: Vec::new(),
+            origin: dir,
+            layout: Some(data.layout),
+            fingerprint: String::new(),
         };
         corpus.checked(spec)
     }
@@ -142,7 +150,29 @@ impl Corpus {
             }
         }
         spec.vocab_size(self.tokenizer.vocab_size())?;
-        Ok(self)
+        let fingerprint = self.fingerprint()?;
+        Ok(Corpus { fingerprint, ..self })
+    }
+
+    /// SHA-256 that differs when two processes would read different tokens: of `manifest.json` for a prepared
+    /// directory (it holds every shard's SHA-256 and the tokenizer's), else of the shards' names and token counts
+    /// (llm.c shards) or the token ids themselves (data tokenised in memory), with the sequence length. Workers
+    /// compare theirs with the coordinator's, so a host with another copy of the data is refused instead of
+    /// silently training on other sequences (the gradients are summed, so nothing else would notice).
+    fn fingerprint(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let mut hasher = Sha256::new();
+        hasher.update((self.seq_len as u64).to_le_bytes());
+        if self.layout == Some(Layout::Prepared) {
+            let path = self.origin.join(crate::data::manifest::MANIFEST_FILE);
+            let bytes = std::fs::read(&path).map_err(|source| Error::Read { path, source })?;
+            hasher.update(&bytes);
+        } else {
+            self.train.identify(&mut hasher);
+            hasher.update(b"val");
+            self.val.identify(&mut hasher);
+        }
+        Ok(hex::encode(hasher.finalize()))
     }
 
     /// The windows of `split`.

@@ -53,6 +53,32 @@ impl Windows {
         self.shards.iter().map(ShardTokens::len).sum()
     }
 
+    /// Feeds what identifies these tokens to `hasher`: the ids of in-memory shards, the file name and token count of
+    /// mapped ones (their contents are vouched for by the manifest's checksums, or by the coordinator's full pass).
+    pub fn identify(&self, hasher: &mut sha2::Sha256) {
+        use sha2::Digest;
+        for shard in self.shards.iter() {
+            match shard {
+                ShardTokens::Memory(ids) => {
+                    hasher.update(b"memory");
+                    for id in ids {
+                        hasher.update(id.to_le_bytes());
+                    }
+                }
+                ShardTokens::Mapped(m) => {
+                    hasher.update(b"mapped");
+                    let name = m
+                        .path()
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    hasher.update(name.as_bytes());
+                    hasher.update(m.header().tokens.to_le_bytes());
+                }
+            }
+        }
+    }
+
     pub fn num_shards(&self) -> usize {
         self.shards.len()
     }
