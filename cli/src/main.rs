@@ -339,7 +339,8 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<ExitCode> {
         let (prompt, _) = corpus.window(Split::Val, 0)?;
         let prompt = prompt[..prompt.len().min(16)].to_vec();
         let text = tokio::task::spawn_blocking(move || demo::sample_text(&ckpt, &prompt, 200)).await??;
-        println!("sample:\n{text}");
+        // An undertrained model's greedy continuation is often a run of newlines; they say nothing.
+        println!("sample (greedy):\n{}", text.trim_end());
     }
     Ok(ExitCode::SUCCESS)
 }

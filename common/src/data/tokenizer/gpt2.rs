@@ -222,13 +222,8 @@ mod tests {
             "supercalifragilisticexpialidocious",
             "x",
         ];
-        let mut x = 0x853c_49e6_748f_ea9bu64;
-        let mut next = |n: usize| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % n as u64) as usize
-        };
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0x853c_49e6_748f_ea9b);
+        let mut next = |n: usize| rand::Rng::random_range(&mut rng, 0..n);
         let tok = Gpt2Tokenizer;
         for _ in 0..5000 {
             let text: String = (0..next(24)).map(|_| pieces[next(pieces.len())]).collect();

@@ -350,13 +350,8 @@ mod tests {
             "--",
             "e\u{301}",
         ];
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let mut next = |n: usize| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % n as u64) as usize
-        };
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0x2545_f491_4f6c_dd1d);
+        let mut next = |n: usize| rand::Rng::random_range(&mut rng, 0..n);
         for tok in [&bpe, &prefixed] {
             let super::super::Kind::Hf(hf) = &tok.kind else {
                 panic!("a Hugging Face tokenizer")

@@ -166,15 +166,7 @@ impl Tokenizer {
 
 /// `n` with thousands separators: 50257 → "50,257".
 fn thousands(n: usize) -> String {
-    let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
+    crate::data::shard::thousands(n as u64)
 }
 
 #[cfg(test)]
@@ -187,13 +179,8 @@ mod tests {
             "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "and", "runs", "away", "from", "naïve",
             "café", "data", "parallel", "training", "tokens", "are", "fun", "übung", "Straße", "日本", "語",
         ];
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let mut next = |n: usize| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % n as u64) as usize
-        };
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0x2545_f491_4f6c_dd1d);
+        let mut next = |n: usize| rand::Rng::random_range(&mut rng, 0..n);
         (0..docs)
             .map(|d| {
                 let mut doc = format!("Document {d}.");

@@ -190,13 +190,8 @@ mod tests {
             "\u{7f}",
             "\u{b}",
         ];
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = |n: usize| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % n as u64) as usize
-        };
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0x9e37_79b9_7f4a_7c15);
+        let mut next = |n: usize| rand::Rng::random_range(&mut rng, 0..n);
         for _ in 0..2000 {
             let text: String = (0..next(16)).map(|_| pieces[next(pieces.len())]).collect();
             let mut pre = PreTokenizedString::from(text.as_str());
