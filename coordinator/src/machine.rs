@@ -390,7 +390,7 @@ impl RunMachine {
         if let Err(divergence) = recorded {
             let Divergence { step, .. } = divergence;
             error!(step, %divergence, "parameters diverged between ranks");
-            self.fail(divergence.to_string(), None, now, out);
+            self.fail(divergence.to_string(), now, out);
         }
     }
 
@@ -526,11 +526,13 @@ impl RunMachine {
             w.last_step
         );
         error!(worker = %w.id, rank = w.rank, host = %w.host, step = w.last_step, verb, %reason, "member stopped before finishing");
-        self.fail(message, Some(idx), now, out);
+        self.fail(message, now, out);
     }
 
-    /// Ends the run as FAILED and aborts every connected member except `culprit`.
-    fn fail(&mut self, message: String, culprit: Option<usize>, now: Instant, out: &mut Vec<Action>) {
+    /// Ends the run as FAILED and aborts every connected member — the one at fault too, when it is still connected:
+    /// a worker that reported an error waits for that answer before it exits, so its report is not lost with its
+    /// connection.
+    fn fail(&mut self, message: String, now: Instant, out: &mut Vec<Action>) {
         if self.phase.is_final() {
             return;
         }
@@ -539,7 +541,7 @@ impl RunMachine {
         self.error = message.clone();
         for &i in &self.members {
             let w = &self.workers[i];
-            if w.connected && Some(i) != culprit {
+            if w.connected {
                 out.push(send(
                     w.conn,
                     Down::Abort(proto::Abort {

@@ -23,6 +23,8 @@ use crate::collective::{Collective, Local};
 use crate::error::{Error, Result};
 use crate::trainer::{Trainer, due};
 
+/// How long a worker whose training failed waits for the coordinator to acknowledge its error report.
+const REPORT_GRACE: Duration = Duration::from_secs(10);
 /// How a worker is started (the binary's flags).
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
@@ -186,8 +188,18 @@ pub async fn run(opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> Res
                     Ok(Ok(())) => info!("assignment complete; waiting for the coordinator to stop the run"),
                     Ok(Err(e)) => {
                         send(&up, worker_message::Msg::Error(WorkerError { message: e.to_string() }));
-                        // Give the report a moment to leave before the stream drops with the process.
-                        tokio::task::yield_now().await;
+                        // Exiting now could drop the report with the stream; the coordinator answers it (Abort), so
+                        // wait for that — or for the session to end — a bounded time.
+                        let answered = async {
+                            while let Ok(Some(m)) = inbound.message().await {
+                                if matches!(m.msg, Some(coordinator_message::Msg::Abort(_) | coordinator_message::Msg::Stop(_))) {
+                                    break;
+                                }
+                            }
+                        };
+                        if tokio::time::timeout(REPORT_GRACE, answered).await.is_err() {
+                            warn!(secs = REPORT_GRACE.as_secs(), "the coordinator did not answer the error report");
+                        }
                         return Err(e);
                     }
                     Err(_) => return Err(Error::Model("the training thread ended without a result".into())),
