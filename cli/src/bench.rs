@@ -10,29 +10,96 @@ use lockstep_common::data::corpus::Split;
 use lockstep_common::data::dataset::write_prepared;
 use lockstep_common::data::tokenizer::TokenizerSpec;
 use lockstep_common::data::{Corpus, DataPlan, Tokenizer};
-use lockstep_common::spec::DataSource;
+use lockstep_common::spec::{ComputeDtype, DataSource};
 use lockstep_worker::collective::{Collective, Local};
 use lockstep_worker::collective::{Ring, RingConfig, RingListener};
+use lockstep_worker::flops::{self, flops_per_token};
+use lockstep_worker::hardware::peak_rss_bytes;
 use lockstep_worker::loader::{Loader, Share};
 use lockstep_worker::trainer::{StepOutcome, Trainer};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 use crate::error::{Error, Result};
 
-/// nanoGPT's CPU Shakespeare shape: 4 layers, 4 heads, 128 dims, context 64, batch 12 per worker, vocab 65.
-pub fn nanogpt_cpu_spec(workers: u32) -> RunSpec {
-    let mut spec = RunSpec::default();
-    spec.model.n_layer = 4;
-    spec.model.n_head = 4;
-    spec.model.n_embd = 128;
-    spec.model.block_size = 64;
-    spec.model.vocab_size = 65;
-    spec.train.seq_len = 64;
-    spec.train.micro_batch = 12;
-    spec.train.global_batch = 12 * workers as usize;
-    spec.train.warmup_steps = 0;
-    spec.cluster.min_workers = workers;
-    spec.cluster.max_workers = workers;
-    spec
+/// What `lockstep bench train` trains when no `--config` is given: a preset on random tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RandomTokens {
+    /// A `model.preset` name.
+    pub preset: String,
+    /// Tokens per sequence; default the preset's context length.
+    pub seq_len: Option<usize>,
+    /// Sequences per forward/backward on each rank (the global batch is this × ranks: no accumulation).
+    pub micro_batch: usize,
+    /// The model's vocabulary; default the preset's, or 65 (nanoGPT's Shakespeare characters) when it has none.
+    pub vocab_size: Option<usize>,
+    pub dtype: ComputeDtype,
+}
+
+/// Random ids are drawn from a character vocabulary of CJK ideographs up to this many ids, else from GPT-2's.
+const MAX_CHAR_VOCAB: usize = 20_000;
+
+/// The spec for `r` on `workers` ranks, and the generated directory of random tokens it reads (deleted when the
+/// guard drops). The tokenizer is a character one of exactly the vocabulary's size, or GPT-2's for vocabularies of
+/// 50,257 ids or more (a larger `vocab_size` pads the embedding, as llm.c's 50,304 does).
+pub fn random_tokens_spec(r: &RandomTokens, workers: u32) -> Result<(RunSpec, GeneratedDir)> {
+    if r.micro_batch == 0 || workers == 0 {
+        return Err(Error::Usage("--micro-batch and --workers must be at least 1".into()));
+    }
+    let shape = RunSpec::from_toml_str(&format!("[model]\npreset = {:?}\n", r.preset))?;
+    let vocab = r.vocab_size.unwrap_or(match shape.model.vocab_size {
+        0 => 65,
+        v => v,
+    });
+    let seq_len = r.seq_len.unwrap_or(shape.model.block_size);
+    let (tokenizer, tokenizer_spec) = if vocab >= 50_257 {
+        (
+            Tokenizer::train(&TokenizerSpec::Gpt2, std::iter::empty())?,
+            TokenizerSpec::Gpt2,
+        )
+    } else if (2..=MAX_CHAR_VOCAB).contains(&vocab) {
+        // vocab − 1 characters + end-of-text = exactly `vocab` ids.
+        let chars: String = (0..vocab as u32 - 1)
+            .filter_map(|i| char::from_u32(0x4E00 + i))
+            .collect();
+        (
+            Tokenizer::train(&TokenizerSpec::Char, std::iter::once(chars))?,
+            TokenizerSpec::Char,
+        )
+    } else {
+        return Err(Error::Usage(format!(
+            "--vocab-size {vocab}: random tokens come from a character vocabulary of 2 to {MAX_CHAR_VOCAB} ids or from \
+             GPT-2's (50,257 or more)"
+        )));
+    };
+    let global = r.micro_batch * workers as usize;
+    // Two epochs' worth of windows is plenty: the data's content does not change the step's cost.
+    let windows = (2 * global).max(8);
+    let ids = tokenizer.vocab_size() as u32;
+    let generated = GeneratedDir::random(
+        "train",
+        &tokenizer,
+        &tokenizer_spec,
+        &[windows * seq_len + 1],
+        seq_len + 1,
+        ids,
+    )?;
+    let dtype = match r.dtype {
+        ComputeDtype::F32 => "f32",
+        ComputeDtype::Bf16 => "bf16",
+    };
+    let toml = format!(
+        "[cluster]\nmin_workers = {workers}\nmax_workers = {workers}\n\
+         [model]\npreset = {preset:?}\nvocab_size = {vocab}\nblock_size = {block}\n\
+         [data]\nsource = \"prepared\"\npath = {path:?}\nverify = \"sizes\"\n\
+         [train]\nseq_len = {seq_len}\nglobal_batch = {global}\nmicro_batch = {micro}\nwarmup_steps = 0\n\
+         eval_interval = 0\nchecksum_interval = 0\ncompute_dtype = \"{dtype}\"\n",
+        preset = r.preset,
+        block = shape.model.block_size.max(seq_len),
+        path = generated.path().display().to_string(),
+        micro = r.micro_batch,
+    );
+    Ok((RunSpec::from_toml_str(&toml)?, generated))
 }
 
 /// Mean per-step figures over the measured steps, summed over ranks for tokens/s.
@@ -47,11 +114,31 @@ pub struct TrainBench {
     pub backward_ms: f64,
     pub allreduce_ms: f64,
     pub optimizer_ms: f64,
+    /// Forward + backward flops per trained token (nanoGPT's 6N + 12·L·H·Q·T; [`flops_per_token`]).
+    pub flops_per_token: f64,
+    /// The process's peak resident memory (every rank is a thread of it), if known.
+    pub peak_rss_bytes: Option<u64>,
+}
+
+impl TrainBench {
+    /// Model flops utilisation against `peak_flops` (the device's dense peak for the run's dtype).
+    pub fn mfu(&self, peak_flops: f64) -> f64 {
+        flops::mfu(self.flops_per_token, self.tokens_per_sec, peak_flops)
+    }
+}
+
+/// What one rank of [`train`] measured.
+struct RankRun {
+    outs: Vec<StepOutcome>,
+    /// Wall time of the measured steps.
+    secs: f64,
+    params: usize,
+    flops: f64,
 }
 
 /// Trains `spec` with `workers` ranks (threads in this process, joined by a loopback ring), `warmup` unmeasured
 /// steps then `steps` measured ones. Rank 0's timing split is reported.
-pub fn train(spec: &RunSpec, workers: u32, warmup: u64, steps: u64) -> Result<TrainBench> {
+pub fn train(spec: &RunSpec, device: &Device, workers: u32, warmup: u64, steps: u64) -> Result<TrainBench> {
     let mut spec = spec.clone();
     spec.train.total_steps = spec.train.total_steps.max(warmup + steps);
     spec.validate()?;
@@ -60,13 +147,13 @@ pub fn train(spec: &RunSpec, workers: u32, warmup: u64, steps: u64) -> Result<Tr
         .collect::<Result<Vec<_>, _>>()?;
     let peers: Vec<String> = listeners.iter().map(|l| l.local_addr().to_string()).collect();
     let timeout = std::time::Duration::from_secs(spec.cluster.collective_timeout_secs);
-    let results: Vec<Result<(Vec<StepOutcome>, f64, usize)>> = std::thread::scope(|s| {
+    let results: Vec<Result<RankRun>> = std::thread::scope(|s| {
         let handles: Vec<_> = listeners
             .into_iter()
             .enumerate()
             .map(|(rank, listener)| {
                 let (spec, peers) = (spec.clone(), peers.clone());
-                s.spawn(move || -> Result<(Vec<StepOutcome>, f64, usize)> {
+                s.spawn(move || -> Result<RankRun> {
                     let collective: Box<dyn Collective> = if workers == 1 {
                         Box::new(Local)
                     } else {
@@ -79,7 +166,8 @@ pub fn train(spec: &RunSpec, workers: u32, warmup: u64, steps: u64) -> Result<Tr
                         };
                         Box::new(Ring::connect(&listener, cfg)?)
                     };
-                    let mut trainer = Trainer::new(spec, collective, Device::Cpu)?;
+                    let seq_len = spec.train.seq_len;
+                    let mut trainer = Trainer::new(spec, collective, device.clone())?;
                     for _ in 0..warmup {
                         trainer.train_step()?;
                     }
@@ -87,7 +175,14 @@ pub fn train(spec: &RunSpec, workers: u32, warmup: u64, steps: u64) -> Result<Tr
                     let outs = (0..steps)
                         .map(|_| trainer.train_step())
                         .collect::<Result<Vec<_>, _>>()?;
-                    Ok((outs, start.elapsed().as_secs_f64(), trainer.params().num_elements()))
+                    let params = trainer.params().num_elements();
+                    let flops = flops_per_token(trainer.model().config(), params, seq_len);
+                    Ok(RankRun {
+                        outs,
+                        secs: start.elapsed().as_secs_f64(),
+                        params,
+                        flops,
+                    })
                 })
             })
             .collect();
@@ -105,12 +200,18 @@ pub fn train(spec: &RunSpec, workers: u32, warmup: u64, steps: u64) -> Result<Tr
         ..Default::default()
     };
     for (rank, result) in results.into_iter().enumerate() {
-        let (outs, secs, params) = result?;
+        let RankRun {
+            outs,
+            secs,
+            params,
+            flops,
+        } = result?;
         let tokens: u64 = outs.iter().map(|o| o.tokens).sum();
         bench.tokens_per_sec += tokens as f64 / secs;
         if rank == 0 {
             let n = outs.len().max(1) as f64;
             bench.params = params;
+            bench.flops_per_token = flops;
             bench.step_ms = outs.iter().map(|o| o.step_ms).sum::<f64>() / n;
             bench.forward_ms = outs.iter().map(|o| o.forward_ms).sum::<f64>() / n;
             bench.backward_ms = outs.iter().map(|o| o.backward_ms).sum::<f64>() / n;
@@ -118,6 +219,7 @@ pub fn train(spec: &RunSpec, workers: u32, warmup: u64, steps: u64) -> Result<Tr
             bench.optimizer_ms = outs.iter().map(|o| o.optimizer_ms).sum::<f64>() / n;
         }
     }
+    bench.peak_rss_bytes = peak_rss_bytes();
     Ok(bench)
 }
 
@@ -155,7 +257,9 @@ pub fn data(
     let (dir, generated) = match data {
         Some(dir) => (dir.to_path_buf(), None),
         None => {
-            let g = GeneratedDir::write()?;
+            let tokenizer = Tokenizer::train(&TokenizerSpec::Byte, std::iter::empty::<String>())?;
+            let shards = [GENERATED_SHARD_TOKENS; GENERATED_SHARDS];
+            let g = GeneratedDir::random("data", &tokenizer, &TokenizerSpec::Byte, &shards, 1 << 16, 256)?;
             (g.0.clone(), Some(g))
         }
     };
@@ -195,33 +299,37 @@ pub fn data(
     })
 }
 
-/// A prepared directory of pseudo-random byte tokens under the system's temporary directory, deleted on drop.
-struct GeneratedDir(PathBuf);
+/// A prepared directory of random tokens under the system's temporary directory, deleted on drop.
+#[derive(Debug)]
+pub struct GeneratedDir(PathBuf);
 
 impl GeneratedDir {
-    fn write() -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("lockstep-bench-data-{}", std::process::id()));
+    /// Training shards of `train` tokens each and one validation shard of `val` tokens, ids uniform in `0..ids`
+    /// (seeded: the same every time), with `tokenizer`.
+    fn random(
+        tag: &str,
+        tokenizer: &Tokenizer,
+        spec: &TokenizerSpec,
+        train: &[usize],
+        val: usize,
+        ids: u32,
+    ) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("lockstep-bench-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
             context: format!("create {}", dir.display()),
             source,
         })?;
         let generated = GeneratedDir(dir);
-        let tokenizer = Tokenizer::train(&TokenizerSpec::Byte, std::iter::empty::<String>())?;
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        let mut shard = || {
-            (0..GENERATED_SHARD_TOKENS)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    (x % 256) as u32
-                })
-                .collect::<Vec<u32>>()
-        };
-        let train: Vec<Vec<u32>> = (0..GENERATED_SHARDS).map(|_| shard()).collect();
-        let val = vec![shard()[..1 << 16].to_vec()];
-        write_prepared(&generated.0, &tokenizer, &TokenizerSpec::Byte, &train, &val)?;
+        let mut rng = ChaCha8Rng::seed_from_u64(0x9E37_79B9_7F4A_7C15);
+        let mut shard = |n: usize| (0..n).map(|_| rng.random_range(0..ids)).collect::<Vec<u32>>();
+        let train: Vec<Vec<u32>> = train.iter().map(|&n| shard(n)).collect();
+        let val = vec![shard(val)];
+        write_prepared(&generated.0, tokenizer, spec, &train, &val)?;
         Ok(generated)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
     }
 }
 
@@ -235,6 +343,51 @@ impl Drop for GeneratedDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn random(preset: &str, vocab_size: Option<usize>) -> RandomTokens {
+        RandomTokens {
+            preset: preset.into(),
+            seq_len: Some(16),
+            micro_batch: 2,
+            vocab_size,
+            dtype: ComputeDtype::F32,
+        }
+    }
+
+    #[test]
+    fn a_preset_trains_on_random_tokens_and_reports_flops_and_memory() {
+        let (spec, dir) = random_tokens_spec(&random("tiny", None), 2).unwrap();
+        assert!(dir.path().join("manifest.json").exists());
+        assert_eq!(
+            (spec.model.n_layer, spec.model.vocab_size, spec.train.global_batch),
+            (2, 65, 4)
+        );
+        let b = train(&spec, &Device::Cpu, 2, 1, 2).unwrap();
+        assert_eq!((b.workers, b.steps), (2, 2));
+        assert!(b.tokens_per_sec > 0.0 && b.step_ms > 0.0);
+        // 6N + 12·L·H·Q·T with N = parameters less the 64 × 64 learned position embeddings.
+        let n = (b.params - 64 * 64) as f64;
+        assert_eq!(b.flops_per_token, 6.0 * n + 12.0 * 2.0 * 4.0 * 16.0 * 16.0);
+        assert!(b.mfu(1e12) > 0.0);
+        if cfg!(target_os = "linux") {
+            assert!(b.peak_rss_bytes.unwrap() > 0);
+        }
+        let path = dir.path().to_path_buf();
+        drop(dir);
+        assert!(!path.exists(), "the generated directory is removed");
+    }
+
+    #[test]
+    fn gpt2_vocabularies_use_gpt2_ids_and_others_are_explained() {
+        let (spec, _dir) = random_tokens_spec(&random("gpt2", Some(50304)), 1).unwrap();
+        assert_eq!((spec.model.n_layer, spec.model.vocab_size), (12, 50304));
+        let err = random_tokens_spec(&random("tiny", Some(30_000)), 1)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--vocab-size 30000"), "{err}");
+        let err = random_tokens_spec(&random("huge", None), 1).unwrap_err().to_string();
+        assert!(err.contains("unknown preset"), "{err}");
+    }
 
     #[test]
     fn data_bench_reads_a_prepared_directory() {

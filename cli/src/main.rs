@@ -83,7 +83,8 @@ struct StatusArgs {
 
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
-    /// Training throughput with ms/step split into forward / backward / all-reduce / optimizer.
+    /// Training throughput: tokens/s, ms/step split into forward / backward / all-reduce / optimizer, MFU and peak
+    /// memory. Trains --preset on random tokens, or the spec --config names.
     Train {
         /// Ranks (threads in this process joined by a loopback TCP ring).
         #[arg(long, default_value_t = 1)]
@@ -91,11 +92,33 @@ enum BenchCommand {
         /// Measured steps.
         #[arg(long, default_value_t = 20)]
         steps: u64,
+        /// Unmeasured steps first (allocation, the CUDA driver's JIT).
         #[arg(long, default_value_t = 3)]
         warmup: u64,
-        /// A TOML run spec (default: nanoGPT's CPU shape, 12 sequences per worker).
+        /// A model shape (`model.preset`): tiny, nanogpt-cpu, shakespeare-char, gpt2, gpt2-medium, ...
+        #[arg(long, default_value = "nanogpt-cpu", conflicts_with = "config")]
+        preset: String,
+        /// Tokens per sequence [default: the preset's context length].
+        #[arg(long, conflicts_with = "config")]
+        seq_len: Option<usize>,
+        /// Sequences per forward/backward on each rank.
+        #[arg(long, default_value_t = 12, conflicts_with = "config")]
+        micro_batch: usize,
+        /// The model's vocabulary, e.g. 50304 (GPT-2's padded as llm.c does) [default: the preset's, or 65].
+        #[arg(long, conflicts_with = "config")]
+        vocab_size: Option<usize>,
+        /// Compute dtype: f32, or bf16 (f32 master weights).
+        #[arg(long, default_value = "f32", value_parser = parse_dtype, conflicts_with = "config")]
+        dtype: lockstep_common::spec::ComputeDtype,
+        /// A TOML run spec to train instead (its data, shape and batch).
         #[arg(long)]
         config: Option<PathBuf>,
+        /// cpu, or cuda:N in a build with the `cuda` feature.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// The device's dense peak in TFLOP/s for the dtype, for MFU where Lockstep's table has none (e.g. a CPU).
+        #[arg(long)]
+        peak_tflops: Option<f64>,
         /// CPU threads for each rank's tensor math. Ranks are threads of this process and candle's pool is
         /// per process, so more than 1 only makes sense with --workers 1.
         #[arg(long, default_value_t = 1)]
@@ -178,14 +201,33 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             workers,
             steps,
             warmup,
+            preset,
+            seq_len,
+            micro_batch,
+            vocab_size,
+            dtype,
             config,
+            device,
+            peak_tflops,
             ..
         }) => {
-            let spec = match config {
-                Some(path) => RunSpec::load(Some(&path))?,
-                None => bench::nanogpt_cpu_spec(workers),
+            let (device, device_name) = lockstep_worker::device::parse(&device)?;
+            let (spec, _generated) = match config {
+                Some(path) => (RunSpec::load(Some(&path))?, None),
+                None => {
+                    let r = bench::RandomTokens {
+                        preset,
+                        seq_len,
+                        micro_batch,
+                        vocab_size,
+                        dtype,
+                    };
+                    let (spec, dir) = bench::random_tokens_spec(&r, workers)?;
+                    (spec, Some(dir))
+                }
             };
-            let b = tokio::task::spawn_blocking(move || bench::train(&spec, workers, warmup, steps)).await??;
+            let dtype = spec.train.compute_dtype;
+            let b = tokio::task::spawn_blocking(move || bench::train(&spec, &device, workers, warmup, steps)).await??;
             println!(
                 "workers {}  params {}  steps {}  {:.0} tokens/s  {:.1} ms/step  (forward {:.1}, backward {:.1}, all-reduce {:.1}, optimizer {:.1})",
                 b.workers,
@@ -197,6 +239,27 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 b.backward_ms,
                 b.allreduce_ms,
                 b.optimizer_ms
+            );
+            let peak = peak_tflops
+                .map(|t| (t * 1e12, "--peak-tflops".to_string()))
+                .or_else(|| {
+                    lockstep_worker::hardware::peak_flops(&device_name, dtype)
+                        .map(|p| (p, format!("{device_name} {dtype:?}")))
+                });
+            let mfu = match peak {
+                Some((flops, source)) => format!(
+                    "MFU {:.2}% of {:.0} TFLOP/s ({source})",
+                    100.0 * b.mfu(flops),
+                    flops / 1e12
+                ),
+                None => format!("MFU n/a (no peak known for {device_name}; give --peak-tflops)"),
+            };
+            let memory = b.peak_rss_bytes.map_or("n/a".to_string(), |m| {
+                format!("{:.2} GiB", m as f64 / (1u64 << 30) as f64)
+            });
+            println!(
+                "{:.3} GFLOP/token  {mfu}  peak memory {memory} (process resident)",
+                b.flops_per_token / 1e9
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -381,5 +444,13 @@ async fn interrupted() {
         }
     } else {
         let _ = ctrl_c.await;
+    }
+}
+
+fn parse_dtype(s: &str) -> Result<lockstep_common::spec::ComputeDtype, String> {
+    match s {
+        "f32" => Ok(lockstep_common::spec::ComputeDtype::F32),
+        "bf16" => Ok(lockstep_common::spec::ComputeDtype::Bf16),
+        _ => Err(format!("{s:?} is not a dtype; use f32 or bf16")),
     }
 }

@@ -44,6 +44,15 @@ pub const PRESETS: &[Preset] = &[
         about: "nanoGPT's CPU Shakespeare-char shape",
     },
     Preset {
+        name: "shakespeare-char",
+        n_layer: 6,
+        n_head: 6,
+        n_embd: 384,
+        block_size: 256,
+        vocab_size: 0,
+        about: "nanoGPT's GPU Shakespeare-char shape (10.7M parameters with 65 characters)",
+    },
+    Preset {
         name: "gpt2",
         n_layer: 12,
         n_head: 12,

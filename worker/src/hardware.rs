@@ -1,0 +1,106 @@
+//! What a device can do at best, for MFU (the one table of dense peaks), and how much memory a run took.
+
+use lockstep_common::spec::ComputeDtype;
+
+/// Dense (no sparsity) peak throughput of one accelerator, in flop/s.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Peak {
+    /// As vendors name the part.
+    pub name: &'static str,
+    /// Substrings of the device name the driver reports (e.g. "NVIDIA H100 80GB HBM3") that identify it; the first
+    /// entry of [`PEAKS`] that matches wins, so more specific parts come first.
+    pub matches: &'static [&'static str],
+    /// bfloat16 tensor-core matmuls with f32 accumulation.
+    pub bf16: f64,
+    /// Plain f32 (no TF32).
+    pub f32: f64,
+}
+
+const T: f64 = 1e12;
+
+/// Vendor datasheet figures, dense.
+pub const PEAKS: &[Peak] = &[
+    Peak {
+        name: "H100 PCIe",
+        matches: &["H100 PCIe"],
+        bf16: 756.0 * T,
+        f32: 51.2 * T,
+    },
+    Peak {
+        name: "H100 / H200 SXM",
+        matches: &["H200", "H100"],
+        bf16: 989.4 * T,
+        f32: 66.9 * T,
+    },
+    Peak {
+        name: "A100",
+        matches: &["A100"],
+        bf16: 312.0 * T,
+        f32: 19.5 * T,
+    },
+    Peak {
+        name: "L40S",
+        matches: &["L40S"],
+        bf16: 362.1 * T,
+        f32: 91.6 * T,
+    },
+    Peak {
+        name: "A10 / A10G",
+        matches: &["A10G", "A10"],
+        bf16: 125.0 * T,
+        f32: 31.2 * T,
+    },
+    Peak {
+        name: "GeForce RTX 4090",
+        matches: &["RTX 4090"],
+        bf16: 165.2 * T,
+        f32: 82.6 * T,
+    },
+];
+
+/// The table's entry for a device named `device_name`, if any.
+pub fn peak_for(device_name: &str) -> Option<&'static Peak> {
+    PEAKS.iter().find(|p| p.matches.iter().any(|m| device_name.contains(m)))
+}
+
+/// The dense peak for `dtype` on a device named `device_name`; `None` for CPUs and parts not in [`PEAKS`].
+pub fn peak_flops(device_name: &str, dtype: ComputeDtype) -> Option<f64> {
+    peak_for(device_name).map(|p| match dtype {
+        ComputeDtype::Bf16 => p.bf16,
+        ComputeDtype::F32 => p.f32,
+    })
+}
+
+/// The most resident memory this process has held (Linux `VmHWM`), in bytes; `None` where that is not known.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn driver_names_find_their_part() {
+        assert_eq!(peak_flops("NVIDIA H200", ComputeDtype::Bf16), Some(989.4 * T));
+        assert_eq!(
+            peak_for("NVIDIA H100 80GB HBM3").map(|p| p.name),
+            Some("H100 / H200 SXM")
+        );
+        assert_eq!(peak_for("NVIDIA H100 PCIe").map(|p| p.name), Some("H100 PCIe"));
+        assert_eq!(peak_flops("NVIDIA A100-SXM4-80GB", ComputeDtype::F32), Some(19.5 * T));
+        assert_eq!(peak_for("NVIDIA A10G").map(|p| p.name), Some("A10 / A10G"));
+        assert_eq!(peak_flops("cpu", ComputeDtype::F32), None);
+    }
+
+    #[test]
+    fn peak_rss_is_read_on_linux() {
+        if cfg!(target_os = "linux") {
+            let bytes = peak_rss_bytes().unwrap();
+            assert!(bytes > 1 << 20, "{bytes}");
+        }
+    }
+}
