@@ -8,6 +8,7 @@
 pub mod checkpoint;
 pub mod collective;
 pub mod device;
+pub mod device_grads;
 pub mod error;
 pub mod flops;
 pub mod generate;

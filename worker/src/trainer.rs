@@ -24,6 +24,7 @@ use tracing::info;
 
 use crate::checkpoint::{self, TrainerState};
 use crate::collective::Collective;
+use crate::device_grads::DeviceGrads;
 use crate::error::{Error, Result};
 use crate::loader::{Loader, Share, StepBatch};
 use crate::model::{DropoutRng, Gpt, GptConfig, cross_entropy_sum, init_varmap};
@@ -60,8 +61,10 @@ pub struct Trainer {
     opt: AdamW,
     collective: Box<dyn Collective>,
     device: Device,
-    /// Gradients in canonical order, then one slot for the loss: one all-reduce per step carries both.
+    /// Gradients in canonical order, then one slot for the loss: one all-reduce per step carries both (host path).
     flat: Vec<f32>,
+    /// Sum, reduce and clip gradients on the device ([`DeviceGrads`]) instead of in `flat`: on for accelerators.
+    device_resident: bool,
     /// Updates taken so far.
     step: u64,
 }
@@ -171,7 +174,12 @@ impl Trainer {
         let model = Gpt::new(VarBuilder::from_varmap(&varmap, DType::F32, &device), &cfg)?.with_compute_dtype(compute);
         let params = Params::from_varmap(&varmap)?;
         let opt = AdamW::new(&params, AdamWConfig::from_spec(&spec.train))?;
-        let flat = vec![0f32; params.num_elements() + 1];
+        let device_resident = !device.is_cpu();
+        let flat = if device_resident {
+            Vec::new()
+        } else {
+            vec![0f32; params.num_elements() + 1]
+        };
         Ok(Self {
             spec,
             corpus: Arc::new(corpus),
@@ -184,12 +192,22 @@ impl Trainer {
             collective,
             device,
             flat,
+            device_resident,
             step: 0,
         })
     }
 
     pub fn step(&self) -> u64 {
         self.step
+    }
+
+    /// Whether gradients are summed, reduced and clipped on the device ([`DeviceGrads`]; the default on
+    /// accelerators) or in a flat host buffer (the default on the CPU). Both give the same math; switching lets the
+    /// device path be tested and measured on a CPU.
+    pub fn set_device_resident(&mut self, on: bool) {
+        self.device_resident = on;
+        let len = if on { 0 } else { self.params.num_elements() + 1 };
+        self.flat = vec![0f32; len];
     }
 
     /// Sequences of the data plan consumed so far (DESIGN §3: the cursor is step × global batch).
@@ -280,6 +298,9 @@ impl Trainer {
             ..Default::default()
         };
 
+        // On an accelerator the gradients stay on it (one host synchronisation per step, for the loss and the norm);
+        // on the CPU the flat host buffer is the same memory, and measured faster.
+        let mut on_device = self.device_resident.then(|| DeviceGrads::new(&self.params));
         for micro in batch.micro {
             let t0 = Instant::now();
             let sequences = micro.windows.len();
@@ -292,28 +313,47 @@ impl Trainer {
             let loss = (&loss_sum * scale)?;
             let t1 = Instant::now();
             let grads = loss.backward()?;
-            self.params.accumulate_grads(&grads, &mut self.flat[..n])?;
-            self.flat[n] += loss.to_scalar::<f32>()?;
+            match on_device.as_mut() {
+                Some(acc) => acc.add(&self.params, &grads, &loss)?,
+                None => {
+                    self.params.accumulate_grads(&grads, &mut self.flat[..n])?;
+                    self.flat[n] += loss.to_scalar::<f32>()?;
+                }
+            }
             out.tokens += (sequences * train.seq_len) as u64;
             out.forward_ms += ms(t1 - t0);
             out.backward_ms += ms(t1.elapsed());
         }
 
         let t2 = Instant::now();
-        self.collective.all_reduce_sum(&mut self.flat)?;
+        let reduced = match on_device {
+            Some(acc) => Some(acc.reduce(&self.params, self.collective.as_mut())?),
+            None => {
+                self.collective.all_reduce_sum(&mut self.flat)?;
+                None
+            }
+        };
         out.allreduce_ms = ms(t2.elapsed());
 
         let t3 = Instant::now();
-        out.loss = f64::from(self.flat[n]);
-        out.grad_norm = global_norm(&self.flat[..n]);
+        (out.loss, out.grad_norm) = match &reduced {
+            Some(r) => (r.loss, r.grad_norm),
+            None => (f64::from(self.flat[n]), global_norm(&self.flat[..n])),
+        };
         // Every rank sees the same reduced values, so every rank skips together.
         out.skipped = !out.loss.is_finite() || !out.grad_norm.is_finite();
         if !out.skipped {
-            let clip = clip_scale(out.grad_norm, train.grad_clip) as f32;
-            if clip != 1.0 {
-                self.flat[..n].iter_mut().for_each(|g| *g *= clip);
-            }
-            let grads = self.params.unflatten(&self.flat[..n])?;
+            let clip = clip_scale(out.grad_norm, train.grad_clip);
+            let grads = match &reduced {
+                Some(r) => r.grads(&self.params, clip)?,
+                None => {
+                    let clip = clip as f32;
+                    if clip != 1.0 {
+                        self.flat[..n].iter_mut().for_each(|g| *g *= clip);
+                    }
+                    self.params.unflatten(&self.flat[..n])?
+                }
+            };
             self.opt.step(&self.params, &grads, lr)?;
         }
         self.step += 1;
@@ -448,6 +488,34 @@ mod tests {
             .iter()
             .flat_map(|v| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap())
             .collect()
+    }
+
+    /// The device-resident gradient path (used on GPUs) does the host path's math: same losses and parameters after
+    /// several steps with accumulation, clipping and dropout, up to float summation order.
+    #[test]
+    fn device_resident_gradients_match_the_host_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = spec(dir.path(), 6, 0.1);
+        spec.train.grad_clip = 0.5;
+        spec.validate().unwrap();
+        let mut host = local(&spec);
+        let mut device = local(&spec);
+        device.set_device_resident(true);
+        for step in 0..6 {
+            let (a, b) = (host.train_step().unwrap(), device.train_step().unwrap());
+            assert!(
+                (a.loss - b.loss).abs() <= 1e-5 * a.loss.abs(),
+                "step {step}: {} vs {}",
+                a.loss,
+                b.loss
+            );
+            assert!((a.grad_norm - b.grad_norm).abs() <= 1e-4 * a.grad_norm, "step {step}");
+            assert!(a.grad_norm > 0.5, "clipping is exercised");
+        }
+        let (p, q) = (values(host.params()), values(device.params()));
+        let diff = p.iter().zip(&q).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-4, "largest parameter difference {diff}");
+        assert_ne!(values(local(&spec).params()), q, "training moved the parameters");
     }
 
     #[test]

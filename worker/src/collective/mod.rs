@@ -27,6 +27,18 @@ pub trait Collective: Send {
     /// Elementwise sum of `buf` over all ranks, in place. Every rank ends with bitwise-identical
     /// contents. Fails (never hangs forever) if a peer is gone or slower than the deadline.
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> crate::error::Result<()>;
+
+    /// The elementwise sum over all ranks of the 1-D f32 tensor `buf`, on `buf`'s device. This default goes through
+    /// host memory and [`Collective::all_reduce_sum`] (what a CPU transport needs anyway); a device transport (NCCL)
+    /// reduces the buffer where it lives.
+    fn all_reduce_tensor(&mut self, buf: &candle_core::Tensor) -> crate::error::Result<candle_core::Tensor> {
+        if self.world_size() <= 1 {
+            return Ok(buf.clone());
+        }
+        let mut host = buf.to_vec1::<f32>()?;
+        self.all_reduce_sum(&mut host)?;
+        Ok(candle_core::Tensor::from_vec(host, buf.dims(), buf.device())?)
+    }
 }
 
 /// World size 1: all_reduce is a no-op.
