@@ -260,7 +260,7 @@ pub fn data(
             let tokenizer = Tokenizer::train(&TokenizerSpec::Byte, std::iter::empty::<String>())?;
             let shards = [GENERATED_SHARD_TOKENS; GENERATED_SHARDS];
             let g = GeneratedDir::random("data", &tokenizer, &TokenizerSpec::Byte, &shards, 1 << 16, 256)?;
-            (g.0.clone(), Some(g))
+            (g.path().to_path_buf(), Some(g))
         }
     };
     let mut spec = RunSpec::default();
@@ -299,9 +299,10 @@ pub fn data(
     })
 }
 
-/// A prepared directory of random tokens under the system's temporary directory, deleted on drop.
+/// A prepared directory of random tokens: a fresh directory under the system's temporary directory (unique even
+/// within one process), deleted on drop.
 #[derive(Debug)]
-pub struct GeneratedDir(PathBuf);
+pub struct GeneratedDir(tempfile::TempDir);
 
 impl GeneratedDir {
     /// Training shards of `train` tokens each and one validation shard of `val` tokens, ids uniform in `0..ids`
@@ -314,29 +315,24 @@ impl GeneratedDir {
         val: usize,
         ids: u32,
     ) -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("lockstep-bench-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
-            context: format!("create {}", dir.display()),
-            source,
-        })?;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("lockstep-bench-{tag}-"))
+            .tempdir()
+            .map_err(|source| Error::Io {
+                context: format!("create a directory under {}", std::env::temp_dir().display()),
+                source,
+            })?;
         let generated = GeneratedDir(dir);
         let mut rng = ChaCha8Rng::seed_from_u64(0x9E37_79B9_7F4A_7C15);
         let mut shard = |n: usize| (0..n).map(|_| rng.random_range(0..ids)).collect::<Vec<u32>>();
         let train: Vec<Vec<u32>> = train.iter().map(|&n| shard(n)).collect();
         let val = vec![shard(val)];
-        write_prepared(&generated.0, tokenizer, spec, &train, &val)?;
+        write_prepared(generated.path(), tokenizer, spec, &train, &val)?;
         Ok(generated)
     }
 
     pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for GeneratedDir {
-    fn drop(&mut self) {
-        // Best effort: a leftover directory in the temporary directory is harmless.
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.0.path()
     }
 }
 

@@ -94,6 +94,8 @@ struct Worker {
     host: String,
     device: String,
     ring_addr: String,
+    /// The NCCL unique id it made at join; empty for a CPU worker.
+    nccl_unique_id: Vec<u8>,
     rank: Option<u32>,
     state: proto::WorkerState,
     connected: bool,
@@ -255,6 +257,7 @@ impl RunMachine {
             host: join.host,
             device: join.device,
             ring_addr: join.ring_addr,
+            nccl_unique_id: join.nccl_unique_id,
             rank: None,
             state: proto::WorkerState::Joined,
             connected: true,
@@ -285,8 +288,22 @@ impl RunMachine {
         self.members = (0..self.workers.len()).collect();
         let world_size = u32::try_from(self.members.len()).unwrap_or(u32::MAX);
         let peers: Vec<String> = self.workers.iter().map(|w| w.ring_addr.clone()).collect();
+        // NCCL only when every member can take part; one CPU worker puts the whole generation on the ring.
+        let nccl_unique_id = if self.workers.iter().all(|w| !w.nccl_unique_id.is_empty()) {
+            self.workers
+                .first()
+                .map(|w| w.nccl_unique_id.clone())
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         self.progress = Some(Progress::new(self.members.len(), 0, now));
-        info!(generation = self.generation, world_size, "generation formed");
+        info!(
+            generation = self.generation,
+            world_size,
+            nccl = !nccl_unique_id.is_empty(),
+            "generation formed"
+        );
         for (rank, w) in (0u32..).zip(self.workers.iter_mut()) {
             w.rank = Some(rank);
             w.state = proto::WorkerState::Training;
@@ -308,6 +325,7 @@ impl RunMachine {
                     data_cursor: 0,
                     resume_from: String::new(),
                     data_fingerprint: self.data_fingerprint.clone(),
+                    nccl_unique_id: nccl_unique_id.clone(),
                 }),
             ));
         }

@@ -28,6 +28,7 @@ fn join(id: &str) -> proto::Join {
         device: "cpu".into(),
         ring_addr: format!("{id}.local:9000"),
         spec_json: String::new(),
+        nccl_unique_id: Vec::new(),
     }
 }
 
@@ -185,6 +186,48 @@ fn two_workers_join_and_get_dense_ranks_and_peers() {
     assert_eq!(status.world_size, 2);
     let ranks: Vec<i32> = status.workers.iter().map(|w| w.rank).collect();
     assert_eq!(ranks, vec![0, 1]);
+}
+
+fn assignments(actions: &[Action], conns: &[u64]) -> Vec<proto::Assignment> {
+    conns
+        .iter()
+        .map(|&conn| {
+            sent_to(actions, conn)
+                .into_iter()
+                .find_map(|m| if let Down::Assignment(a) = m { Some(a) } else { None })
+                .unwrap_or_else(|| panic!("no assignment for conn {conn}"))
+        })
+        .collect()
+}
+
+fn cuda_join(id: &str, nccl_id: u8) -> proto::Join {
+    proto::Join {
+        device: "cuda:0".into(),
+        nccl_unique_id: vec![nccl_id; 128],
+        ..join(id)
+    }
+}
+
+#[test]
+fn rank_zeros_nccl_id_is_relayed_to_every_rank_when_all_are_cuda() {
+    let mut h = Harness::new(spec(3, 10));
+    h.join(1, cuda_join("w0", 7));
+    h.join(2, cuda_join("w1", 8));
+    let actions = h.join(3, cuda_join("w2", 9));
+    for a in assignments(&actions, &[1, 2, 3]) {
+        assert_eq!(a.nccl_unique_id, vec![7u8; 128], "rank {}", a.rank);
+    }
+}
+
+#[test]
+fn one_cpu_worker_puts_the_generation_on_the_ring() {
+    let mut h = Harness::new(spec(2, 10));
+    h.join(1, cuda_join("w0", 7));
+    let actions = h.join(2, join("w1"));
+    for a in assignments(&actions, &[1, 2]) {
+        assert!(a.nccl_unique_id.is_empty(), "rank {} got an NCCL id", a.rank);
+        assert_eq!(a.peers.len(), 2);
+    }
 }
 
 #[test]

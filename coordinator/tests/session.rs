@@ -71,6 +71,7 @@ fn join(id: &str) -> proto::Join {
         device: "cpu".into(),
         ring_addr: format!("127.0.0.1:1{id}"),
         spec_json: String::new(),
+        nccl_unique_id: Vec::new(),
     }
 }
 

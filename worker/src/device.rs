@@ -3,15 +3,122 @@ use candle_core::Device;
 
 use crate::error::{Error, Result};
 
-/// `cpu` → the CPU. `cuda:N` needs a build with the `cuda` feature (not in this build).
+/// `cpu` → the CPU. `cuda:N` (or `cuda`, meaning `cuda:0`) → GPU N, in a build with the `cuda` feature. Every
+/// failure is one line naming the flag and what to do: a build without CUDA, no usable driver or GPU, N out of range.
 pub fn parse(flag: &str) -> Result<(Device, String)> {
     match flag {
         "cpu" => Ok((Device::Cpu, "cpu".into())),
-        f if f.starts_with("cuda") => Err(Error::Usage(format!(
-            "--device {f}: this build has no CUDA support (it was built without the `cuda` feature); use --device cpu"
-        ))),
-        f => Err(Error::Usage(format!("--device {f}: unknown device; use cpu"))),
+        f if f.starts_with("cuda") => {
+            let n = ordinal(f)?;
+            Ok((open_cuda(&format!("--device {f}"), n)?, format!("cuda:{n}")))
+        }
+        f => Err(Error::Usage(format!("--device {f}: unknown device; use cpu or cuda:N"))),
     }
+}
+
+/// The N of `cuda:N`.
+fn ordinal(flag: &str) -> Result<usize> {
+    let n = match flag.strip_prefix("cuda") {
+        Some("") => Some(0),
+        Some(rest) => rest.strip_prefix(':').and_then(|n| n.parse().ok()),
+        None => None,
+    };
+    n.ok_or_else(|| {
+        Error::Usage(format!(
+            "--device {flag}: not a CUDA device; write cuda:N with N the GPU's index (cuda:0 is the first)"
+        ))
+    })
+}
+
+/// `--gpus all` or `--gpus 0,1,3`: one CUDA device per listed GPU, in the order given, each with its name.
+pub fn parse_gpus(list: &str) -> Result<Vec<(Device, String)>> {
+    let flag = format!("--gpus {list}");
+    let ordinals: Vec<usize> = if list.trim() == "all" {
+        (0..cuda_device_count(&flag)?).collect()
+    } else {
+        list.split(',')
+            .map(|n| n.trim().parse::<usize>())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| Error::Usage(format!("{flag}: write `all` or GPU indices like 0,1,3")))?
+    };
+    if ordinals.is_empty() {
+        return Err(Error::Usage(format!(
+            "{flag}: no GPU listed; write `all` or GPU indices like 0,1,3"
+        )));
+    }
+    if let Some((_, n)) = ordinals.iter().enumerate().find(|&(i, n)| ordinals[..i].contains(n)) {
+        return Err(Error::Usage(format!(
+            "{flag}: GPU {n} is listed twice; NCCL refuses two ranks on one GPU"
+        )));
+    }
+    ordinals
+        .into_iter()
+        .map(|n| Ok((open_cuda(&flag, n)?, format!("cuda:{n}"))))
+        .collect()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(flag: &str, _n: usize) -> Result<Device> {
+    Err(Error::Usage(format!(
+        "{flag}: this build has no CUDA support (it was built without the `cuda` feature); use --device cpu"
+    )))
+}
+
+/// Opens GPU `n` after checking that a driver answers and that GPU `n` exists, so each failure names its cause.
+/// `flag` is the flag as given, e.g. `--device cuda:1`.
+#[cfg(feature = "cuda")]
+fn open_cuda(flag: &str, n: usize) -> Result<Device> {
+    let count = cuda_device_count(flag)?;
+    if count == 0 {
+        return Err(Error::Usage(format!(
+            "{flag}: the CUDA driver sees no GPU (check nvidia-smi and CUDA_VISIBLE_DEVICES); or use --device cpu"
+        )));
+    }
+    if n >= count {
+        return Err(Error::Usage(format!(
+            "{flag}: GPU {n} does not exist; this host has {count} visible GPU(s), cuda:0 to cuda:{}: pick one of those",
+            count - 1
+        )));
+    }
+    Device::new_cuda(n).map_err(|e| {
+        let detail = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+        Error::Usage(format!(
+            "{flag}: cannot open GPU {n} ({detail}); check nvidia-smi, or use --device cpu"
+        ))
+    })
+}
+
+/// GPUs the CUDA driver sees (CUDA_VISIBLE_DEVICES applied); an error line names `flag`.
+#[cfg(feature = "cuda")]
+pub fn cuda_device_count(flag: &str) -> Result<usize> {
+    let count = cudarc::driver::CudaContext::device_count().map_err(|e| cuda_error(flag, &e))?;
+    Ok(usize::try_from(count).unwrap_or(0))
+}
+
+/// GPUs the CUDA driver sees: this build has no CUDA support.
+#[cfg(not(feature = "cuda"))]
+pub fn cuda_device_count(flag: &str) -> Result<usize> {
+    Err(Error::Usage(format!(
+        "{flag}: this build has no CUDA support (it was built without the `cuda` feature); use --device cpu"
+    )))
+}
+
+/// What a failed driver call means for the user of `flag` (e.g. `--device cuda:0`).
+#[cfg(feature = "cuda")]
+fn cuda_error(flag: &str, e: &cudarc::driver::DriverError) -> Error {
+    use cudarc::driver::sys::CUresult as R;
+    let what = match e.0 {
+        R::CUDA_ERROR_STUB_LIBRARY => "the libcuda.so.1 loaded is a link-time stub, not the NVIDIA driver: put the \
+                                       driver's folder first on LD_LIBRARY_PATH (. scripts/cuda/cuda-libs.sh)"
+            .to_string(),
+        R::CUDA_ERROR_NO_DEVICE => "the CUDA driver sees no GPU (check nvidia-smi and CUDA_VISIBLE_DEVICES)".into(),
+        R::CUDA_ERROR_SYSTEM_DRIVER_MISMATCH | R::CUDA_ERROR_COMPAT_NOT_SUPPORTED_ON_DEVICE => {
+            "the NVIDIA driver does not match this CUDA 13.0 build (it needs driver 580 or newer; see nvidia-smi)"
+                .into()
+        }
+        code => format!("the CUDA driver cannot be initialised ({code:?}; does nvidia-smi work?)"),
+    };
+    Error::Usage(format!("{flag}: {what}; or use --device cpu"))
 }
 
 /// Keeps freed heap memory in the process instead of returning it to the kernel. By default glibc unmaps a freed
@@ -34,6 +141,72 @@ pub fn keep_freed_memory() {
             mallopt(M_MMAP_THRESHOLD, 32 << 20);
             mallopt(M_TRIM_THRESHOLD, i32::MAX);
             mallopt(M_TOP_PAD, 64 << 20);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(flag: &str) -> String {
+        match parse(flag) {
+            Err(Error::Usage(m)) => m,
+            other => panic!("{flag}: expected a usage error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn cpu_parses() {
+        let (device, name) = parse("cpu").unwrap();
+        assert!(device.is_cpu());
+        assert_eq!(name, "cpu");
+    }
+
+    #[test]
+    fn malformed_cuda_flags_name_the_flag_and_the_form() {
+        for flag in ["cuda:x", "cuda0", "cuda:-1", "cudaa"] {
+            let m = usage(flag);
+            assert!(m.starts_with(&format!("--device {flag}:")), "{m}");
+            assert!(m.contains("cuda:N"), "{m}");
+        }
+    }
+
+    #[test]
+    fn unknown_devices_are_refused() {
+        let m = usage("tpu");
+        assert!(m.contains("--device tpu") && m.contains("use cpu or cuda:N"), "{m}");
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_the_feature_says_so_in_one_line() {
+        for flag in ["cuda:0", "cuda", "cuda:3"] {
+            let m = usage(flag);
+            assert!(
+                m.contains("without the `cuda` feature") && m.contains("--device cpu"),
+                "{m}"
+            );
+            assert!(!m.contains('\n'), "{m}");
+        }
+        for list in ["all", "0,1"] {
+            let m = parse_gpus(list).unwrap_err().to_string();
+            assert!(
+                m.starts_with(&format!("--gpus {list}: this build has no CUDA support")),
+                "{m}"
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_gpu_lists_are_refused_before_any_driver_call() {
+        for (list, want) in [
+            ("0,x", "indices like 0,1,3"),
+            ("", "indices like 0,1,3"),
+            ("1,0,1", "GPU 1 is listed twice"),
+        ] {
+            let m = parse_gpus(list).unwrap_err().to_string();
+            assert!(m.starts_with(&format!("--gpus {list}:")) && m.contains(want), "{m}");
         }
     }
 }

@@ -21,6 +21,10 @@ pub enum Error {
     #[error("ring config: {0}")]
     RingConfig(String),
 
+    /// `rank`: in the communicator, once there is one.
+    #[error("NCCL{}: {message}", .rank.map(|r| format!(" rank {r}")).unwrap_or_default())]
+    Nccl { rank: Option<u32>, message: String },
+
     #[error("model: {0}")]
     Model(String),
 

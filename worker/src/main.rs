@@ -1,10 +1,13 @@
-//! `lockstep-worker --coordinator http://HOST:PORT [--device cpu]`: one training rank. Joins the coordinator, trains
-//! what it is assigned, all-reduces gradients with its peers, and exits 0 when the coordinator ends the run.
+//! `lockstep-worker --coordinator http://HOST:PORT [--device cpu|cuda:N | --gpus all|0,1,..]`: one training rank
+//! (or, with `--gpus`, one rank per listed GPU, each its own session with the coordinator). Joins the coordinator,
+//! trains what it is assigned, all-reduces gradients with its peers, and exits 0 when the coordinator ends the run.
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use candle_core::Device;
 use clap::Parser;
+use futures::FutureExt;
 use lockstep_common::RunSpec;
 use lockstep_common::telemetry::{self, LogFormat};
 use lockstep_worker::device;
@@ -16,9 +19,13 @@ struct Args {
     /// The coordinator's gRPC address.
     #[arg(long, env = "LOCKSTEP_COORDINATOR", default_value = "http://127.0.0.1:7070")]
     coordinator: String,
-    /// Compute device: `cpu` (CUDA arrives with the `cuda` feature).
+    /// Compute device: `cpu`, or `cuda:N` in a build with the `cuda` feature.
     #[arg(long, env = "LOCKSTEP_DEVICE", default_value = "cpu")]
     device: String,
+    /// One rank per GPU instead of --device: `all`, or indices like `0,1,3`. Each rank is a session of its own, named
+    /// WORKER_ID/cuda:N; with a fixed --ring-listen port, the rank on the i-th listed GPU listens on port + i.
+    #[arg(long, env = "LOCKSTEP_GPUS")]
+    gpus: Option<String>,
     /// CPU threads for tensor math (default: all cores). With several workers on one host, divide the cores.
     #[arg(long, env = "LOCKSTEP_THREADS")]
     threads: Option<usize>,
@@ -58,26 +65,72 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     telemetry::init(args.log_format)?;
-    let (device, device_name) = device::parse(&args.device)?;
-    let spec = args.config.as_deref().map(|p| RunSpec::load(Some(p))).transpose()?;
-    let opts = WorkerOptions {
-        coordinator: args.coordinator,
-        device,
-        device_name,
-        ring_listen: args.ring_listen,
-        worker_id: args.worker_id,
-        spec,
-        connect_timeout: Duration::from_secs(args.connect_timeout_secs),
+    let devices: Vec<(Device, String)> = match &args.gpus {
+        None => vec![device::parse(&args.device)?],
+        Some(list) => device::parse_gpus(list)?,
     };
+    let spec = args.config.as_deref().map(|p| RunSpec::load(Some(p))).transpose()?;
+    let several = args.gpus.is_some();
+    let base_id = args.worker_id.clone().unwrap_or_else(session::default_worker_id);
+    let mut ranks = Vec::with_capacity(devices.len());
+    for (i, (device, device_name)) in devices.into_iter().enumerate() {
+        let (worker_id, ring_listen) = if several {
+            let listen = args.ring_listen.as_deref().map(|a| offset_port(a, i)).transpose()?;
+            (Some(format!("{base_id}/{device_name}")), listen)
+        } else {
+            (args.worker_id.clone(), args.ring_listen.clone())
+        };
+        ranks.push(WorkerOptions {
+            coordinator: args.coordinator.clone(),
+            device,
+            device_name,
+            ring_listen,
+            worker_id,
+            spec: spec.clone(),
+            connect_timeout: Duration::from_secs(args.connect_timeout_secs),
+        });
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let exit = session::run(opts, shutdown_signal()).await?;
-        tracing::info!(?exit, "worker done");
-        Ok(())
+        let shutdown = shutdown_signal().shared();
+        let sessions = ranks.into_iter().map(|opts| {
+            let name = opts.device_name.clone();
+            session::run(opts, shutdown.clone()).map(move |r| (name, r))
+        });
+        let mut failure: Option<(String, lockstep_worker::error::Error)> = None;
+        for (name, result) in futures::future::join_all(sessions).await {
+            match result {
+                Ok(exit) => tracing::info!(device = %name, ?exit, "worker done"),
+                // The first error that is not just the coordinator's abort of everyone is the telling one.
+                Err(e) => match &failure {
+                    Some((_, lockstep_worker::error::Error::Aborted(_))) | None => failure = Some((name, e)),
+                    Some(_) => {}
+                },
+            }
+        }
+        match failure {
+            None => Ok(()),
+            Some((_, e)) if !several => Err(e.into()),
+            Some((name, e)) => Err(anyhow::Error::new(e).context(format!("the rank on {name}"))),
+        }
     })
+}
+
+/// `HOST:PORT` with the port moved up by `i`; port 0 (any free port) stays 0.
+fn offset_port(addr: &str, i: usize) -> anyhow::Result<String> {
+    let bad = || anyhow::anyhow!("--ring-listen {addr}: write HOST:PORT (port 0 = any free port)");
+    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if port == 0 {
+        return Ok(addr.to_string());
+    }
+    let port = u16::try_from(usize::from(port) + i).map_err(|_| {
+        anyhow::anyhow!("--ring-listen {addr}: one port per GPU from {port} on passes 65535; pick a lower one")
+    })?;
+    Ok(format!("{host}:{port}"))
 }
 
 async fn shutdown_signal() {

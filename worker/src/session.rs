@@ -18,8 +18,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{info, info_span, warn};
 
-use crate::collective::{AbortHandle, Ring, RingConfig, RingListener};
-use crate::collective::{Collective, Local};
+use crate::collective::{Abort, Collective, Local, Ring, RingConfig, RingListener, offered_nccl_id};
 use crate::error::{Error, Result};
 use crate::trainer::{Trainer, due};
 
@@ -67,13 +66,11 @@ pub async fn run(opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> Res
     let listener = RingListener::bind(&listen)?;
     let ring_addr = listener.local_addr().to_string();
     let host = hostname();
-    let worker_id = opts
-        .worker_id
-        .clone()
-        .unwrap_or_else(|| format!("{host}:{}", std::process::id()));
+    let worker_id = opts.worker_id.clone().unwrap_or_else(default_worker_id);
     let span = info_span!("worker", worker = %worker_id);
     let _guard = span.enter();
 
+    let nccl_unique_id = offered_nccl_id(&opts.device);
     let channel = connect(&opts.coordinator, opts.connect_timeout).await?;
     let mut client = CoordinatorClient::new(channel);
     let (up, up_rx) = mpsc::unbounded_channel();
@@ -86,6 +83,7 @@ pub async fn run(opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> Res
             device: opts.device_name.clone(),
             ring_addr: ring_addr.clone(),
             spec_json: opts.spec.as_ref().map(RunSpec::to_json).unwrap_or_default(),
+            nccl_unique_id,
         }),
     );
     let lost = |e: tonic::Status| Error::Coordinator {
@@ -100,7 +98,7 @@ pub async fn run(opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> Res
     info!(%ring_addr, coordinator = %opts.coordinator, "joined; waiting for an assignment");
 
     let abort = Arc::new(AtomicBool::new(false));
-    let ring_abort: Arc<Mutex<Option<AbortHandle>>> = Arc::new(Mutex::new(None));
+    let collective_abort: AbortSlot = Arc::new(Mutex::new(None));
     let progress = Arc::new(AtomicU64::new(0));
     let mut listener = Some(listener);
     let mut training: Option<oneshot::Receiver<Result<()>>> = None;
@@ -109,7 +107,7 @@ pub async fn run(opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> Res
 
     let stop_training = || {
         abort.store(true, Ordering::SeqCst);
-        if let Ok(slot) = ring_abort.lock()
+        if let Ok(slot) = collective_abort.lock()
             && let Some(handle) = slot.as_ref()
         {
             handle.abort();
@@ -147,7 +145,7 @@ pub async fn run(opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> Res
                             device: opts.device.clone(),
                             up: up.clone(),
                             abort: abort.clone(),
-                            ring_abort: ring_abort.clone(),
+                            collective_abort: collective_abort.clone(),
                             progress: progress.clone(),
                         };
                         let span = span.clone();
@@ -217,6 +215,9 @@ pub async fn run(opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> Res
     }
 }
 
+/// Where the training thread leaves its collective's abort handle for the session to use.
+type AbortSlot = Arc<Mutex<Option<Box<dyn Abort>>>>;
+
 /// Everything the training thread needs.
 struct Job {
     assignment: Assignment,
@@ -224,8 +225,22 @@ struct Job {
     device: Device,
     up: Uplink,
     abort: Arc<AtomicBool>,
-    ring_abort: Arc<Mutex<Option<AbortHandle>>>,
+    collective_abort: AbortSlot,
     progress: Arc<AtomicU64>,
+}
+
+impl Job {
+    /// Makes `handle` the one the session's abort uses; fires it at once if the abort came first. (The session sets
+    /// its flag before it looks in the slot, and the flag is read here with the slot locked: one of the two sees the
+    /// other.)
+    fn set_abort(&self, handle: Box<dyn Abort>) {
+        if let Ok(mut slot) = self.collective_abort.lock() {
+            let handle = slot.insert(handle);
+            if self.abort.load(Ordering::SeqCst) {
+                handle.abort();
+            }
+        }
+    }
 }
 
 /// Trains the assigned step range and reports each step; runs on its own thread (tensor math blocks).
@@ -236,8 +251,11 @@ fn train(job: Job) -> Result<()> {
     let span = info_span!("train", run = %a.run_name, generation, rank);
     let _g = span.enter();
 
+    let timeout = Duration::from_secs(spec.cluster.collective_timeout_secs);
     let collective: Box<dyn Collective> = if world <= 1 {
         Box::new(Local)
+    } else if let Some(nccl) = nccl_collective(&job, timeout)? {
+        nccl
     } else {
         let ring = Ring::connect(
             &job.listener,
@@ -245,13 +263,11 @@ fn train(job: Job) -> Result<()> {
                 rank,
                 world_size: world,
                 peers: a.peers.clone(),
-                timeout: Duration::from_secs(spec.cluster.collective_timeout_secs),
+                timeout,
                 session: format!("{}/gen-{generation}", a.run_name),
             },
         )?;
-        if let Ok(mut slot) = job.ring_abort.lock() {
-            *slot = Some(ring.abort_handle());
-        }
+        job.set_abort(Box::new(ring.abort_handle()));
         Box::new(ring)
     };
     let mut trainer = if a.resume_from.is_empty() {
@@ -379,6 +395,34 @@ fn train(job: Job) -> Result<()> {
     Ok(())
 }
 
+/// NCCL when this worker computes on a GPU and the assignment carries rank 0's unique id (the coordinator relays one
+/// only when every member is a CUDA worker); `None` = use the ring.
+#[cfg(feature = "cuda")]
+fn nccl_collective(job: &Job, timeout: Duration) -> Result<Option<Box<dyn Collective>>> {
+    use crate::collective::{Nccl, NcclAbort, NcclConfig};
+    let a = &job.assignment;
+    if a.nccl_unique_id.is_empty() || !job.device.is_cuda() {
+        return Ok(None);
+    }
+    let abort = NcclAbort::new();
+    job.set_abort(Box::new(abort.clone()));
+    let cfg = NcclConfig {
+        rank: a.rank,
+        world_size: a.world_size,
+        unique_id: a.nccl_unique_id.clone(),
+        timeout,
+    };
+    let nccl = Nccl::connect(&job.device, cfg, abort)?;
+    info!(world_size = a.world_size, "gradients all-reduce over NCCL");
+    Ok(Some(Box::new(nccl)))
+}
+
+/// Without the `cuda` feature every worker is on the CPU and uses the ring.
+#[cfg(not(feature = "cuda"))]
+fn nccl_collective(_job: &Job, _timeout: Duration) -> Result<Option<Box<dyn Collective>>> {
+    Ok(None)
+}
+
 /// Connects to the coordinator, retrying until `timeout` (it may not be listening yet).
 async fn connect(url: &str, timeout: Duration) -> Result<Channel> {
     let bad = |message: String| Error::Coordinator {
@@ -448,6 +492,11 @@ fn local_ip_towards(peer: SocketAddr) -> std::net::IpAddr {
         .and_then(|s| s.connect(peer).and_then(|()| s.local_addr()))
         .map(|a| a.ip())
         .unwrap_or(any.ip())
+}
+
+/// The name a worker gets without `--worker-id`: `HOST:PID`.
+pub fn default_worker_id() -> String {
+    format!("{}:{}", hostname(), std::process::id())
 }
 
 fn hostname() -> String {

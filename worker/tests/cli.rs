@@ -32,11 +32,23 @@ fn a_malformed_coordinator_address_is_named() {
     assert!(one_error_line(&stderr).contains("not a url"), "{stderr}");
 }
 
+#[cfg(not(feature = "cuda"))]
 #[test]
 fn cuda_without_the_feature_says_so() {
     let (ok, stderr) = run(&["--device", "cuda:0"]);
     assert!(!ok);
     assert!(one_error_line(&stderr).contains("--device cuda:0"), "{stderr}");
+    let (ok, stderr) = run(&["--gpus", "all"]);
+    assert!(!ok);
+    let line = one_error_line(&stderr);
+    assert!(line.contains("--gpus all") && line.contains("`cuda` feature"), "{line}");
+}
+
+#[test]
+fn a_malformed_gpu_list_is_named() {
+    let (ok, stderr) = run(&["--gpus", "0,zero"]);
+    assert!(!ok);
+    assert!(one_error_line(&stderr).contains("--gpus 0,zero"), "{stderr}");
 }
 
 #[test]

@@ -1,7 +1,11 @@
 //! Golden tests against Hugging Face `transformers` (fixtures/hf-gpt2-tiny, see its README.md): the same
 //! checkpoint must give the same logits, loss, gradients, AdamW step and greedy tokens as the reference.
+//!
+//! On the CPU by default; `LOCKSTEP_TEST_DEVICE=cuda:0` runs them on a GPU (a build with the `cuda` feature;
+//! scripts/gpu-check.sh). The expected values are always read on the CPU.
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -11,8 +15,21 @@ use lockstep_worker::model::{Gpt, cross_entropy_sum};
 use lockstep_worker::optim::{AdamW, AdamWConfig};
 use lockstep_worker::params::Params;
 
+/// The crate directory: cargo sets it at run time too; a test binary copied to a GPU host gets it from the script.
 fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf-gpt2-tiny")
+    let crate_dir = std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    PathBuf::from(crate_dir).join("tests/fixtures/hf-gpt2-tiny")
+}
+
+/// The device under test, one for the whole process (tensors of two CUDA devices do not mix).
+fn device() -> Device {
+    static DEVICE: OnceLock<Device> = OnceLock::new();
+    DEVICE
+        .get_or_init(|| {
+            let flag = std::env::var("LOCKSTEP_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+            lockstep_worker::device::parse(&flag).unwrap().0
+        })
+        .clone()
 }
 
 fn expected_json() -> serde_json::Value {
@@ -38,8 +55,8 @@ struct Loaded {
 }
 
 fn load_model() -> Loaded {
-    let (cfg, vm) = load_hf(&fixture_dir(), &Device::Cpu).unwrap();
-    let gpt = Gpt::new(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu), &cfg).unwrap();
+    let (cfg, vm) = load_hf(&fixture_dir(), &device()).unwrap();
+    let gpt = Gpt::new(VarBuilder::from_varmap(&vm, DType::F32, &device()), &cfg).unwrap();
     Loaded {
         gpt,
         params: Params::from_varmap(&vm).unwrap(),
@@ -50,6 +67,8 @@ fn load_model() -> Loaded {
 fn input_ids() -> Tensor {
     load_tensors("expected_forward.safetensors")["input_ids"]
         .to_dtype(DType::U32)
+        .unwrap()
+        .to_device(&device())
         .unwrap()
 }
 
@@ -111,7 +130,12 @@ fn loss_and_every_gradient_match_hugging_face() {
 fn one_adamw_step_matches_torch() {
     let m = load_model();
     let expected_grads = load_tensors("expected_grads.safetensors");
-    let grads: Vec<Tensor> = m.params.names().iter().map(|n| expected_grads[n].clone()).collect();
+    let grads: Vec<Tensor> = m
+        .params
+        .names()
+        .iter()
+        .map(|n| expected_grads[n].to_device(&device()).unwrap())
+        .collect();
     let adamw = &expected_json()["adamw"];
     let cfg = AdamWConfig {
         beta1: adamw["betas"][0].as_f64().unwrap(),
@@ -164,12 +188,12 @@ fn greedy_generation_matches_hugging_face() {
             .unwrap(),
     );
     let hf_next = (0..row.len()).fold(0, |best, i| if row[i] > row[best] { i } else { best }) as u32;
-    assert_eq!(greedy(&m.gpt, &prompt, 1, None, &Device::Cpu).unwrap(), [hf_next]);
+    assert_eq!(greedy(&m.gpt, &prompt, 1, None, &device()).unwrap(), [hf_next]);
 
     let after = load_tensors("expected_after_adamw_step.safetensors");
     for (name, var) in m.params.names().iter().zip(m.params.vars()) {
-        var.set(&after[name]).unwrap();
+        var.set(&after[name].to_device(&device()).unwrap()).unwrap();
     }
-    let new = greedy(&m.gpt, &prompt, full.len() - prompt.len(), None, &Device::Cpu).unwrap();
+    let new = greedy(&m.gpt, &prompt, full.len() - prompt.len(), None, &device()).unwrap();
     assert_eq!(new, full[prompt.len()..]);
 }

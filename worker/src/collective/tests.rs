@@ -334,3 +334,18 @@ fn bench_checks_results_for_small_rings() {
     let b = bench_allreduce(3, 4000, 2).unwrap();
     assert_eq!((b.ranks, b.bytes, b.iters), (3, 4000, 2));
 }
+
+#[test]
+fn a_cpu_worker_offers_no_nccl_id() {
+    assert!(offered_nccl_id(&candle_core::Device::Cpu).is_empty());
+}
+
+#[test]
+fn the_ring_abort_handle_works_through_the_abort_trait() {
+    let aborted = with_ring(2, |mut ring| {
+        let handle: Box<dyn Abort> = Box::new(ring.abort_handle());
+        handle.abort();
+        matches!(ring.all_reduce_sum(&mut [1.0]), Err(Error::Aborted(_)))
+    });
+    assert_eq!(aborted, [true, true]);
+}

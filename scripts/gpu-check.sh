@@ -1,0 +1,188 @@
+#!/usr/bin/env bash
+# scripts/gpu-check.sh — issue 5's GPU correctness checks, in one run on a GPU host, everything on stdout.
+#
+# The GPU host needs no Rust: on a build box (no GPU needed) run
+#     bash scripts/cuda/build.sh --tests --pack
+# which leaves .device/cuda.tar.xz (~15 MB; carry it along with the checkout), then on the GPU host, from the
+# repository root:
+#     bash scripts/gpu-check.sh
+# Checks, each PASS / FAIL / SKIP in the summary (exit status 1 if any failed):
+#   1. --device: an absent GPU is refused in one line; cuda:0 opens.
+#   2. the golden fixture tests (worker/tests/golden.rs) on the GPU, f32;
+#   3. NCCL, world size 1 (worker/tests/nccl.rs): exact round trips, abort, deadline;
+#   4. the demo for GPU_CHECK_STEPS (200) steps on the GPU and on the CPU, same seed, f32: the loss curves must agree
+#      within |gpu - cpu| <= 0.02 + 0.02 * cpu at every step (GPU and CPU sum in different orders, so the curves
+#      drift apart slowly; this bound is a first guess until measured);
+#   5. a short `lockstep bench train` on the GPU, f32 and bf16 (a smoke run; docs/BENCHMARKS.md has the real figures).
+# Environment: GPU_CHECK_DEVICE (cuda:0), GPU_CHECK_STEPS (200), GPU_CHECK_BIN (.device/cuda/bin; point it at
+# target/debug with GPU_CHECK_DEVICE=cpu to rehearse sections 1 and 4 on a machine without a GPU).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+exec 2>&1
+DEVICE=${GPU_CHECK_DEVICE:-cuda:0}
+STEPS=${GPU_CHECK_STEPS:-200}
+BIN=${GPU_CHECK_BIN:-.device/cuda/bin}
+[[ $BIN == /* ]] || BIN=$PWD/$BIN
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/lockstep-gpu-check.XXXXXX")
+declare -a RESULTS=()
+section() { echo; echo "==================== $*"; }
+result() { RESULTS+=("$1  $2"); echo "---- $1: $2"; }
+
+if [[ ! -x $BIN/lockstep-worker && -f .device/cuda.tar.xz && $BIN == "$PWD/.device/cuda/bin" ]]; then
+  echo "unpacking .device/cuda.tar.xz"
+  tar -C .device -xJf .device/cuda.tar.xz || exit 2
+fi
+if [[ ! -x $BIN/lockstep-worker ]]; then
+  echo "no binaries in $BIN: run 'bash scripts/cuda/build.sh --tests --pack' on a build box first (docs/CUDA.md)"
+  exit 2
+fi
+
+section "environment"
+if [[ $DEVICE == cuda* ]]; then
+  # shellcheck source=scripts/cuda/cuda-libs.sh
+  . scripts/cuda/cuda-libs.sh
+  nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv 2>/dev/null || echo "(no nvidia-smi)"
+fi
+echo "device $DEVICE, binaries $BIN, scratch $WORK"
+"$BIN/lockstep-worker" --version
+
+section "1. --device"
+out=$("$BIN/lockstep-worker" --device cuda:99 2>&1); rc=$?
+echo "\$ lockstep-worker --device cuda:99   (exit $rc)"; echo "$out"
+ok=1
+[[ $rc -ne 0 && $(grep -c '^error:' <<<"$out") -eq 1 && $out == *"--device cuda:99"* ]] || ok=0
+# The device opens, then the worker fails only on the coordinator that is not there.
+out=$("$BIN/lockstep-worker" --device "$DEVICE" --coordinator http://127.0.0.1:1 --connect-timeout-secs 1 2>&1); rc=$?
+echo "\$ lockstep-worker --device $DEVICE --coordinator http://127.0.0.1:1   (exit $rc)"; echo "$out"
+[[ $rc -ne 0 && $out == *"127.0.0.1:1"* && $out != *"--device"* ]] || ok=0
+((ok)) && result PASS "1 --device" || result FAIL "1 --device"
+
+section "2. golden fixture tests on $DEVICE (f32)"
+if [[ -x $BIN/test-golden ]]; then
+  # The tests find worker/tests/fixtures through CARGO_MANIFEST_DIR, as under cargo.
+  if CARGO_MANIFEST_DIR=$PWD/worker LOCKSTEP_TEST_DEVICE=$DEVICE "$BIN/test-golden" --test-threads=1; then
+    result PASS "2 golden tests on $DEVICE"
+  else
+    result FAIL "2 golden tests on $DEVICE"
+  fi
+else
+  result SKIP "2 golden tests (no $BIN/test-golden)"
+fi
+
+section "3. NCCL all-reduce, world size 1, on $DEVICE"
+if [[ $DEVICE == cpu ]]; then
+  result SKIP "3 NCCL (a GPU check)"
+elif [[ -x $BIN/test-nccl ]]; then
+  if NCCL_DEBUG=${NCCL_DEBUG:-WARN} LOCKSTEP_TEST_DEVICE=$DEVICE "$BIN/test-nccl" --test-threads=1; then
+    result PASS "3 NCCL world size 1"
+  else
+    result FAIL "3 NCCL world size 1"
+  fi
+else
+  result SKIP "3 NCCL (no $BIN/test-nccl)"
+fi
+
+# run_demo DEVICE DIR: the built-in demo (spec defaults: 2-digit addition, seed 1337, f32) for $STEPS steps with one
+# worker; the worker's JSON log ends up in DIR/worker.log.
+run_demo() {
+  local device=$1 dir=$2 addr="" i
+  mkdir -p "$dir"
+  cat > "$dir/run.toml" <<EOF
+[run]
+name = "gpu-check-demo"
+[cluster]
+listen = "127.0.0.1:0"
+min_workers = 1
+max_workers = 1
+[train]
+total_steps = $STEPS
+$( ((STEPS < 50)) && echo "warmup_steps = $((STEPS / 2))  # the default 50 may not exceed total_steps" )
+[checkpoint]
+dir = "$dir/checkpoints"
+EOF
+  (cd "$dir" && exec "$BIN/lockstep-coordinator" --config run.toml > coordinator.out 2> coordinator.log) &
+  local coordinator=$!
+  for i in $(seq 300); do
+    addr=$(sed -n 's/^listening on //p' "$dir/coordinator.out" 2>/dev/null)
+    [[ -n $addr ]] && break
+    kill -0 "$coordinator" 2>/dev/null || break
+    sleep 0.1
+  done
+  if [[ -z $addr ]]; then
+    echo "the coordinator did not start:"; cat "$dir/coordinator.log"; kill "$coordinator" 2>/dev/null; return 1
+  fi
+  local started=$SECONDS
+  (cd "$dir" && "$BIN/lockstep-worker" --coordinator "http://$addr" --device "$device" --log-format json \
+     > worker.log 2>&1)
+  local worker_rc=$?
+  wait "$coordinator"; local coordinator_rc=$?
+  echo "$device: $STEPS steps in $((SECONDS - started)) s (worker exit $worker_rc, coordinator exit $coordinator_rc)"
+  [[ $worker_rc -eq 0 && $coordinator_rc -eq 0 ]] || { tail -5 "$dir/worker.log" "$dir/coordinator.log"; return 1; }
+}
+
+section "4. demo, $STEPS steps: $DEVICE against cpu (same seed, f32)"
+if run_demo cpu "$WORK/demo-cpu" && run_demo "$DEVICE" "$WORK/demo-gpu"; then
+  if python3 - "$WORK/demo-cpu/worker.log" "$WORK/demo-gpu/worker.log" <<'EOF'
+import json, sys
+
+def losses(path):
+    out = {}
+    for line in open(path):
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if e.get("message") == "step done":
+            out[int(e["step"])] = float(e["loss"])
+    return out
+
+cpu, gpu = losses(sys.argv[1]), losses(sys.argv[2])
+steps = sorted(set(cpu) & set(gpu))
+if not steps or len(steps) != len(cpu) or len(steps) != len(gpu):
+    print(f"step reports differ: cpu {len(cpu)}, gpu {len(gpu)}, common {len(steps)}")
+    sys.exit(1)
+worst, bad = 0.0, []
+for s in steps:
+    d = abs(gpu[s] - cpu[s])
+    worst = max(worst, d)
+    if d > 0.02 + 0.02 * cpu[s]:
+        bad.append(s)
+print("step     cpu loss   gpu loss   |diff|")
+for s in steps:
+    if s in (1, 2, 5, 10) or s % 25 == 0 or s == steps[-1] or s in bad[:5]:
+        print(f"{s:5d}  {cpu[s]:9.5f}  {gpu[s]:9.5f}  {abs(gpu[s] - cpu[s]):.2e}")
+print(f"max |gpu - cpu| over {len(steps)} steps: {worst:.3e}; steps outside 0.02 + 2%: {len(bad)}")
+sys.exit(1 if bad else 0)
+EOF
+  then
+    result PASS "4 demo loss curve $DEVICE vs cpu"
+  else
+    result FAIL "4 demo loss curve $DEVICE vs cpu"
+  fi
+else
+  result FAIL "4 demo runs"
+fi
+
+section "5. lockstep bench train on $DEVICE (smoke)"
+if [[ $DEVICE == cpu ]]; then
+  result SKIP "5 bench (a GPU check)"
+elif [[ -x $BIN/lockstep ]]; then
+  ok=1
+  for dtype in f32 bf16; do
+    echo "\$ lockstep bench train --device $DEVICE --preset shakespeare-char --micro-batch 64 --dtype $dtype --warmup 2 --steps 5"
+    "$BIN/lockstep" bench train --device "$DEVICE" --preset shakespeare-char --micro-batch 64 --dtype "$dtype" \
+      --warmup 2 --steps 5 || ok=0
+  done
+  ((ok)) && result PASS "5 bench smoke" || result FAIL "5 bench smoke"
+else
+  result SKIP "5 bench (no $BIN/lockstep)"
+fi
+
+section "summary"
+failed=0
+for r in "${RESULTS[@]}"; do
+  echo "$r"
+  [[ $r == FAIL* ]] && failed=1
+done
+rm -rf "$WORK"
+exit $failed
