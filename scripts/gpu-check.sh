@@ -13,7 +13,11 @@
 #   4. the demo for GPU_CHECK_STEPS (200) steps on the GPU and on the CPU, same seed, f32: the loss curves must agree
 #      within |gpu - cpu| <= 0.02 + 0.02 * cpu at every step (GPU and CPU sum in different orders, so the curves
 #      drift apart slowly; this bound is a first guess until measured);
-#   5. a short `lockstep bench train` on the GPU, f32 and bf16 (a smoke run; docs/BENCHMARKS.md has the real figures).
+#   5. a short `lockstep bench train` on the GPU, f32 and bf16 (a smoke run);
+#   6. issue 5's figures, side by side: `lockstep bench train` and scripts/torch_reference.py (when python3 has
+#      torch) for GPT-2 124M (ctx 1024, micro-batch 16, vocab 50304) and the shakespeare-char shape (ctx 256,
+#      batch 64), f32 and bf16, GPU_CHECK_FIGURE_STEPS (10) steps after 3 warm-up steps. Copy them into
+#      docs/BENCHMARKS.md with the date and the GPU.
 # Environment: GPU_CHECK_DEVICE (cuda:0), GPU_CHECK_STEPS (200), GPU_CHECK_BIN (.device/cuda/bin; point it at
 # target/debug with GPU_CHECK_DEVICE=cpu to rehearse sections 1 and 4 on a machine without a GPU).
 set -uo pipefail
@@ -176,6 +180,33 @@ elif [[ -x $BIN/lockstep ]]; then
   ((ok)) && result PASS "5 bench smoke" || result FAIL "5 bench smoke"
 else
   result SKIP "5 bench (no $BIN/lockstep)"
+fi
+
+section "6. figures: lockstep bench train vs PyTorch, same GPU, same sitting"
+FSTEPS=${GPU_CHECK_FIGURE_STEPS:-10}
+if [[ $DEVICE == cpu ]]; then
+  result SKIP "6 figures (a GPU check)"
+elif [[ -x $BIN/lockstep ]]; then
+  ok=1
+  have_torch=0
+  python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null && have_torch=1
+  for shape in "gpt2 --seq-len 1024 --micro-batch 16 --vocab-size 50304" "shakespeare-char --micro-batch 64"; do
+    for dtype in f32 bf16; do
+      echo "\$ lockstep bench train --device $DEVICE --preset $shape --dtype $dtype --warmup 3 --steps $FSTEPS"
+      # shellcheck disable=SC2086 # $shape is several flags
+      "$BIN/lockstep" bench train --device "$DEVICE" --preset $shape --dtype "$dtype" --warmup 3 --steps "$FSTEPS" \
+        || ok=0
+      if ((have_torch)); then
+        echo "\$ python3 scripts/torch_reference.py --preset $shape --dtype $dtype --warmup 3 --steps $FSTEPS"
+        # shellcheck disable=SC2086
+        python3 scripts/torch_reference.py --preset $shape --dtype "$dtype" --warmup 3 --steps "$FSTEPS" || ok=0
+      fi
+    done
+  done
+  ((have_torch)) || echo "(no PyTorch with CUDA here: the reference figures are missing)"
+  ((ok)) && result PASS "6 figures printed" || result FAIL "6 figures"
+else
+  result SKIP "6 figures (no $BIN/lockstep)"
 fi
 
 section "summary"
