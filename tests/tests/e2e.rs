@@ -6,6 +6,16 @@ use lockstep_common::proto::RunState;
 use lockstep_common::spec::DataSource;
 use lockstep_tests::{Cluster, load_tensors, relative_l2, small_spec};
 
+/// Follows the run to its end; checks that it finished and that every process exited cleanly.
+async fn finished(cluster: &mut Cluster) -> lockstep_common::proto::RunStatus {
+    let status = cluster.final_status().await;
+    let (workers, coordinator) = cluster.wait().await;
+    assert_eq!(status.state, RunState::Finished as i32, "run failed: {}", status.error);
+    assert!(workers.iter().all(|s| s.success()), "worker exits: {workers:?}");
+    assert!(coordinator.success(), "coordinator exit: {coordinator:?}");
+    status
+}
+
 /// Per-step (loss, checksum) from a worker's JSON log.
 fn steps(cluster: &Cluster, i: usize) -> Vec<(u64, f64, String)> {
     cluster
@@ -26,11 +36,7 @@ async fn two_workers_train_loss_falls_and_parameters_stay_identical() {
     let dir = tempfile::tempdir().unwrap();
     let spec = small_spec(dir.path(), 2, 24);
     let mut cluster = Cluster::start(&spec, 2, dir.path()).await;
-    let status = cluster.final_status().await;
-    let (workers, coordinator) = cluster.wait().await;
-    assert_eq!(status.state, RunState::Finished as i32, "run failed: {}", status.error);
-    assert!(workers.iter().all(|s| s.success()), "worker exits: {workers:?}");
-    assert!(coordinator.success(), "coordinator exit: {coordinator:?}");
+    let status = finished(&mut cluster).await;
     assert_eq!(status.step, 24);
 
     let (a, b) = (steps(&cluster, 0), steps(&cluster, 1));
@@ -192,11 +198,7 @@ async fn two_workers_train_on_a_prepared_directory_and_report_perplexity() {
     spec.data.path = Some(data);
     spec.train.eval_interval = 3;
     let mut cluster = Cluster::start(&spec, 2, dir.path()).await;
-    let status = cluster.final_status().await;
-    let (workers, coordinator) = cluster.wait().await;
-    assert_eq!(status.state, RunState::Finished as i32, "run failed: {}", status.error);
-    assert!(workers.iter().all(|s| s.success()), "worker exits: {workers:?}");
-    assert!(coordinator.success(), "coordinator exit: {coordinator:?}");
+    let status = finished(&mut cluster).await;
     assert_eq!(status.step, 6);
 
     let (a, b) = (steps(&cluster, 0), steps(&cluster, 1));
