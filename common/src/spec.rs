@@ -58,8 +58,14 @@ pub struct ClusterSpec {
     pub max_workers: u32,
     /// Deadline for one collective operation (ring connect, send, receive).
     pub collective_timeout_secs: u64,
-    /// How often workers send a heartbeat.
+    /// How often workers send a heartbeat. A member silent for 5 intervals is declared lost.
     pub heartbeat_interval_secs: u64,
+    /// How many times the run may re-form after losing a member before it fails.
+    pub max_restarts: u32,
+    /// This many non-finite steps in a row (loss or gradient norm NaN/Inf; each one is skipped) stop the run.
+    pub max_nonfinite_steps: u32,
+    /// Where the coordinator keeps the run's state (an embedded database), so a restarted coordinator resumes it.
+    pub state_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -212,6 +218,9 @@ impl Default for ClusterSpec {
             max_workers: 8,
             collective_timeout_secs: 60,
             heartbeat_interval_secs: 2,
+            max_restarts: 10,
+            max_nonfinite_steps: 5,
+            state_dir: PathBuf::from("lockstep-state"),
         }
     }
 }
@@ -489,6 +498,12 @@ impl RunSpec {
         }
         if c.heartbeat_interval_secs == 0 {
             return bad("cluster.heartbeat_interval_secs", 0, "must be at least 1");
+        }
+        if c.max_nonfinite_steps == 0 {
+            return bad("cluster.max_nonfinite_steps", 0, "must be at least 1");
+        }
+        if c.state_dir.as_os_str().is_empty() {
+            return bad("cluster.state_dir", "\"\"", "must name a directory");
         }
         if c.listen.parse::<std::net::SocketAddr>().is_err() {
             return bad("cluster.listen", &c.listen, "must be an IP:port such as 0.0.0.0:7070");

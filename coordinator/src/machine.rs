@@ -354,7 +354,7 @@ impl RunMachine {
                     Up::Eval(r) => (r.generation, r.rank),
                     Up::Checkpoint(r) => (r.generation, r.rank),
                     Up::Finished(r) => (r.generation, r.rank),
-                    Up::Join(_) | Up::Heartbeat(_) | Up::Error(_) => return,
+                    Up::Join(_) | Up::Heartbeat(_) | Up::Error(_) | Up::Idle(_) | Up::Paused(_) => return,
                 };
                 if generation != self.generation {
                     warn!(worker = %w.id, generation, current = self.generation, "report for another generation ignored");
@@ -370,7 +370,7 @@ impl RunMachine {
                     Up::Eval(r) => self.on_eval(idx, &r),
                     Up::Checkpoint(r) => self.on_checkpoint(idx, r),
                     Up::Finished(r) => self.on_finished(idx, &r, now, out),
-                    Up::Join(_) | Up::Heartbeat(_) | Up::Error(_) => {}
+                    Up::Join(_) | Up::Heartbeat(_) | Up::Error(_) | Up::Idle(_) | Up::Paused(_) => {}
                 }
             }
         }
@@ -629,6 +629,7 @@ impl RunMachine {
                 .saturating_duration_since(self.started)
                 .as_secs_f64(),
             lr,
+            ..Default::default()
         }
     }
 }

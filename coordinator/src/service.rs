@@ -195,6 +195,8 @@ fn kind(msg: &Up) -> &'static str {
         Up::Checkpoint(_) => "checkpoint",
         Up::Finished(_) => "finished",
         Up::Error(_) => "error",
+        Up::Idle(_) => "idle",
+        Up::Paused(_) => "paused",
     }
 }
 
@@ -284,6 +286,13 @@ impl Coordinator for CoordinatorService {
         }
         .instrument(span)
         .await
+    }
+
+    async fn stop_run(
+        &self,
+        _request: Request<proto::StopRunRequest>,
+    ) -> Result<Response<proto::StopRunResponse>, Status> {
+        Err(Status::unimplemented("StopRun: work in progress"))
     }
 
     async fn get_status(&self, _request: Request<GetStatusRequest>) -> Result<Response<RunStatus>, Status> {

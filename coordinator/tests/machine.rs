@@ -438,6 +438,7 @@ fn worker_error_fails_the_run_with_its_message() {
         1,
         Up::Error(proto::WorkerError {
             message: "out of memory on cpu".into(),
+            ..Default::default()
         }),
     );
     let Some(RunOutcome::Failed(message)) = outcome(&actions) else {
@@ -590,6 +591,7 @@ fn phase_rank(state: i32) -> i32 {
         proto::RunState::Running => 1,
         proto::RunState::Finished => 2,
         proto::RunState::Failed => 3,
+        proto::RunState::Reforming | proto::RunState::Stopped => panic!("not yet reachable"),
     }
 }
 
@@ -635,6 +637,7 @@ fn random_event(rng: &mut StdRng, world: &mut World, total_steps: u64) -> Event 
             conn: ConnId(pick(rng)),
             msg: Up::Error(proto::WorkerError {
                 message: "random failure".into(),
+                ..Default::default()
             }),
         },
         _ => {

@@ -165,6 +165,7 @@ pub async fn run(opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> Res
                         }
                         return Err(Error::Aborted(format!("the coordinator aborted generation {}: {}", a.generation, a.reason)));
                     }
+                    coordinator_message::Msg::Drain(d) => warn!(generation = d.generation, "drain not handled yet"),
                     coordinator_message::Msg::Stop(s) => {
                         stop_training();
                         if let Some(done) = training.take() {
@@ -185,7 +186,7 @@ pub async fn run(opts: WorkerOptions, shutdown: impl Future<Output = ()>) -> Res
                 match result {
                     Ok(Ok(())) => info!("assignment complete; waiting for the coordinator to stop the run"),
                     Ok(Err(e)) => {
-                        send(&up, worker_message::Msg::Error(WorkerError { message: e.to_string() }));
+                        send(&up, worker_message::Msg::Error(WorkerError { message: e.to_string(), ..Default::default() }));
                         // Exiting now could drop the report with the stream; the coordinator answers it (Abort), so
                         // wait for that — or for the session to end — a bounded time.
                         let answered = async {
