@@ -10,6 +10,8 @@ pub fn run_state_name(state: i32) -> &'static str {
         RunState::Running => "running",
         RunState::Finished => "finished",
         RunState::Failed => "failed",
+        RunState::Reforming => "re-forming",
+        RunState::Stopped => "stopped",
         RunState::Unspecified => "unknown",
     }
 }
@@ -20,6 +22,7 @@ pub fn worker_state_name(state: i32) -> &'static str {
         WorkerState::Training => "training",
         WorkerState::Finished => "finished",
         WorkerState::Lost => "lost",
+        WorkerState::Left => "left",
         WorkerState::Unspecified => "unknown",
     }
 }
@@ -27,7 +30,7 @@ pub fn worker_state_name(state: i32) -> &'static str {
 pub fn is_terminal(status: &RunStatus) -> bool {
     matches!(
         RunState::try_from(status.state),
-        Ok(RunState::Finished | RunState::Failed)
+        Ok(RunState::Finished | RunState::Failed | RunState::Stopped)
     )
 }
 
