@@ -7,6 +7,7 @@
 
 pub mod checkpoint;
 pub mod collective;
+pub mod coordinator_link;
 pub mod device;
 pub mod device_grads;
 pub mod error;
