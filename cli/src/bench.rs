@@ -147,12 +147,14 @@ pub fn train(spec: &RunSpec, device: &Device, workers: u32, warmup: u64, steps: 
         .collect::<Result<Vec<_>, _>>()?;
     let peers: Vec<String> = listeners.iter().map(|l| l.local_addr().to_string()).collect();
     let timeout = std::time::Duration::from_secs(spec.cluster.collective_timeout_secs);
+    // The ranks are threads of this process: a fresh token is as good as any.
+    let token = lockstep_common::auth::RunToken::generate();
     let results: Vec<Result<RankRun>> = std::thread::scope(|s| {
         let handles: Vec<_> = listeners
             .into_iter()
             .enumerate()
             .map(|(rank, listener)| {
-                let (spec, peers) = (spec.clone(), peers.clone());
+                let (spec, peers, token) = (spec.clone(), peers.clone(), token.clone());
                 s.spawn(move || -> Result<RankRun> {
                     let collective: Box<dyn Collective> = if workers == 1 {
                         Box::new(Local)
@@ -163,6 +165,7 @@ pub fn train(spec: &RunSpec, device: &Device, workers: u32, warmup: u64, steps: 
                             peers,
                             timeout,
                             session: "bench".into(),
+                            token: token.clone(),
                         };
                         Box::new(Ring::connect(&listener, cfg)?)
                     };

@@ -3,6 +3,7 @@
 //! it starts the daemons, talks gRPC to them, and loads checkpoints through lockstep-worker for evaluation.
 
 pub mod bench;
+pub mod bench_coordinator;
 pub mod demo;
 pub mod error;
 pub mod generate;

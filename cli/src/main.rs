@@ -3,7 +3,9 @@
 //! ```text
 //! lockstep run                      # the built-in addition demo: coordinator + 2 workers on 127.0.0.1
 //! lockstep status --coordinator http://HOST:7070 [--json] [--watch]
-//! lockstep bench train|allreduce|data
+//! lockstep stop --coordinator http://HOST:7070 [--reason TEXT]
+//!   (status and stop need the run token: LOCKSTEP_TOKEN or --token-file; TLS: --tls-ca, --tls-cert, --tls-key)
+//! lockstep bench train|allreduce|data|coordinator
 //! lockstep generate --checkpoint DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
 //! lockstep prepare --input PATH... --tokenizer SPEC --out DIR [--format text|jsonl] [--field NAME] [--val-fraction F]
 //!                  [--shard-tokens N] [--threads N] [--invalid-utf8 fail|skip] [--force]
@@ -14,12 +16,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use lockstep_cli::{bench, demo, generate, prepare, run, status_view};
+use lockstep_cli::{bench, bench_coordinator, demo, generate, prepare, run, status_view};
 use lockstep_common::RunSpec;
 use lockstep_common::data::corpus::Split;
-use lockstep_common::proto::coordinator_client::CoordinatorClient;
-use lockstep_common::proto::{GetStatusRequest, RunState, WatchStatusRequest};
+use lockstep_common::proto::{GetStatusRequest, RunState, StopRunRequest, WatchStatusRequest};
 use lockstep_common::spec::DataSource;
+use lockstep_common::transport::{self, CoordinatorClient};
+use lockstep_worker::coordinator_link::SecurityArgs;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -38,7 +41,11 @@ enum Command {
     Run(RunArgs),
     /// Show a coordinator's run: state, step, loss, throughput, ETA and one row per worker.
     Status(StatusArgs),
-    /// Measure training-step, all-reduce and data-loader throughput (figures for docs/BENCHMARKS.md).
+    /// Ask a coordinator to stop its run cleanly: the ranks agree on a step, rank 0 checkpoints it, and the run can
+    /// be resumed later by starting the coordinator again with the same config.
+    Stop(StopArgs),
+    /// Measure training-step, all-reduce and data-loader throughput, and coordinator capacity (figures for
+    /// docs/BENCHMARKS.md).
     #[command(subcommand)]
     Bench(BenchCommand),
     /// Continue a prompt with a checkpoint, streaming the text as it is sampled (KV-cached decoding).
@@ -79,6 +86,19 @@ struct StatusArgs {
     /// Keep printing after every change until the run ends.
     #[arg(long)]
     watch: bool,
+    #[command(flatten)]
+    security: SecurityArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct StopArgs {
+    #[arg(long, env = "LOCKSTEP_COORDINATOR", default_value = "http://127.0.0.1:7070")]
+    coordinator: String,
+    /// Why, for the coordinator's logs and status.
+    #[arg(long, default_value = "lockstep stop")]
+    reason: String,
+    #[command(flatten)]
+    security: SecurityArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -123,6 +143,22 @@ enum BenchCommand {
         /// per process, so more than 1 only makes sense with --workers 1.
         #[arg(long, default_value_t = 1)]
         threads: usize,
+    },
+    /// How many simulated workers (heartbeat every second, a report every step) one real coordinator serves:
+    /// GetStatus and Join latency, lag, CPU and memory per worker count.
+    Coordinator {
+        /// Comma-separated worker counts, one fresh coordinator each.
+        #[arg(long, value_delimiter = ',', default_value = "8,32,128,512")]
+        workers: Vec<u32>,
+        /// Step reports per second from every worker.
+        #[arg(long, default_value_t = 10.0)]
+        steps_per_sec: f64,
+        /// Measured seconds per worker count.
+        #[arg(long, default_value_t = 20.0)]
+        secs: f64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Ring all-reduce bus bandwidth, 2(n-1)/n × bytes / time, on loopback.
     Allreduce {
@@ -188,6 +224,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run(args) => run_cmd(args).await,
         Command::Status(args) => status_cmd(args).await,
+        Command::Stop(args) => stop_cmd(args).await,
         Command::Generate(args) => {
             tokio::task::spawn_blocking(move || generate::command(&args)).await??;
             Ok(ExitCode::SUCCESS)
@@ -286,6 +323,20 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Bench(BenchCommand::Coordinator {
+            workers,
+            steps_per_sec,
+            secs,
+            json,
+        }) => {
+            let opts = bench_coordinator::Options {
+                workers,
+                steps_per_sec,
+                secs,
+            };
+            bench_coordinator::command(&opts, json).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench(BenchCommand::Allreduce { ranks, mib, iters }) => {
             for &n in &ranks {
                 for &m in &mib {
@@ -323,7 +374,18 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     let out = args.out.unwrap_or_else(|| PathBuf::from("runs").join(&spec.run.name));
     if args.config.is_none() {
+        // The built-in demo is a fresh run every time: its run state (what a restarted coordinator would resume
+        // from) starts empty. A run from a config keeps `cluster.state_dir`, so it resumes where it stopped.
         spec.checkpoint.dir = out.join("checkpoints");
+        spec.cluster.state_dir = out.join("state");
+        if spec.cluster.state_dir.exists() {
+            std::fs::remove_dir_all(&spec.cluster.state_dir).with_context(|| {
+                format!(
+                    "cannot clear the demo's old run state {}",
+                    spec.cluster.state_dir.display()
+                )
+            })?;
+        }
     }
     spec.validate()?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -408,14 +470,40 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn status_cmd(args: StatusArgs) -> anyhow::Result<ExitCode> {
-    let channel = tonic::transport::Endpoint::from_shared(args.coordinator.clone())
-        .with_context(|| format!("--coordinator {}: not a URL; use http://HOST:PORT", args.coordinator))?
+/// One attempt to reach the coordinator at `url` (a person is waiting), with the token and TLS of `security`.
+async fn connect(url: &str, security: &SecurityArgs) -> anyhow::Result<CoordinatorClient> {
+    let security = security.client_security()?;
+    let channel = transport::endpoint(url, &security)?
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await
-        .with_context(|| format!("cannot reach the coordinator at {}; is it running?", args.coordinator))?;
-    let mut client = CoordinatorClient::new(channel);
+        .with_context(|| format!("cannot reach the coordinator at {url}; is it running?"))?;
+    Ok(transport::client(channel, &security)?)
+}
+
+/// A refused call as one line: the coordinator's message (which says what to do) and the code.
+fn rpc_error(url: &str, status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("coordinator {url}: {} ({:?})", status.message(), status.code())
+}
+
+async fn stop_cmd(args: StopArgs) -> anyhow::Result<ExitCode> {
+    let mut client = connect(&args.coordinator, &args.security).await?;
+    let reply = client
+        .stop_run(StopRunRequest { reason: args.reason })
+        .await
+        .map_err(|status| rpc_error(&args.coordinator, status))?
+        .into_inner();
+    println!("{}", reply.message);
+    Ok(if reply.accepted {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn status_cmd(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let mut client = connect(&args.coordinator, &args.security).await?;
+    let refused = |status: tonic::Status| rpc_error(&args.coordinator, status);
     let show = |s: &lockstep_common::proto::RunStatus| {
         if args.json {
             println!("{}", status_view::to_json(s));
@@ -424,12 +512,20 @@ async fn status_cmd(args: StatusArgs) -> anyhow::Result<ExitCode> {
         }
     };
     if args.watch {
-        let mut stream = client.watch_status(WatchStatusRequest {}).await?.into_inner();
-        while let Some(s) = stream.message().await? {
+        let mut stream = client
+            .watch_status(WatchStatusRequest {})
+            .await
+            .map_err(refused)?
+            .into_inner();
+        while let Some(s) = stream.message().await.map_err(refused)? {
             show(&s);
         }
     } else {
-        let s = client.get_status(GetStatusRequest {}).await?.into_inner();
+        let s = client
+            .get_status(GetStatusRequest {})
+            .await
+            .map_err(refused)?
+            .into_inner();
         show(&s);
     }
     Ok(ExitCode::SUCCESS)

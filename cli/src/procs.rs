@@ -1,10 +1,14 @@
-//! Starting the daemons as child processes on this host: finding their binaries, waiting for the coordinator's
-//! `listening on ADDR` line (readiness is a printed line, never a sleep), and stopping them with SIGTERM.
+//! Starting the daemons as child processes on this host: finding their binaries, handing them the run token
+//! (`LOCKSTEP_TOKEN` in their environment, never on a command line other users can read), waiting for the
+//! coordinator's `listening on ADDR` line (readiness is a printed line, never a sleep), and stopping them with
+//! SIGTERM.
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use lockstep_common::auth::{RunToken, TOKEN_ENV};
+use lockstep_common::transport::{self, ClientSecurity};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -41,28 +45,37 @@ fn log_file(path: &Path) -> Result<std::fs::File> {
     })
 }
 
-/// A running coordinator and the address it printed.
+/// A running coordinator, the address it printed, and the token it was given.
 pub struct CoordinatorProcess {
     pub child: Child,
     pub addr: SocketAddr,
+    pub token: RunToken,
 }
 
 impl CoordinatorProcess {
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
+
+    /// A gRPC client of this coordinator that sends its token.
+    pub async fn client(&self) -> Result<transport::CoordinatorClient> {
+        let security = ClientSecurity::new(self.token.clone());
+        Ok(transport::connect(&self.url(), &security, Duration::from_secs(10)).await?)
+    }
 }
 
-/// Starts `lockstep-coordinator --config CONFIG`, logging to `log`, and waits (up to `timeout`) for its
+/// Starts `lockstep-coordinator --config CONFIG` with `token`, logging to `log`, and waits (up to `timeout`) for its
 /// `listening on ADDR` line.
 pub async fn spawn_coordinator(
     config: &Path,
     log: &Path,
     extra: &[&str],
     timeout: Duration,
+    token: &RunToken,
 ) -> Result<CoordinatorProcess> {
     let bin = sibling_binary("lockstep-coordinator")?;
     let mut child = Command::new(&bin)
+        .env(TOKEN_ENV, token.expose())
         .arg("--config")
         .arg(config)
         .args(extra)
@@ -106,11 +119,15 @@ pub async fn spawn_coordinator(
         .ok_or_else(|| failed(format!("unexpected first line {line:?}")))?;
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok(CoordinatorProcess { child, addr })
+    Ok(CoordinatorProcess {
+        child,
+        addr,
+        token: token.clone(),
+    })
 }
 
-/// Starts `lockstep-worker --coordinator URL` with its output in `log`.
-pub fn spawn_worker(url: &str, log: &Path, args: &[String]) -> Result<Child> {
+/// Starts `lockstep-worker --coordinator URL` with `token` and its output in `log`.
+pub fn spawn_worker(url: &str, log: &Path, args: &[String], token: &RunToken) -> Result<Child> {
     let bin = sibling_binary("lockstep-worker")?;
     let out = log_file(log)?;
     let err = out.try_clone().map_err(|source| Error::Io {
@@ -118,6 +135,7 @@ pub fn spawn_worker(url: &str, log: &Path, args: &[String]) -> Result<Child> {
         source,
     })?;
     Command::new(&bin)
+        .env(TOKEN_ENV, token.expose())
         .arg("--coordinator")
         .arg(url)
         .args(args)

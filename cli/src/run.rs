@@ -1,12 +1,14 @@
 //! `lockstep run`: a whole run on this host — a coordinator and N worker processes on 127.0.0.1 — with a progress
-//! bar fed by the coordinator's `WatchStatus` stream. Ctrl-C (or SIGTERM) stops every child.
+//! bar fed by the coordinator's `WatchStatus` stream. Ctrl-C (or SIGTERM) stops every child. The run gets a fresh
+//! token, handed to the children in their environment; nothing else on the host can join or steer the run.
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use lockstep_common::RunSpec;
-use lockstep_common::proto::coordinator_client::CoordinatorClient;
+use lockstep_common::auth::RunToken;
 use lockstep_common::proto::{RunState, RunStatus, WatchStatusRequest};
+use lockstep_common::transport::{self, ClientSecurity};
 use tokio::process::Child;
 
 use crate::error::{Error, Result};
@@ -45,7 +47,9 @@ pub async fn run_local(opts: RunOptions, interrupt: impl std::future::Future<Out
     std::fs::write(&config, text).map_err(io(format!("write {}", config.display())))?;
 
     let coordinator_log = logs.join("coordinator.log");
-    let mut coordinator = procs::spawn_coordinator(&config, &coordinator_log, &[], Duration::from_secs(120)).await?;
+    let token = RunToken::generate();
+    let mut coordinator =
+        procs::spawn_coordinator(&config, &coordinator_log, &[], Duration::from_secs(120), &token).await?;
     let url = coordinator.url();
     let mut workers: Vec<Child> = Vec::new();
     for i in 0..opts.workers {
@@ -55,11 +59,16 @@ pub async fn run_local(opts: RunOptions, interrupt: impl std::future::Future<Out
             "--worker-id".to_string(),
             format!("worker-{i}"),
         ];
-        workers.push(procs::spawn_worker(&url, &logs.join(format!("worker-{i}.log")), &args)?);
+        workers.push(procs::spawn_worker(
+            &url,
+            &logs.join(format!("worker-{i}.log")),
+            &args,
+            &token,
+        )?);
     }
 
     tokio::pin!(interrupt);
-    let follow = follow(&url, opts.spec.train.total_steps, opts.progress);
+    let follow = follow(&url, &token, opts.spec.train.total_steps, opts.progress);
     let outcome = tokio::select! {
         status = follow => Some(status),
         () = &mut interrupt => None,
@@ -123,14 +132,12 @@ fn with_logs(e: Error, logs: &Path) -> Error {
 }
 
 /// Follows `WatchStatus` until the run finishes or fails, drawing a progress bar; returns the last status.
-async fn follow(url: &str, total_steps: u64, progress: bool) -> Result<RunStatus> {
+async fn follow(url: &str, token: &RunToken, total_steps: u64, progress: bool) -> Result<RunStatus> {
     let unreachable = |message: String| Error::Coordinator {
         addr: url.to_string(),
         message,
     };
-    let mut client = CoordinatorClient::connect(url.to_string())
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
+    let mut client = transport::connect(url, &ClientSecurity::new(token.clone()), Duration::from_secs(10)).await?;
     let mut stream = client
         .watch_status(WatchStatusRequest {})
         .await

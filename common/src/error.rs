@@ -32,6 +32,14 @@ pub enum Error {
 
     #[error("logging setup: {0}")]
     Telemetry(String),
+
+    /// The run token is missing or unusable; `origin` says where it was looked for or read from.
+    #[error("run token from {origin}: {message}")]
+    Token { origin: String, message: String },
+
+    /// A client could not set up or open its connection to the coordinator.
+    #[error("coordinator {addr}: {message}")]
+    Connect { addr: String, message: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

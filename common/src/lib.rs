@@ -2,14 +2,18 @@
 //!
 //! It owns the wire contract (generated from `proto/lockstep/v1`), the run spec (the TOML config, its environment
 //! overrides, model presets and validation), the data formats (tokenizers, the built-in demo corpus, the data
-//! plan) and telemetry setup. It must not depend on candle or on any process's runtime state: everything here is plain data and pure
-//! functions, so both daemons compute identical answers from identical inputs.
+//! plan), the run token and how clients reach the coordinator with it ([`auth`], [`transport`]), and telemetry
+//! setup. It must not depend on candle or on any process's runtime state: apart from those two security modules'
+//! files and connections, everything here is plain data and pure functions, so both daemons compute identical
+//! answers from identical inputs.
 
+pub mod auth;
 pub mod data;
 pub mod error;
 pub mod presets;
 pub mod spec;
 pub mod telemetry;
+pub mod transport;
 
 pub use error::Error;
 pub use spec::RunSpec;

@@ -34,6 +34,7 @@ pub struct RunSpec {
     pub data: DataSpec,
     pub train: TrainSpec,
     pub checkpoint: CheckpointSpec,
+    pub security: SecuritySpec,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,10 +63,36 @@ pub struct ClusterSpec {
     pub heartbeat_interval_secs: u64,
     /// How many times the run may re-form after losing a member before it fails.
     pub max_restarts: u32,
+    /// After a loss, how long the run waits for enough workers (`min_workers`) to re-form before it fails.
+    pub reform_timeout_secs: u64,
     /// This many non-finite steps in a row (loss or gradient norm NaN/Inf; each one is skipped) stop the run.
     pub max_nonfinite_steps: u32,
     /// Where the coordinator keeps the run's state (an embedded database), so a restarted coordinator resumes it.
     pub state_dir: PathBuf,
+}
+
+/// Default of `security.max_message_bytes`: 16 MiB.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 << 20;
+/// Smallest `security.max_message_bytes`: a run's spec and status must still fit.
+pub const MIN_MAX_MESSAGE_BYTES: usize = 64 << 10;
+
+/// Who may talk to the coordinator, and how (README "Security"). Not part of the training math. The run token
+/// itself is never here: this spec is sent to every worker and written into every checkpoint. Paths are on the
+/// coordinator's host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecuritySpec {
+    /// A file holding the run token (used when `LOCKSTEP_TOKEN` is unset). Without either, the coordinator
+    /// generates one into `<cluster.state_dir>/token` (mode 0600) and reuses it on restart.
+    pub token_file: Option<PathBuf>,
+    /// The coordinator's TLS certificate chain (PEM); with `tls_key`, the coordinator serves TLS only.
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of `tls_cert` (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// Mutual TLS: clients must present a certificate signed by this CA (PEM). Needs `tls_cert` and `tls_key`.
+    pub tls_client_ca: Option<PathBuf>,
+    /// Largest gRPC message, in bytes, that the coordinator and its clients encode or decode.
+    pub max_message_bytes: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -219,8 +246,21 @@ impl Default for ClusterSpec {
             collective_timeout_secs: 60,
             heartbeat_interval_secs: 2,
             max_restarts: 10,
+            reform_timeout_secs: 300,
             max_nonfinite_steps: 5,
             state_dir: PathBuf::from("lockstep-state"),
+        }
+    }
+}
+
+impl Default for SecuritySpec {
+    fn default() -> Self {
+        Self {
+            token_file: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 }
@@ -508,6 +548,7 @@ impl RunSpec {
         if c.listen.parse::<std::net::SocketAddr>().is_err() {
             return bad("cluster.listen", &c.listen, "must be an IP:port such as 0.0.0.0:7070");
         }
+        self.security.validate()?;
         if !(d.val_fraction > 0.0 && d.val_fraction < 1.0) {
             return bad("data.val_fraction", d.val_fraction, "must be in (0, 1)");
         }
@@ -555,7 +596,7 @@ impl RunSpec {
         }
     }
 
-    /// The training-relevant part of the spec as dotted keys → JSON values (everything but `cluster`).
+    /// The training-relevant part of the spec as dotted keys → JSON values (all but `cluster` and `security`).
     fn training_fields(&self) -> BTreeMap<String, serde_json::Value> {
         fn flatten(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, serde_json::Value>) {
             match v {
@@ -582,6 +623,7 @@ impl RunSpec {
         // `data.verify` only decides how much the coordinator checks at start-up.
         out.retain(|k, v| {
             !k.starts_with("cluster.")
+                && !k.starts_with("security.")
                 && k != "model.preset"
                 && k != "data.verify"
                 && !(k == "model.init_from" && v.as_str() == Some(""))
@@ -589,7 +631,7 @@ impl RunSpec {
         out
     }
 
-    /// Fields whose values differ between two specs (ignoring `cluster`), as `key: ours vs theirs`.
+    /// Fields whose values differ between two specs (ignoring `cluster` and `security`), as `key: ours vs theirs`.
     pub fn training_diff(&self, other: &RunSpec) -> Vec<String> {
         let (a, b) = (self.training_fields(), other.training_fields());
         let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
@@ -631,6 +673,55 @@ impl RunSpec {
                 diffs.join(", ")
             ),
         })
+    }
+}
+
+impl SecuritySpec {
+    /// TLS needs both halves of the coordinator's identity; mutual TLS needs TLS. Files are read (and named when
+    /// unreadable) where they are used, on the coordinator's host.
+    fn validate(&self) -> Result<()> {
+        let bad = |field: &'static str, value: String, reason: &str| {
+            Err(Error::Invalid {
+                field,
+                value,
+                reason: reason.into(),
+            })
+        };
+        let shown = |p: &Path| p.display().to_string();
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), None) => {
+                return bad(
+                    "security.tls_key",
+                    format!("(none; security.tls_cert = {})", shown(cert)),
+                    "TLS needs the certificate's private key too; set security.tls_key, or drop security.tls_cert",
+                );
+            }
+            (None, Some(key)) => {
+                return bad(
+                    "security.tls_cert",
+                    format!("(none; security.tls_key = {})", shown(key)),
+                    "TLS needs the certificate the key belongs to; set security.tls_cert, or drop security.tls_key",
+                );
+            }
+            _ => {}
+        }
+        if let Some(ca) = &self.tls_client_ca
+            && self.tls_cert.is_none()
+        {
+            return bad(
+                "security.tls_client_ca",
+                shown(ca),
+                "mutual TLS needs the coordinator's own certificate: set security.tls_cert and security.tls_key",
+            );
+        }
+        if self.max_message_bytes < MIN_MAX_MESSAGE_BYTES {
+            return bad(
+                "security.max_message_bytes",
+                self.max_message_bytes.to_string(),
+                &format!("must be at least {MIN_MAX_MESSAGE_BYTES} (64 KiB)"),
+            );
+        }
+        Ok(())
     }
 }
 
@@ -960,6 +1051,43 @@ mod tests {
         let mut spec = RunSpec::default();
         spec.data.source = DataSource::Text;
         assert!(spec.validate().unwrap_err().to_string().contains("data.path"));
+    }
+
+    #[test]
+    fn security_is_validated_and_left_out_of_the_training_hash() {
+        let a = RunSpec::default();
+        let mut b = a.clone();
+        b.security.token_file = Some("/t".into());
+        b.security.tls_cert = Some("/c.pem".into());
+        b.security.tls_key = Some("/k.pem".into());
+        b.security.tls_client_ca = Some("/ca.pem".into());
+        b.security.max_message_bytes = 1 << 20;
+        b.validate().unwrap();
+        assert!(a.training_diff(&b).is_empty());
+        assert_eq!(a.training_hash(), b.training_hash());
+        assert_eq!(RunSpec::from_json(&b.to_json()).unwrap(), b);
+
+        let err = |edit: fn(&mut SecuritySpec)| {
+            let mut spec = RunSpec::default();
+            edit(&mut spec.security);
+            spec.validate().unwrap_err().to_string()
+        };
+        let e = err(|s| s.tls_cert = Some("/c.pem".into()));
+        assert!(e.contains("security.tls_key") && e.contains("/c.pem"), "{e}");
+        let e = err(|s| s.tls_key = Some("/k.pem".into()));
+        assert!(e.contains("security.tls_cert") && e.contains("/k.pem"), "{e}");
+        let e = err(|s| s.tls_client_ca = Some("/ca.pem".into()));
+        assert!(e.contains("security.tls_client_ca") && e.contains("tls_cert"), "{e}");
+        let e = err(|s| s.max_message_bytes = 100);
+        assert!(e.contains("security.max_message_bytes"), "{e}");
+
+        let spec =
+            RunSpec::from_toml_str("[security]\ntoken_file = \"/run/token\"\nmax_message_bytes = 1048576\n").unwrap();
+        assert_eq!(spec.security.token_file, Some(PathBuf::from("/run/token")));
+        assert_eq!(spec.security.max_message_bytes, 1 << 20);
+        // A spec from before the section existed (an old checkpoint's) still reads.
+        let old = serde_json::json!({ "run": { "name": "old", "seed": 1 } }).to_string();
+        assert_eq!(RunSpec::from_json(&old).unwrap().security, SecuritySpec::default());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The one error type of lockstep-coordinator, and its one mapping to gRPC status codes.
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 /// What can stop the coordinator or refuse an RPC. Decisions about workers (rejections, lost workers, diverged
 /// ranks) are not errors of this crate: the state machine turns them into `Reject`/`Abort` messages and a failed
@@ -34,6 +35,79 @@ pub enum Error {
 
     #[error("the coordinator is shutting down")]
     ShuttingDown,
+
+    /// A TLS file of `[security]` is missing or not PEM.
+    #[error("{field} = {path}: {message}")]
+    TlsFile {
+        field: &'static str,
+        path: std::path::PathBuf,
+        message: String,
+    },
+
+    /// The TLS files read but do not make a usable server identity (e.g. the key is not the certificate's).
+    #[error("TLS setup from {files} failed: {source}; check that the key belongs to the certificate and both are PEM")]
+    TlsConfig {
+        files: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+
+    /// The state directory belongs to another run (or another spec of it); the message says which and what to do.
+    #[error("{0}")]
+    StateConflict(String),
+
+    #[error("cannot create the state directory {path}: {source}; check cluster.state_dir and its permissions")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error(
+        "{path} is in use by another process: is another lockstep-coordinator running with this cluster.state_dir?"
+    )]
+    StateLocked { path: PathBuf },
+
+    #[error(
+        "cannot open the run state {path}: {source}; if it is damaged or not a lockstep state file, move it away \
+         (the coordinator then starts the run afresh) or point cluster.state_dir elsewhere"
+    )]
+    StateOpen {
+        path: PathBuf,
+        #[source]
+        source: redb::DatabaseError,
+    },
+
+    #[error(
+        "the run state {path} has format version {found}, this lockstep-coordinator reads up to {supported}: \
+         run a newer lockstep-coordinator, or point cluster.state_dir elsewhere"
+    )]
+    StateVersion { path: PathBuf, found: u64, supported: u64 },
+
+    #[error("run state {path}: {source}")]
+    State {
+        path: PathBuf,
+        #[source]
+        source: redb::Error,
+    },
+
+    #[error(
+        "record {seq} of the run state {path} cannot be read: {source}; it was written by an incompatible \
+         lockstep-coordinator or the file is damaged"
+    )]
+    StateRecord {
+        path: PathBuf,
+        seq: u64,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    #[error("cannot encode a record for the run state {path}: {source}; this is a bug in lockstep-coordinator")]
+    StateEncode {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -45,10 +119,21 @@ impl From<Error> for tonic::Status {
             Error::Protocol(_) => tonic::Status::invalid_argument(message),
             Error::JoinTimeout { .. } => tonic::Status::deadline_exceeded(message),
             Error::ShuttingDown => tonic::Status::unavailable(message),
+            Error::StateConflict(_) => tonic::Status::failed_precondition(message),
             Error::Spec(_) => tonic::Status::failed_precondition(message),
-            Error::Listener(_) | Error::Reflection(_) | Error::Serve { .. } | Error::ServerStopped { .. } => {
-                tonic::Status::internal(message)
-            }
+            Error::Listener(_)
+            | Error::Reflection(_)
+            | Error::Serve { .. }
+            | Error::ServerStopped { .. }
+            | Error::StateDir { .. }
+            | Error::StateLocked { .. }
+            | Error::StateOpen { .. }
+            | Error::StateVersion { .. }
+            | Error::State { .. }
+            | Error::StateRecord { .. }
+            | Error::StateEncode { .. }
+            | Error::TlsFile { .. }
+            | Error::TlsConfig { .. } => tonic::Status::internal(message),
         }
     }
 }

@@ -9,12 +9,16 @@
 //! synchronous state machine with no I/O; [`service`] and [`server`] are thin adapters around it.
 
 pub mod admission;
+pub mod auth;
 pub mod error;
 pub mod machine;
 pub mod progress;
+pub mod record;
 pub mod server;
 pub mod service;
+pub mod store;
 
+pub use auth::ServerSecurity;
 pub use error::{Error, Result};
 pub use machine::{Action, ConnId, Event, Phase, RunMachine, RunOutcome};
-pub use server::{ServeOptions, run};
+pub use server::{ServeOptions, run, run_with_signals};

@@ -1,8 +1,12 @@
 //! `lockstep-coordinator --config run.toml [--listen 0.0.0.0:7070]` — serves one training run.
 //!
 //! Prints exactly one line to stdout, `listening on <addr>`, once the port is bound (port 0 picks a free one);
-//! everything else goes to stderr. Exit status: 0 the run finished, 1 it failed (or the server broke), 2 bad input
-//! (flags, config, data, listen address), 130 stopped by SIGINT/SIGTERM before the run ended.
+//! everything else goes to stderr. Exit status: 0 the run finished, or stopped cleanly (the first SIGINT/SIGTERM:
+//! the workers checkpoint at an agreed step; starting again with the same config resumes); 1 it failed (or the server
+//! broke); 2 bad input (flags, config, data, listen address); 130 stopped at once by a second signal.
+//!
+//! The run's state lives in `cluster.state_dir`: a coordinator killed outright and started again with the same
+//! config picks the run up from its newest committed checkpoint.
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,10 +16,11 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Parser;
 use lockstep_common::RunSpec;
+use lockstep_common::auth::{self, RunToken, TokenOrigin};
 use lockstep_common::data::corpus::Split;
 use lockstep_common::data::{Corpus, DataPlan};
 use lockstep_common::telemetry::{self, LogFormat};
-use lockstep_coordinator::{RunOutcome, ServeOptions};
+use lockstep_coordinator::{RunOutcome, ServeOptions, ServerSecurity};
 use tracing::{info, warn};
 
 #[derive(Debug, Parser)]
@@ -99,6 +104,10 @@ fn main() -> ExitCode {
             report(&format!("run failed: {message}"));
             ExitCode::from(EXIT_FAILED)
         }
+        Ok(RunOutcome::Stopped(reason)) => {
+            info!(%reason, "run stopped; start the coordinator again with the same config to resume it");
+            ExitCode::SUCCESS
+        }
         Ok(RunOutcome::Interrupted) => {
             info!("stopped before the run ended");
             ExitCode::from(EXIT_INTERRUPTED)
@@ -116,6 +125,9 @@ fn prepare(cli: &Cli) -> anyhow::Result<(RunSpec, ServeOptions)> {
     if let Some(listen) = cli.listen {
         spec.cluster.listen = listen.to_string();
     }
+    // The token and the TLS files before the (possibly long) data check; logged after it, so that bad input still
+    // gets its one stderr line.
+    let (security, security_origin) = server_security(&spec)?;
     // Workers load the same data; failing here names the file (and byte offset) before anyone joins. Workers
     // check only sizes and headers; the full pass over a prepared directory (`data.verify`) happens once, here.
     let checking = Instant::now();
@@ -152,12 +164,31 @@ fn prepare(cli: &Cli) -> anyhow::Result<(RunSpec, ServeOptions)> {
         spec = %spec.to_json(),
         "resolved run spec"
     );
+    security_origin.log();
+    info!(
+        tls = security.tls.is_some(),
+        mutual_tls = spec.security.tls_client_ca.is_some(),
+        max_message_bytes = security.max_message_bytes,
+        "security"
+    );
     let opts = ServeOptions {
         serve_after_finish: cli.serve_after_finish,
         data_fingerprint: corpus.fingerprint.clone(),
-        ..ServeOptions::default()
+        state_dir: Some(spec.cluster.state_dir.clone()),
+        ..ServeOptions::new(security)
     };
     Ok((spec, opts))
+}
+
+/// The run token (`LOCKSTEP_TOKEN`, else `security.token_file`, else `<cluster.state_dir>/token`, generated on first
+/// start) and the TLS files of `[security]`.
+fn server_security(spec: &RunSpec) -> anyhow::Result<(ServerSecurity, TokenOrigin)> {
+    let (token, origin) = RunToken::for_coordinator(
+        auth::env_token()?,
+        spec.security.token_file.as_deref(),
+        &spec.cluster.state_dir,
+    )?;
+    Ok((ServerSecurity::from_spec(&spec.security, token)?, origin))
 }
 
 async fn serve(spec: RunSpec, opts: ServeOptions) -> Result<RunOutcome, (u8, anyhow::Error)> {
@@ -171,7 +202,7 @@ async fn serve(spec: RunSpec, opts: ServeOptions) -> Result<RunOutcome, (u8, any
         .with_context(|| format!("cannot read the bound address of {listen}"))
         .map_err(|e| (EXIT_FAILED, e))?;
     announce(addr);
-    lockstep_coordinator::run(spec, listener, opts, shutdown_signal())
+    lockstep_coordinator::run_with_signals(spec, listener, opts, signals(), std::future::pending())
         .await
         .map_err(|e| (EXIT_FAILED, anyhow::Error::new(e)))
 }
@@ -185,30 +216,33 @@ fn announce(addr: SocketAddr) {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let interrupt = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            warn!(error = %e, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
+/// One item per SIGINT or SIGTERM: the first asks the run to stop cleanly, the second stops at once.
+fn signals() -> impl futures::Stream<Item = String> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let interrupt = tx.clone();
+    tokio::spawn(async move {
+        loop {
+            if let Err(e) = tokio::signal::ctrl_c().await {
+                warn!(error = %e, "cannot listen for SIGINT");
+                return;
+            }
+            if interrupt.send("SIGINT".into()).is_err() {
+                return;
+            }
         }
-    };
+    });
     #[cfg(unix)]
-    let terminate = async {
+    tokio::spawn(async move {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut signal) => {
-                signal.recv().await;
+                while signal.recv().await.is_some() {
+                    if tx.send("SIGTERM".into()).is_err() {
+                        return;
+                    }
+                }
             }
-            Err(e) => {
-                warn!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
+            Err(e) => warn!(error = %e, "cannot listen for SIGTERM"),
         }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = interrupt => info!(signal = "SIGINT", "shutting down"),
-        () = terminate => info!(signal = "SIGTERM", "shutting down"),
-    }
+    });
+    tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
 }

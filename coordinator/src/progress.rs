@@ -37,7 +37,22 @@ pub struct Report<'a> {
     pub tokens: u64,
     pub loss: f64,
     pub lr: f64,
+    pub grad_norm: f64,
+    /// The update was skipped (non-finite loss or gradient norm); the same on every rank.
+    pub skipped: bool,
     pub checksum: &'a str,
+}
+
+/// A step every rank has now reported, with its rank-reduced values.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Completed {
+    pub step: u64,
+    /// Target tokens of all ranks together.
+    pub tokens: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub skipped: bool,
 }
 
 #[derive(Debug, Default)]
@@ -47,6 +62,8 @@ struct StepAgg {
     tokens: u64,
     loss: f64,
     lr: f64,
+    grad_norm: f64,
+    skipped: bool,
     /// The first non-empty checksum reported for this step; every other must equal it.
     checksum: Option<(u32, String)>,
 }
@@ -85,19 +102,22 @@ impl Progress {
         }
     }
 
-    /// Records one report. `floor` is the lowest step every rank has now reported; aggregates at or below it can
-    /// never change again and are dropped, which keeps memory bounded by how far ranks drift apart.
-    pub fn record(&mut self, report: &Report<'_>, floor: u64, now: Instant) -> Result<(), Divergence> {
+    /// Records one report; returns the step when this report completed it. `floor` is the lowest step every rank
+    /// has now reported; aggregates at or below it can never change again and are dropped, which keeps memory
+    /// bounded by how far ranks drift apart.
+    pub fn record(&mut self, report: &Report<'_>, floor: u64, now: Instant) -> Result<Option<Completed>, Divergence> {
         let rank = report.rank as usize;
         let newest_complete = self.complete.map_or(0, |c| c.0);
         if rank >= self.world_size || report.step <= newest_complete {
             // A repeat of a step already complete, or a rank outside the generation: nothing to learn.
-            return Ok(());
+            return Ok(None);
         }
         let agg = self.pending.entry(report.step).or_insert_with(|| StepAgg {
             reported: vec![false; self.world_size],
             loss: report.loss,
             lr: report.lr,
+            grad_norm: report.grad_norm,
+            skipped: report.skipped,
             ..StepAgg::default()
         });
         if !report.checksum.is_empty() {
@@ -118,8 +138,17 @@ impl Progress {
             agg.count += 1;
             agg.tokens += report.tokens;
         }
+        let mut completed = None;
         if agg.count == self.world_size {
             let (tokens, loss, lr) = (agg.tokens, agg.loss, agg.lr);
+            completed = Some(Completed {
+                step: report.step,
+                tokens,
+                loss,
+                lr,
+                grad_norm: agg.grad_norm,
+                skipped: agg.skipped,
+            });
             self.pending.remove(&report.step);
             let total = self.window.back().map_or(0, |p| p.tokens) + tokens;
             self.window.push_back(Point {
@@ -133,7 +162,7 @@ impl Progress {
             self.complete = Some((report.step, loss, lr));
         }
         self.pending.retain(|&step, _| step > floor);
-        Ok(())
+        Ok(completed)
     }
 
     /// Loss and learning rate of the newest complete step.
@@ -171,6 +200,8 @@ mod tests {
             tokens: 100,
             loss: 2.0 / step as f64,
             lr: 0.1,
+            grad_norm: 1.0,
+            skipped: false,
             checksum,
         }
     }
@@ -179,10 +210,17 @@ mod tests {
     fn a_step_completes_when_every_rank_reported_it() {
         let t0 = Instant::now();
         let mut p = Progress::new(2, 0, t0);
-        p.record(&report(0, 1, ""), 0, t0 + Duration::from_secs(1)).unwrap();
+        assert_eq!(
+            p.record(&report(0, 1, ""), 0, t0 + Duration::from_secs(1)).unwrap(),
+            None
+        );
         assert_eq!(p.last_loss_lr(), None);
         assert_eq!(p.tokens_per_sec(), 0.0);
-        p.record(&report(1, 1, ""), 1, t0 + Duration::from_secs(2)).unwrap();
+        let done = p
+            .record(&report(1, 1, ""), 1, t0 + Duration::from_secs(2))
+            .unwrap()
+            .unwrap();
+        assert_eq!((done.step, done.tokens, done.loss), (1, 200, 2.0));
         assert_eq!(p.last_loss_lr(), Some((2.0, 0.1)));
         // 200 tokens over the 2 s since the generation started.
         assert_eq!(p.tokens_per_sec(), 100.0);

@@ -4,15 +4,19 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::{Stream, StreamExt};
+
 use lockstep_common::RunSpec;
 use lockstep_common::proto::{self, coordinator_server::CoordinatorServer};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
+use crate::auth::{AuthLayer, ServerSecurity};
 use crate::error::{Error, Result};
 use crate::machine::{Event, RunMachine, RunOutcome};
 use crate::service::{CoordinatorService, Shared};
+use crate::store::Store;
 
 /// How often heartbeats are checked. Far below any sensible heartbeat interval (≥ 1 s × 5 misses).
 pub const TICK: Duration = Duration::from_secs(1);
@@ -28,14 +32,21 @@ pub struct ServeOptions {
     pub session_grace: Duration,
     /// The coordinator's `Corpus::fingerprint`, sent in every assignment; empty = workers do not check it.
     pub data_fingerprint: String,
+    /// Keep the run's state here (`cluster.state_dir`) and resume from it; `None` = in memory only.
+    pub state_dir: Option<std::path::PathBuf>,
+    /// The run token, TLS and message limit. No default: a coordinator without a token does not exist.
+    pub security: ServerSecurity,
 }
 
-impl Default for ServeOptions {
-    fn default() -> Self {
+impl ServeOptions {
+    /// The defaults for everything but `security`.
+    pub fn new(security: ServerSecurity) -> Self {
         Self {
+            security,
             serve_after_finish: false,
             session_grace: Duration::from_secs(10),
             data_fingerprint: String::new(),
+            state_dir: None,
         }
     }
 }
@@ -49,10 +60,35 @@ pub async fn run(
     opts: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<RunOutcome> {
+    run_with_signals(spec, listener, opts, futures::stream::pending(), shutdown).await
+}
+
+/// As [`run`], and every item of `signals` (SIGTERM, SIGINT, ...) asks for a clean stop: the first one makes the
+/// workers checkpoint at an agreed step and the run stop; the second one stops at once, as `shutdown` does.
+pub async fn run_with_signals(
+    spec: RunSpec,
+    listener: TcpListener,
+    opts: ServeOptions,
+    signals: impl Stream<Item = String>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<RunOutcome> {
     let addr = listener.local_addr().map_err(Error::Listener)?;
-    let shared = Shared::new(
-        RunMachine::new(spec, std::time::Instant::now()).with_data_fingerprint(opts.data_fingerprint.clone()),
-    );
+    let now = std::time::Instant::now();
+    let (machine, store) = match &opts.state_dir {
+        Some(dir) => {
+            let store = Store::open(dir)?;
+            let saved = store.load()?;
+            let state = store.path().display().to_string();
+            let (machine, records) = RunMachine::restore(spec, saved, &state, now)?;
+            store.append(&records)?;
+            (machine, Some(store))
+        }
+        None => (RunMachine::new(spec, now), None),
+    };
+    if let Some(outcome) = machine.outcome() {
+        info!(?outcome, "the saved state says this run already ended");
+    }
+    let shared = Shared::new(machine.with_data_fingerprint(opts.data_fingerprint.clone()), store);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CoordinatorServer<CoordinatorService>>().await;
@@ -64,33 +100,67 @@ pub async fn run(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
+    // Every request but health's needs the run token (see crate::auth); TLS when `[security]` asks for it.
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &opts.security.tls {
+        builder = builder.tls_config(tls.clone()).map_err(|source| Error::TlsConfig {
+            files: "[security]".into(),
+            source,
+        })?;
+    }
+    let limit = opts.security.max_message_bytes;
+    let coordinator = CoordinatorServer::new(CoordinatorService::new(shared.clone()))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+
     let ticker = tokio::spawn(tick(shared.clone()));
     let stop_signal = {
         let shared = shared.clone();
         async move { shared.stopped().await }
     };
-    let server = tonic::transport::Server::builder()
+    let server = builder
+        .layer(AuthLayer::new(opts.security.token.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(CoordinatorServer::new(CoordinatorService::new(shared.clone())))
+        .add_service(coordinator)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop_signal);
     tokio::pin!(server);
     info!(%addr, "coordinator serving");
 
-    let outcome = tokio::select! {
-        outcome = lifecycle(&shared, &opts) => outcome,
-        () = shutdown => {
-            let outcome = shared.outcome().unwrap_or(RunOutcome::Interrupted);
-            info!(?outcome, "shutdown requested");
-            outcome
-        }
-        served = &mut server => {
-            ticker.abort();
-            return Err(match served {
-                Ok(()) => Error::ServerStopped { addr },
-                Err(source) => Error::Serve { addr, source },
-            });
+    let signals = signals.fuse();
+    tokio::pin!(signals, shutdown);
+    let mut stop_requested = false;
+    let lifecycle = lifecycle(&shared, &opts);
+    tokio::pin!(lifecycle);
+    let outcome = loop {
+        tokio::select! {
+            outcome = &mut lifecycle => break outcome,
+            Some(signal) = signals.next() => {
+                let ended = shared.outcome().is_some();
+                if stop_requested || ended {
+                    let outcome = shared.outcome().unwrap_or(RunOutcome::Interrupted);
+                    info!(%signal, ?outcome, "stopping now");
+                    break outcome;
+                }
+                stop_requested = true;
+                info!(%signal, "stopping the run cleanly (checkpoint at an agreed step); send it again to stop at once");
+                if let Err(why) = shared.request_stop(format!("{signal} to the coordinator")) {
+                    info!(%why, "nothing to stop");
+                }
+            }
+            () = &mut shutdown => {
+                let outcome = shared.outcome().unwrap_or(RunOutcome::Interrupted);
+                info!(?outcome, "shutdown requested");
+                break outcome;
+            }
+            served = &mut server => {
+                ticker.abort();
+                return Err(match served {
+                    Ok(()) => Error::ServerStopped { addr },
+                    Err(source) => Error::Serve { addr, source },
+                });
+            }
         }
     };
 

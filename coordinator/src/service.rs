@@ -17,10 +17,12 @@ use lockstep_common::proto::{
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::error::Error;
-use crate::machine::{Action, ConnId, Event, RunMachine, RunOutcome};
+use crate::machine::{Action, ConnId, Event, Phase, RunMachine, RunOutcome};
+use crate::record::Record;
+use crate::store::Store;
 
 /// How long a new session may take to send its `Join`.
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -36,6 +38,8 @@ struct Session {
 struct Inner {
     machine: RunMachine,
     sessions: HashMap<ConnId, Session>,
+    /// The run's durable state; `None` keeps it in memory only (tests of the service alone).
+    store: Option<Store>,
 }
 
 /// The run machine plus the open sessions, shared by every RPC and by the server's tasks.
@@ -49,16 +53,18 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(machine: RunMachine) -> Arc<Self> {
+    pub fn new(machine: RunMachine, store: Option<Store>) -> Arc<Self> {
         let status = machine.status(Instant::now());
+        let outcome = machine.outcome();
         Arc::new(Self {
             inner: Mutex::new(Inner {
                 machine,
                 sessions: HashMap::new(),
+                store,
             }),
             next_conn: AtomicU64::new(1),
             status: watch::Sender::new(status),
-            outcome: watch::Sender::new(None),
+            outcome: watch::Sender::new(outcome),
             open_sessions: watch::Sender::new(0),
             stopping: watch::Sender::new(false),
         })
@@ -70,13 +76,30 @@ impl Shared {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Feeds one event to the machine, carries out its actions and republishes the status.
+    /// Feeds one event to the machine, carries out its actions and republishes the status. What the machine asks to
+    /// persist is written before any message goes out, so nobody acts on a decision a restart would forget.
     pub fn handle(&self, event: Event) {
         let now = Instant::now();
         let mut inner = self.lock();
-        let actions = inner.machine.handle(event, now);
+        let mut actions = inner.machine.handle(event, now);
+        let records: Vec<Record> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Persist(r) => Some(r.clone()),
+                _ => None,
+            })
+            .collect();
+        if let (Some(store), false) = (inner.store.as_ref(), records.is_empty())
+            && let Err(e) = store.append(&records)
+        {
+            error!(error = %e, "cannot persist the run state; failing the run");
+            let message = e.to_string();
+            actions.extend(inner.machine.handle(Event::StoreFailed { message }, now));
+            // Its own Ended record cannot be written either; the state keeps the run resumable.
+        }
         for action in actions {
             match action {
+                Action::Persist(_) => {}
                 Action::Send { conn, msg } => match inner.sessions.get(&conn) {
                     // A send fails only when the response stream is already gone; its reader reports that.
                     Some(session) => {
@@ -103,6 +126,16 @@ impl Shared {
             *old = status;
             changed
         });
+    }
+
+    /// Asks the run to stop cleanly; `Err` with the reason when it has already ended.
+    pub fn request_stop(&self, reason: String) -> Result<(), String> {
+        let phase = self.lock().machine.phase();
+        if phase.is_final() {
+            return Err(format!("the run already ended ({})", phase_name(phase)));
+        }
+        self.handle(Event::StopRequested { reason });
+        Ok(())
     }
 
     pub fn status_now(&self) -> RunStatus {
@@ -247,12 +280,23 @@ async fn read_session(
     shared.session_ended(conn, reason);
 }
 
+fn phase_name(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Waiting => "waiting",
+        Phase::Running => "running",
+        Phase::Reforming => "re-forming",
+        Phase::Finished => "finished",
+        Phase::Failed => "failed",
+        Phase::Stopped => "stopped",
+    }
+}
+
 type StatusStream = Pin<Box<dyn Stream<Item = Result<RunStatus, Status>> + Send>>;
 
 fn is_final(status: &RunStatus) -> bool {
     matches!(
         proto::RunState::try_from(status.state),
-        Ok(proto::RunState::Finished | proto::RunState::Failed)
+        Ok(proto::RunState::Finished | proto::RunState::Failed | proto::RunState::Stopped)
     )
 }
 
@@ -290,9 +334,28 @@ impl Coordinator for CoordinatorService {
 
     async fn stop_run(
         &self,
-        _request: Request<proto::StopRunRequest>,
+        request: Request<proto::StopRunRequest>,
     ) -> Result<Response<proto::StopRunResponse>, Status> {
-        Err(Status::unimplemented("StopRun: work in progress"))
+        let remote = request
+            .remote_addr()
+            .map_or_else(|| "unknown".to_string(), |a| a.to_string());
+        let _span = info_span!("stop_run", %remote).entered();
+        let mut reason = request.into_inner().reason;
+        if reason.trim().is_empty() {
+            reason = format!("stop requested over gRPC from {remote}");
+        }
+        info!(%reason, "stop requested");
+        let response = match self.shared.request_stop(reason) {
+            Ok(()) => proto::StopRunResponse {
+                accepted: true,
+                message: "stopping: the workers checkpoint at an agreed step, then the run stops (resumable)".into(),
+            },
+            Err(message) => proto::StopRunResponse {
+                accepted: false,
+                message,
+            },
+        };
+        Ok(Response::new(response))
     }
 
     async fn get_status(&self, _request: Request<GetStatusRequest>) -> Result<Response<RunStatus>, Status> {

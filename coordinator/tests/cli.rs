@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use lockstep_common::proto::{GetStatusRequest, RunState, coordinator_client::CoordinatorClient};
+use lockstep_common::auth::RunToken;
+use lockstep_common::proto::{GetStatusRequest, RunState};
+use lockstep_common::transport::{self, ClientSecurity};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
@@ -20,13 +22,21 @@ fn write_config(dir: &Path, text: &str) -> PathBuf {
     path
 }
 
-/// The binary with a clean environment: no inherited `LOCKSTEP_*` variable may change what it reads.
+const TOKEN: &str = "coordinator-cli-tests-token";
+
+/// The binary with a clean environment (no inherited `LOCKSTEP_*` variable may change what it reads) but for the
+/// run token.
 fn coordinator(config: &Path) -> Command {
     let mut cmd = Command::new(BIN);
     for (key, _) in std::env::vars() {
         if key.starts_with("LOCKSTEP") || key == "RUST_LOG" {
             cmd.env_remove(key);
         }
+    }
+    cmd.env("LOCKSTEP_TOKEN", TOKEN);
+    // The default cluster.state_dir is relative: keep each test's run state in its own directory.
+    if let Some(dir) = config.parent() {
+        cmd.current_dir(dir);
     }
     cmd.arg("--config").arg(config).stdin(Stdio::null()).kill_on_drop(true);
     cmd
@@ -69,6 +79,23 @@ async fn missing_text_data_file_is_named_in_one_line() {
     let (code, stderr) = fails_with_one_line(&config).await;
     assert_eq!(code, 2);
     assert!(stderr.contains(&missing.display().to_string()), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_missing_tls_certificate_is_named_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dir.path().join("no-such-cert.pem");
+    let config = format!(
+        "[security]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+        cert.display(),
+        dir.path().join("key.pem").display()
+    );
+    let (code, stderr) = fails_with_one_line(&config).await;
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("security.tls_cert") && stderr.contains(&cert.display().to_string()),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]
@@ -128,7 +155,8 @@ async fn serves_health_and_status_while_waiting() {
         assert_eq!(reply.status, ServingStatus::Serving as i32, "service {service:?}");
     }
 
-    let mut client = CoordinatorClient::connect(endpoint).await.unwrap();
+    let security = ClientSecurity::new(RunToken::parse(TOKEN, "test").unwrap());
+    let mut client = transport::connect(&endpoint, &security, START_TIMEOUT).await.unwrap();
     let status = client.get_status(GetStatusRequest {}).await.unwrap().into_inner();
     assert_eq!(status.state, RunState::Waiting as i32);
     assert_eq!(status.run_name, "cli-test");

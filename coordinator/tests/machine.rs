@@ -1,145 +1,17 @@
 //! The run state machine driven by scripted and randomized event sequences: no sockets, no sleeps, synthetic time.
-use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+//! Forming, admission, progress and the end of a run here; losses, re-forming, pauses and restore in
+//! `machine_resilience.rs`.
+mod common;
 
-use lockstep_common::proto::{self, CoordinatorMessage, coordinator_message::Msg as Down, worker_message::Msg as Up};
+use std::collections::BTreeMap;
+
+use common::*;
+use lockstep_common::proto::{self, coordinator_message::Msg as Down, worker_message::Msg as Up};
 use lockstep_common::{PROTOCOL_VERSION, RunSpec};
-use lockstep_coordinator::{Action, ConnId, Event, Phase, RunMachine, RunOutcome};
+use lockstep_coordinator::record::Record;
+use lockstep_coordinator::{Action, ConnId, Event, Phase, RunOutcome};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-fn spec(workers: u32, total_steps: u64) -> RunSpec {
-    let mut spec = RunSpec::default();
-    spec.run.name = "test-run".into();
-    spec.cluster.min_workers = workers;
-    spec.cluster.max_workers = workers;
-    spec.cluster.heartbeat_interval_secs = 2;
-    spec.train.total_steps = total_steps;
-    spec.train.warmup_steps = 0;
-    spec.validate().unwrap();
-    spec
-}
-
-fn join(id: &str) -> proto::Join {
-    proto::Join {
-        protocol_version: PROTOCOL_VERSION,
-        worker_id: id.into(),
-        host: format!("host-{id}"),
-        device: "cpu".into(),
-        ring_addr: format!("{id}.local:9000"),
-        spec_json: String::new(),
-        nccl_unique_id: Vec::new(),
-    }
-}
-
-fn step(rank: u32, step: u64, checksum: &str) -> Up {
-    Up::Step(proto::StepReport {
-        generation: 0,
-        rank,
-        step,
-        loss: 4.0 / step as f64,
-        tokens: 640,
-        lr: 0.001,
-        step_ms: 100.0,
-        param_checksum: checksum.into(),
-        ..Default::default()
-    })
-}
-
-fn finished(rank: u32, step: u64) -> Up {
-    Up::Finished(proto::Finished {
-        generation: 0,
-        rank,
-        step,
-    })
-}
-
-/// A machine with a synthetic clock.
-struct Harness {
-    machine: RunMachine,
-    t0: Instant,
-    now: Instant,
-}
-
-impl Harness {
-    fn new(spec: RunSpec) -> Self {
-        let t0 = Instant::now();
-        Self {
-            machine: RunMachine::new(spec, t0),
-            t0,
-            now: t0,
-        }
-    }
-
-    fn advance(&mut self, secs: f64) {
-        self.now += Duration::from_secs_f64(secs);
-    }
-
-    fn event(&mut self, event: Event) -> Vec<Action> {
-        self.machine.handle(event, self.now)
-    }
-
-    fn join(&mut self, conn: u64, join: proto::Join) -> Vec<Action> {
-        self.event(Event::Joined {
-            conn: ConnId(conn),
-            join,
-        })
-    }
-
-    fn msg(&mut self, conn: u64, msg: Up) -> Vec<Action> {
-        self.event(Event::Message {
-            conn: ConnId(conn),
-            msg,
-        })
-    }
-
-    fn status(&self) -> proto::RunStatus {
-        self.machine.status(self.now)
-    }
-
-    /// Two workers joined and assigned; conn 1 is rank 0, conn 2 rank 1.
-    fn formed(total_steps: u64) -> Self {
-        let mut h = Self::new(spec(2, total_steps));
-        h.join(1, join("w0"));
-        h.join(2, join("w1"));
-        assert_eq!(h.machine.phase(), Phase::Running);
-        h
-    }
-}
-
-/// The messages sent to `conn`, in order.
-fn sent_to(actions: &[Action], conn: u64) -> Vec<Down> {
-    actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::Send {
-                conn: c,
-                msg: CoordinatorMessage { msg: Some(m) },
-            } if c.0 == conn => Some(m.clone()),
-            _ => None,
-        })
-        .collect()
-}
-
-fn outcome(actions: &[Action]) -> Option<RunOutcome> {
-    actions.iter().find_map(|a| match a {
-        Action::RunEnded { outcome } => Some(outcome.clone()),
-        _ => None,
-    })
-}
-
-fn rejection(actions: &[Action], conn: u64) -> String {
-    match sent_to(actions, conn).as_slice() {
-        [Down::Reject(r)] => {
-            assert!(
-                actions.contains(&Action::Close { conn: ConnId(conn) }),
-                "a reject must close: {actions:?}"
-            );
-            r.reason.clone()
-        }
-        other => panic!("expected one Reject to conn {conn}, got {other:?}"),
-    }
-}
 
 #[test]
 fn two_workers_join_and_get_dense_ranks_and_peers() {
@@ -158,11 +30,7 @@ fn two_workers_join_and_get_dense_ranks_and_peers() {
     assert_eq!(h.machine.phase(), Phase::Running);
     let expected = RunSpec::from_json(&h.machine.spec().to_json()).unwrap();
     for (conn, rank) in [(1, 0), (2, 1)] {
-        let msgs = sent_to(&second, conn);
-        let assignment = msgs
-            .iter()
-            .find_map(|m| if let Down::Assignment(a) = m { Some(a) } else { None })
-            .unwrap_or_else(|| panic!("no assignment for conn {conn}: {second:?}"));
+        let assignment = assignments(&second, &[conn]).remove(0);
         assert_eq!(assignment.rank, rank);
         assert_eq!(assignment.world_size, 2);
         assert_eq!(assignment.generation, 0);
@@ -181,31 +49,32 @@ fn two_workers_join_and_get_dense_ranks_and_peers() {
     }
     // The second worker hears Welcome before its Assignment.
     assert!(matches!(sent_to(&second, 2).as_slice(), [Down::Welcome(w), Down::Assignment(_)] if w.waiting == 2));
+    // The generation is recorded, so a restarted coordinator knows who trained what.
+    match persisted(&second).as_slice() {
+        [
+            Record::Generation {
+                generation: 0,
+                start_step: 0,
+                resume_from,
+                members,
+            },
+        ] => {
+            assert_eq!(resume_from, "");
+            let named: Vec<(&str, &str, u32)> = members
+                .iter()
+                .map(|m| (m.worker_id.as_str(), m.host.as_str(), m.rank))
+                .collect();
+            assert_eq!(named, vec![("w0", "host-w0", 0), ("w1", "host-w1", 1)]);
+        }
+        other => panic!("expected one Generation record, got {other:?}"),
+    }
     let status = h.status();
     assert_eq!(status.state, proto::RunState::Running as i32);
     assert_eq!(status.world_size, 2);
     let ranks: Vec<i32> = status.workers.iter().map(|w| w.rank).collect();
     assert_eq!(ranks, vec![0, 1]);
-}
-
-fn assignments(actions: &[Action], conns: &[u64]) -> Vec<proto::Assignment> {
-    conns
-        .iter()
-        .map(|&conn| {
-            sent_to(actions, conn)
-                .into_iter()
-                .find_map(|m| if let Down::Assignment(a) = m { Some(a) } else { None })
-                .unwrap_or_else(|| panic!("no assignment for conn {conn}"))
-        })
-        .collect()
-}
-
-fn cuda_join(id: &str, nccl_id: u8) -> proto::Join {
-    proto::Join {
-        device: "cuda:0".into(),
-        nccl_unique_id: vec![nccl_id; 128],
-        ..join(id)
-    }
+    assert_eq!((status.restarts, status.skipped_steps), (0, 0));
+    assert!(status.lost.is_empty());
 }
 
 #[test]
@@ -234,11 +103,15 @@ fn one_cpu_worker_puts_the_generation_on_the_ring() {
 fn steps_progress_and_finish_stops_everyone() {
     let mut h = Harness::formed(3);
     h.advance(1.0);
-    h.msg(1, step(0, 1, "aaaa"));
+    assert!(persisted(&h.msg(1, step(0, 1, "aaaa"))).is_empty());
     // Only rank 0 reported: the run is not at step 1 yet.
     assert_eq!(h.status().step, 0);
     assert_eq!(h.status().last_loss, None);
-    h.msg(2, step(1, 1, "aaaa"));
+    let actions = h.msg(2, step(1, 1, "aaaa"));
+    assert!(
+        matches!(persisted(&actions).as_slice(), [Record::Step(s)] if s.step == 1 && s.tokens == 1280 && !s.skipped),
+        "{actions:?}"
+    );
     let status = h.status();
     assert_eq!(status.step, 1);
     assert_eq!(status.last_loss, Some(4.0));
@@ -255,7 +128,7 @@ fn steps_progress_and_finish_stops_everyone() {
         h.msg(1, step(0, s, ""));
         h.msg(2, step(1, s, ""));
     }
-    h.msg(
+    let actions = h.msg(
         1,
         Up::Eval(proto::EvalReport {
             generation: 0,
@@ -264,33 +137,36 @@ fn steps_progress_and_finish_stops_everyone() {
             val_loss: 1.5,
         }),
     );
-    h.msg(
-        1,
-        Up::Checkpoint(proto::CheckpointReport {
-            generation: 0,
-            rank: 0,
+    assert_eq!(persisted(&actions), vec![Record::Eval { step: 3, val_loss: 1.5 }]);
+    let actions = h.msg(1, checkpoint(0, 0, 3));
+    // Nobody waits to be admitted: the checkpoint is recorded and nothing else happens.
+    assert_eq!(
+        actions,
+        vec![Action::Persist(Record::Checkpoint {
             step: 3,
-            path: "/ck/step-00000003".into(),
-        }),
+            path: ck_path(3)
+        })]
     );
     let status = h.status();
     assert_eq!((status.step, status.val_loss), (3, Some(1.5)));
-    assert_eq!(status.last_checkpoint, "/ck/step-00000003");
+    assert_eq!(status.last_checkpoint, ck_path(3));
     assert_eq!(status.eta_secs, Some(0.0));
 
     assert!(h.msg(1, finished(0, 3)).is_empty());
     assert_eq!(h.machine.phase(), Phase::Running);
     let actions = h.msg(2, finished(1, 3));
     for conn in [1, 2] {
-        assert!(matches!(sent_to(&actions, conn).as_slice(), [Down::Stop(s)] if s.reason == "run finished"));
+        assert_eq!(the_stop(&actions, conn), ("run finished".to_string(), false));
     }
     assert_eq!(outcome(&actions), Some(RunOutcome::Finished));
+    assert!(persisted(&actions).contains(&Record::Ended {
+        outcome: "finished".into(),
+        message: String::new()
+    }));
     assert_eq!(h.status().state, proto::RunState::Finished as i32);
+    assert_eq!(h.machine.outcome(), Some(RunOutcome::Finished));
     // Leaving after Finished is fine, and nothing is sent to anyone.
-    let after = h.event(Event::Disconnected {
-        conn: ConnId(1),
-        reason: "stream closed".into(),
-    });
+    let after = h.disconnect(1, "stream closed");
     assert!(after.is_empty(), "{after:?}");
     assert_eq!(h.machine.phase(), Phase::Finished);
 }
@@ -372,149 +248,119 @@ fn duplicate_worker_id_is_rejected_while_connected() {
     let reason = rejection(&h.join(2, join("w0")), 2);
     assert!(reason.contains("w0") && reason.contains("unique"), "{reason}");
     // Once the first one has gone, the id is free again.
-    h.event(Event::Disconnected {
-        conn: ConnId(1),
-        reason: "stream closed".into(),
-    });
+    h.disconnect(1, "stream closed");
     assert!(h.status().workers.is_empty());
     assert!(matches!(sent_to(&h.join(3, join("w0")), 3).as_slice(), [Down::Welcome(w)] if w.waiting == 1));
 }
 
 #[test]
-fn join_after_formation_is_rejected() {
-    let mut h = Harness::formed(10);
-    let reason = rejection(&h.join(3, join("w9")), 3);
-    assert!(
-        reason
-            .contains("run already formed generation 0 with 2 workers; admitting workers mid-run is not supported yet"),
-        "{reason}"
-    );
-    assert_eq!(h.status().workers.len(), 2);
-}
+fn a_worker_joining_mid_run_waits_and_is_admitted_at_the_next_checkpoint() {
+    let mut h = Harness::new(elastic_spec(2, 3, 100));
+    h.join(1, join("w0"));
+    h.join(2, join("w1"));
+    h.steps(0, &[(1, 0), (2, 1)], 1..=3);
 
-#[test]
-fn lost_worker_aborts_the_survivor_and_fails_the_run() {
-    let mut h = Harness::formed(100);
-    for s in 1..=12 {
-        h.msg(1, step(0, s, ""));
-        h.msg(2, step(1, s, ""));
-    }
-    let actions = h.event(Event::Disconnected {
-        conn: ConnId(2),
-        reason: "stream closed".into(),
-    });
-    let expected =
-        "worker w1 (rank 1, host host-w1) lost at step 12: stream closed; restarting without it is not supported yet";
-    match sent_to(&actions, 1).as_slice() {
-        [Down::Abort(a)] => {
-            assert_eq!(a.generation, 0);
-            assert_eq!(a.reason, expected);
-        }
-        other => panic!("expected Abort to the survivor, got {other:?}"),
-    }
-    assert!(sent_to(&actions, 2).is_empty());
-    assert_eq!(outcome(&actions), Some(RunOutcome::Failed(expected.into())));
+    let actions = h.join(3, join("w2"));
+    // Welcomed, not rejected; it is the only free worker, and nobody else hears of it yet.
+    assert!(
+        matches!(sent_to(&actions, 3).as_slice(), [Down::Welcome(w)] if w.waiting == 1),
+        "{actions:?}"
+    );
+    assert!(
+        sent_to(&actions, 1).is_empty() && sent_to(&actions, 2).is_empty(),
+        "{actions:?}"
+    );
     let status = h.status();
-    assert_eq!(status.state, proto::RunState::Failed as i32);
-    assert_eq!(status.error, expected);
-    assert_eq!(status.workers[1].state, proto::WorkerState::Lost as i32);
-    assert_eq!(status.eta_secs, None);
-    // The survivor leaving afterwards changes nothing; a late joiner hears why.
-    assert!(
-        h.event(Event::Disconnected {
-            conn: ConnId(1),
-            reason: "stream closed".into()
+    assert_eq!((status.state, status.world_size), (proto::RunState::Running as i32, 2));
+    let w2 = status
+        .workers
+        .iter()
+        .find(|w| w.worker_id == "w2")
+        .expect("w2 is listed");
+    assert_eq!((w2.rank, w2.state), (-1, proto::WorkerState::Joined as i32));
+
+    // The generation goes on without it until the next committed checkpoint.
+    h.steps(0, &[(1, 0), (2, 1)], 4..=4);
+    let actions = h.msg(1, checkpoint(0, 0, 4));
+    let records = persisted(&actions);
+    assert_eq!(
+        records.first(),
+        Some(&Record::Checkpoint {
+            step: 4,
+            path: ck_path(4)
         })
-        .is_empty()
     );
-    let reason = rejection(&h.join(3, join("w3")), 3);
-    assert!(reason.contains("already failed") && reason.contains("w1"), "{reason}");
+    assert!(
+        !records
+            .iter()
+            .any(|r| matches!(r, Record::Restart { .. } | Record::Lost(_))),
+        "an admission is not a restart: {records:?}"
+    );
+    for conn in [1, 2] {
+        let (generation, reason) = the_abort(&actions, conn);
+        assert_eq!(generation, 0);
+        assert!(reason.contains("admitting 1 new worker(s): w2"), "{reason}");
+    }
+    assert!(sent_to(&actions, 3).is_empty());
+    assert_eq!(h.machine.phase(), Phase::Reforming);
+    assert_eq!(h.status().state, proto::RunState::Reforming as i32);
+
+    // Not before every member stopped.
+    assert!(all_assignments(&h.msg(1, idle(0))).is_empty());
+    let actions = h.msg(2, idle(0));
+    let batch = assignments(&actions, &[1, 2, 3]);
+    let global_batch = h.machine.spec().train.global_batch as u64;
+    for (rank, a) in (0u32..).zip(&batch) {
+        assert_eq!(a.rank, rank);
+        assert_eq!((a.generation, a.world_size), (1, 3));
+        assert_eq!((a.start_step, a.data_cursor), (4, 4 * global_batch));
+        assert_eq!(a.resume_from, ck_path(4));
+        assert_eq!(a.peers, vec!["w0.local:9000", "w1.local:9000", "w2.local:9000"]);
+    }
+    let status = h.status();
+    assert_eq!((status.generation, status.world_size, status.step), (1, 3, 4));
+    assert_eq!(status.restarts, 0);
+    assert_eq!(
+        ranked(&status),
+        vec![(0, "w0".into()), (1, "w1".into()), (2, "w2".into())]
+    );
+
+    // cluster.max_workers still holds.
+    let reason = rejection(&h.join(4, join("w3")), 4);
+    assert!(reason.contains("cluster.max_workers = 3"), "{reason}");
+    assert_eq!(h.status().workers.len(), 3);
 }
 
 #[test]
-fn worker_error_fails_the_run_with_its_message() {
-    let mut h = Harness::formed(10);
-    let actions = h.msg(
-        1,
-        Up::Error(proto::WorkerError {
-            message: "out of memory on cpu".into(),
-            ..Default::default()
-        }),
-    );
-    let Some(RunOutcome::Failed(message)) = outcome(&actions) else {
-        panic!("{actions:?}")
-    };
+fn the_final_checkpoint_admits_no_one() {
+    let mut h = Harness::new(elastic_spec(1, 2, 2));
+    h.join(1, join("w0"));
+    h.steps(0, &[(1, 0)], 1..=2);
+    h.join(2, join("w1"));
+    let actions = h.msg(1, checkpoint(0, 0, 2));
     assert!(
-        message.starts_with("worker w0 (rank 0, host host-w0) failed at step 0"),
-        "{message}"
+        sent_to(&actions, 1).is_empty(),
+        "nothing left to train together: {actions:?}"
     );
-    assert!(message.contains("out of memory on cpu"), "{message}");
-    assert!(matches!(sent_to(&actions, 2).as_slice(), [Down::Abort(_)]));
-    // The reporter is answered too: it waits for that before exiting, so its report is not lost with its stream.
-    assert!(matches!(sent_to(&actions, 1).as_slice(), [Down::Abort(_)]));
+    assert_eq!(h.machine.phase(), Phase::Running);
+    let actions = h.msg(1, finished(0, 2));
+    assert_eq!(outcome(&actions), Some(RunOutcome::Finished));
+    assert_eq!(the_stop(&actions, 2), ("run finished".to_string(), false));
 }
 
 #[test]
 fn waiting_worker_that_leaves_is_forgotten() {
     let mut h = Harness::new(spec(2, 10));
     h.join(1, join("w0"));
-    let actions = h.event(Event::Disconnected {
-        conn: ConnId(1),
-        reason: "stream closed".into(),
-    });
+    let actions = h.disconnect(1, "stream closed");
     assert!(actions.is_empty());
     assert_eq!(h.machine.phase(), Phase::Waiting);
     h.join(2, join("w1"));
     assert_eq!(h.machine.phase(), Phase::Waiting);
     let actions = h.join(3, join("w2"));
-    let assigned: Vec<u32> = actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::Send {
-                msg: CoordinatorMessage {
-                    msg: Some(Down::Assignment(x)),
-                },
-                ..
-            } => Some(x.rank),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(assigned, vec![0, 1]);
+    let assigned: Vec<(u64, u32)> = all_assignments(&actions).iter().map(|(c, a)| (*c, a.rank)).collect();
+    assert_eq!(assigned, vec![(2, 0), (3, 1)]);
     assert!(sent_to(&actions, 1).is_empty());
-}
-
-#[test]
-fn heartbeat_timeout_is_detected_on_tick() {
-    let mut h = Harness::formed(100);
-    // The limit is 5 × 2 s. Rank 0 keeps talking, rank 1 goes silent after its first step.
-    h.advance(1.0);
-    h.msg(1, step(0, 1, ""));
-    h.msg(2, step(1, 1, ""));
-    for _ in 0..5 {
-        h.advance(2.0);
-        h.msg(1, Up::Heartbeat(proto::Heartbeat { step: 1 }));
-        assert!(h.event(Event::Tick).is_empty(), "too early");
-    }
-    h.advance(0.5);
-    let actions = h.event(Event::Tick);
-    let Some(RunOutcome::Failed(message)) = outcome(&actions) else {
-        panic!("{actions:?}")
-    };
-    assert!(
-        message.starts_with("worker w1 (rank 1, host host-w1) lost at step 1: no message for 10.5 s"),
-        "{message}"
-    );
-    assert!(matches!(sent_to(&actions, 1).as_slice(), [Down::Abort(a)] if a.reason == message));
-    assert!(actions.contains(&Action::Close { conn: ConnId(2) }));
-    // The closed session's own disconnect is not news.
-    assert!(
-        h.event(Event::Disconnected {
-            conn: ConnId(2),
-            reason: "closed by the coordinator".into()
-        })
-        .is_empty()
-    );
-    assert_eq!(h.status().elapsed_secs, (h.now - h.t0).as_secs_f64());
 }
 
 #[test]
@@ -524,19 +370,24 @@ fn long_wait_before_formation_does_not_count_as_silence() {
     h.advance(3600.0);
     h.join(2, join("w1"));
     h.advance(1.0);
-    assert!(h.event(Event::Tick).is_empty());
+    assert!(h.tick().is_empty());
     assert_eq!(h.machine.phase(), Phase::Running);
 }
 
 #[test]
-fn finished_workers_may_go_quiet() {
+fn a_finished_member_that_goes_quiet_is_not_lost() {
     let mut h = Harness::formed(1);
     h.msg(1, step(0, 1, ""));
     h.msg(2, step(1, 1, ""));
     h.msg(1, finished(0, 1));
     h.advance(60.0);
-    h.msg(2, Up::Heartbeat(proto::Heartbeat { step: 1 }));
-    assert!(h.event(Event::Tick).is_empty());
+    h.msg(2, heartbeat());
+    let actions = h.tick();
+    // Its share is done: at most its session is ended; no loss, no abort, no restart.
+    assert!(actions.iter().all(|a| matches!(a, Action::Close { .. })), "{actions:?}");
+    let status = h.status();
+    assert!(status.lost.is_empty());
+    assert_eq!((status.state, status.restarts), (proto::RunState::Running as i32, 0));
     assert_eq!(outcome(&h.msg(2, finished(1, 1))), Some(RunOutcome::Finished));
 }
 
@@ -552,9 +403,32 @@ fn diverging_checksums_fail_the_run() {
     let expected = "ranks diverged at step 12: rank 0 a1b2c3d4e5f60718 vs rank 1 c3d4e5f607182930";
     assert_eq!(outcome(&actions), Some(RunOutcome::Failed(expected.into())));
     for conn in [1, 2] {
-        assert!(matches!(sent_to(&actions, conn).as_slice(), [Down::Abort(a)] if a.reason == expected));
+        assert_eq!(the_stop(&actions, conn), (format!("run failed: {expected}"), true));
     }
+    assert_eq!(
+        persisted(&actions),
+        vec![Record::Ended {
+            outcome: "failed".into(),
+            message: expected.into()
+        }]
+    );
     assert_eq!(h.status().error, expected);
+    assert_eq!(h.status().eta_secs, None);
+}
+
+#[test]
+fn a_state_that_cannot_be_written_fails_the_run() {
+    let mut h = Harness::formed(10);
+    let actions = h.event(Event::StoreFailed {
+        message: "state/run.redb: No space left on device".into(),
+    });
+    let Some(RunOutcome::Failed(message)) = outcome(&actions) else {
+        panic!("{actions:?}")
+    };
+    assert!(message.contains("No space left on device"), "{message}");
+    for conn in [1, 2] {
+        assert!(the_stop(&actions, conn).1);
+    }
 }
 
 #[test]
@@ -574,180 +448,361 @@ fn reports_from_unknown_sessions_and_other_generations_are_ignored() {
 
 // ---------------------------------------------------------------- randomized
 
-/// What the test believes about each connection, independent of the machine.
+/// What the test believes about one session, from what it sent and was sent; independent of the machine.
+#[derive(Default)]
+struct Session {
+    welcomed: bool,
+    /// Its newest assignment: (generation, rank).
+    assigned: Option<(u64, u32)>,
+    next_step: u64,
+    /// Free for an assignment: welcomed and not training (never assigned, or it said Idle or Paused since).
+    ready: bool,
+    /// Told to stop: it never trains again.
+    stopped: bool,
+}
+
 #[derive(Default)]
 struct World {
-    open: BTreeSet<u64>,
-    rank_of: BTreeMap<u64, u32>,
-    next_step: BTreeMap<u64, u64>,
+    open: BTreeMap<u64, Session>,
     next_conn: u64,
+    /// Checkpoint paths reported so far; damage reports name one of them.
+    checkpoints: Vec<String>,
 }
 
-fn phase_rank(state: i32) -> i32 {
-    // FINISHED and FAILED are both final; neither may follow the other.
-    match proto::RunState::try_from(state).unwrap() {
-        proto::RunState::Unspecified => panic!("unspecified state"),
-        proto::RunState::Waiting => 0,
-        proto::RunState::Running => 1,
-        proto::RunState::Finished => 2,
-        proto::RunState::Failed => 3,
-        proto::RunState::Reforming | proto::RunState::Stopped => panic!("not yet reachable"),
-    }
-}
-
-fn random_event(rng: &mut StdRng, world: &mut World, total_steps: u64) -> Event {
-    let open: Vec<u64> = world.open.iter().copied().collect();
-    let pick = |rng: &mut StdRng| open[rng.random_range(0..open.len())];
-    match rng.random_range(0..100) {
-        0..=19 => {
-            world.next_conn += 1;
-            let conn = world.next_conn;
-            world.open.insert(conn);
-            // Mostly good joins; sometimes a reused id, a wrong protocol or a conflicting spec.
-            let mut j = join(&format!("w{}", rng.random_range(0..6)));
-            match rng.random_range(0..10) {
-                0 => j.protocol_version += 1,
-                1 => {
-                    let mut s = spec(2, total_steps);
-                    s.train.lr = 0.5;
-                    j.spec_json = s.to_json();
-                }
-                _ => {}
+fn random_event(rng: &mut StdRng, world: &mut World, spec: &RunSpec) -> Event {
+    let total_steps = spec.train.total_steps;
+    let open: Vec<u64> = world.open.keys().copied().collect();
+    let assigned: Vec<u64> = world
+        .open
+        .iter()
+        .filter(|(_, s)| s.assigned.is_some())
+        .map(|(&c, _)| c)
+        .collect();
+    let roll = rng.random_range(0..1000);
+    if roll < 140 {
+        world.next_conn += 1;
+        let conn = world.next_conn;
+        world.open.insert(conn, Session::default());
+        // Mostly good joins; sometimes a reused id, a wrong protocol or a conflicting spec.
+        let mut j = join(&format!("w{}", rng.random_range(0..8)));
+        match rng.random_range(0..12) {
+            0 => j.protocol_version += 1,
+            1 => {
+                let mut theirs = spec.clone();
+                theirs.train.lr = 0.5;
+                j.spec_json = theirs.to_json();
             }
-            Event::Joined {
-                conn: ConnId(conn),
-                join: j,
-            }
+            _ => {}
         }
-        _ if open.is_empty() => Event::Tick,
-        20..=27 => {
-            let conn = pick(rng);
-            world.open.remove(&conn);
+        return Event::Joined {
+            conn: ConnId(conn),
+            join: j,
+        };
+    }
+    if open.is_empty() {
+        return Event::Tick;
+    }
+    let any = open[rng.random_range(0..open.len())];
+    // Reports come from sessions that were given an assignment (else a heartbeat stands in).
+    let reporter = if assigned.is_empty() {
+        None
+    } else {
+        Some(assigned[rng.random_range(0..assigned.len())])
+    };
+    let generation_of = |world: &World, conn: u64| world.open[&conn].assigned.map_or(0, |(g, _)| g);
+    match (roll, reporter) {
+        (140..=199, _) => {
+            world.open.remove(&any);
             Event::Disconnected {
-                conn: ConnId(conn),
+                conn: ConnId(any),
                 reason: "stream closed".into(),
             }
         }
-        28..=35 => Event::Tick,
-        36..=40 => Event::Message {
-            conn: ConnId(pick(rng)),
-            msg: Up::Heartbeat(proto::Heartbeat { step: 0 }),
+        (200..=279, _) => Event::Tick,
+        (280..=349, _) => Event::Message {
+            conn: ConnId(any),
+            msg: heartbeat(),
         },
-        41..=43 => Event::Message {
-            conn: ConnId(pick(rng)),
-            msg: Up::Error(proto::WorkerError {
-                message: "random failure".into(),
-                ..Default::default()
-            }),
-        },
-        _ => {
-            let conn = pick(rng);
-            let rank = world.rank_of.get(&conn).copied().unwrap_or(0);
-            let next = world.next_step.entry(conn).or_insert(1);
-            if *next > total_steps {
-                Event::Message {
-                    conn: ConnId(conn),
-                    msg: finished(rank, total_steps),
-                }
+        (350..=384, _) => {
+            let kind = match rng.random_range(0..3) {
+                0 => proto::FailureKind::Own,
+                1 => proto::FailureKind::Peer,
+                _ => proto::FailureKind::Checkpoint,
+            };
+            let path = if world.checkpoints.is_empty() || rng.random_range(0..5) == 0 {
+                "/ck/unknown".to_string()
             } else {
-                let s = *next;
-                *next += 1;
-                // Occasionally a rank's checksum disagrees.
-                let checksum = if rng.random_range(0..200) == 0 {
-                    format!("bad{rank}")
-                } else {
-                    format!("ok{s}")
-                };
-                Event::Message {
+                world.checkpoints[rng.random_range(0..world.checkpoints.len())].clone()
+            };
+            Event::Message {
+                conn: ConnId(any),
+                msg: worker_error(kind, generation_of(world, any), "random failure", &path),
+            }
+        }
+        (385..=459, _) => {
+            // A worker answers an abort (or stops on its own) with the generation it trained.
+            let session = world.open.get_mut(&any).expect("picked from open");
+            if !session.stopped {
+                session.ready = true;
+            }
+            Event::Message {
+                conn: ConnId(any),
+                msg: idle(generation_of(world, any)),
+            }
+        }
+        (460..=469, _) => Event::StopRequested {
+            reason: "random stop".into(),
+        },
+        (470..=471, _) => Event::StoreFailed {
+            message: "random disk failure".into(),
+        },
+        (_, None) => Event::Message {
+            conn: ConnId(any),
+            msg: heartbeat(),
+        },
+        (472..=509, Some(conn)) => {
+            let session = &world.open[&conn];
+            let (generation, rank) = session.assigned.expect("a reporter has an assignment");
+            let at = session.next_step.saturating_sub(1);
+            if at == 0 {
+                // Nothing trained yet: no worker writes a checkpoint of step 0.
+                return Event::Message {
                     conn: ConnId(conn),
-                    msg: step(rank, s, &checksum),
-                }
+                    msg: heartbeat(),
+                };
+            }
+            let path = ck_path(at);
+            world.checkpoints.push(path.clone());
+            Event::Message {
+                conn: ConnId(conn),
+                msg: Up::Checkpoint(proto::CheckpointReport {
+                    generation,
+                    rank,
+                    step: at,
+                    path,
+                }),
+            }
+        }
+        (510..=529, Some(conn)) => {
+            let leaving = rng.random_range(0..4) == 0;
+            let session = world.open.get_mut(&conn).expect("picked from open");
+            let (generation, rank) = session.assigned.expect("a reporter has an assignment");
+            if !leaving && !session.stopped {
+                session.ready = true;
+            }
+            Event::Message {
+                conn: ConnId(conn),
+                msg: paused(generation, rank, session.next_step.saturating_sub(1), leaving),
+            }
+        }
+        (530..=549, Some(conn)) => {
+            let session = &world.open[&conn];
+            let (generation, rank) = session.assigned.expect("a reporter has an assignment");
+            Event::Message {
+                conn: ConnId(conn),
+                msg: Up::Eval(proto::EvalReport {
+                    generation,
+                    rank,
+                    step: session.next_step.saturating_sub(1),
+                    val_loss: 2.0,
+                }),
+            }
+        }
+        (_, Some(conn)) => {
+            let session = world.open.get_mut(&conn).expect("picked from open");
+            let (generation, rank) = session.assigned.expect("a reporter has an assignment");
+            let s = session.next_step;
+            if s > total_steps {
+                return Event::Message {
+                    conn: ConnId(conn),
+                    msg: finished_of(generation, rank, total_steps),
+                };
+            }
+            session.next_step += 1;
+            let msg = match rng.random_range(0..200) {
+                // Occasionally a rank's checksum disagrees, or a step is not finite.
+                0 => step_of(generation, rank, s, &format!("bad{rank}")),
+                1..=12 => skipped_step(generation, rank, s),
+                _ => step_of(generation, rank, s, &format!("ok{s}")),
+            };
+            Event::Message {
+                conn: ConnId(conn),
+                msg,
             }
         }
     }
+}
+
+fn random_spec(rng: &mut StdRng) -> RunSpec {
+    let min = rng.random_range(1..=3);
+    let mut spec = elastic_spec(min, min + rng.random_range(0..=2), rng.random_range(1..=8));
+    spec.cluster.max_restarts = rng.random_range(0..=4);
+    spec.cluster.max_nonfinite_steps = rng.random_range(1..=4);
+    spec.cluster.reform_timeout_secs = rng.random_range(5..=60);
+    spec.checkpoint.keep = rng.random_range(0..=3);
+    spec
+}
+
+/// Endings and paths the generator reached, over all seeds.
+#[derive(Default, Debug)]
+struct Tally {
+    finished: u32,
+    failed: u32,
+    stopped: u32,
+    reformed: u32,
 }
 
 #[test]
 fn random_event_orders_keep_the_invariants() {
-    let mut finished_runs = 0;
-    let mut failed_runs = 0;
-    for seed in 0..200u64 {
+    let mut tally = Tally::default();
+    for seed in 0..300u64 {
         let mut rng = StdRng::seed_from_u64(seed);
-        let workers = rng.random_range(1..=4);
-        let total_steps = rng.random_range(1..=6);
-        let mut h = Harness::new(spec(workers, total_steps));
+        let spec = random_spec(&mut rng);
+        let (min, max) = (spec.cluster.min_workers, spec.cluster.max_workers);
+        let mut h = Harness::new(spec.clone());
         let mut world = World::default();
-        let mut last_phase = 0;
         let mut ended = 0;
-        for i in 0..300 {
-            let event = random_event(&mut rng, &mut world, total_steps);
-            h.advance(rng.random_range(0.0..3.0));
+        let mut left_waiting = false;
+        let mut final_phase: Option<Phase> = None;
+        let mut last_generation: Option<u64> = None;
+        for i in 0..400 {
+            let event = random_event(&mut rng, &mut world, &spec);
+            // Now and then a long pause, so that several workers fall silent at once.
+            let pause = if rng.random_range(0..25) == 0 {
+                4.0..12.0
+            } else {
+                0.0..3.0
+            };
+            h.advance(rng.random_range(pause));
             let described = format!("{event:?}");
+            let joined = match &event {
+                Event::Joined { conn, .. } => Some(conn.0),
+                _ => None,
+            };
+            let at = format!("seed {seed} event {i} ({described})");
             let actions = h.event(event);
+            if final_phase.is_some() {
+                assert!(
+                    actions.iter().all(|a| matches!(
+                        a,
+                        // A damaged checkpoint is still worth remembering: a stopped run resumes later.
+                        Action::Close { .. }
+                            | Action::Persist(Record::CheckpointDamaged { .. })
+                            | Action::Send {
+                                msg: proto::CoordinatorMessage {
+                                    msg: Some(Down::Reject(_))
+                                },
+                                ..
+                            }
+                    )),
+                    "{at}: acted after the run ended: {actions:?}"
+                );
+            }
+            let mut batch: Vec<(u64, proto::Assignment)> = Vec::new();
             for action in &actions {
                 match action {
                     Action::Send { conn, msg } => {
-                        assert!(
-                            world.open.contains(&conn.0),
-                            "seed {seed} event {i}: send to unknown {conn}: {msg:?}"
-                        );
-                        if let Some(Down::Assignment(a)) = &msg.msg {
-                            world.rank_of.insert(conn.0, a.rank);
-                            assert_eq!(a.world_size, workers, "seed {seed}");
+                        let session = world
+                            .open
+                            .get_mut(&conn.0)
+                            .unwrap_or_else(|| panic!("{at}: send to a closed session {conn}: {msg:?}"));
+                        match &msg.msg {
+                            Some(Down::Welcome(_)) => {
+                                assert_eq!(joined, Some(conn.0), "{at}: welcome to a session that did not join");
+                                session.welcomed = true;
+                                session.ready = true;
+                            }
+                            Some(Down::Assignment(a)) => {
+                                assert!(
+                                    session.welcomed && session.ready && !session.stopped,
+                                    "{at}: {conn} was assigned while not free: {a:?}"
+                                );
+                                session.assigned = Some((a.generation, a.rank));
+                                session.next_step = a.start_step + 1;
+                                session.ready = false;
+                                batch.push((conn.0, a.clone()));
+                            }
+                            Some(Down::Stop(_)) => {
+                                session.stopped = true;
+                                session.ready = false;
+                            }
+                            Some(Down::Abort(proto::Abort { generation, .. }))
+                            | Some(Down::Drain(proto::Drain { generation, .. })) => {
+                                assert_eq!(
+                                    session.assigned.map(|(g, _)| g),
+                                    Some(*generation),
+                                    "{at}: {conn} is not a member of the generation it is told to end"
+                                );
+                            }
+                            _ => {}
                         }
                     }
                     Action::Close { conn } => {
-                        assert!(
-                            world.open.remove(&conn.0),
-                            "seed {seed} event {i}: close of unknown {conn}"
-                        );
+                        assert!(world.open.remove(&conn.0).is_some(), "{at}: close of a closed {conn}");
                     }
+                    Action::Persist(_) => {}
                     Action::RunEnded { .. } => ended += 1,
                 }
             }
-            let status = h.status();
-            let phase = phase_rank(status.state);
-            assert!(
-                phase >= last_phase,
-                "seed {seed} event {i} ({described}): state went back"
-            );
-            assert!(
-                !(last_phase >= 2 && phase != last_phase),
-                "seed {seed}: left a final state"
-            );
-            last_phase = phase;
-            let mut ranks: Vec<i32> = status.workers.iter().map(|w| w.rank).filter(|&r| r >= 0).collect();
-            ranks.sort_unstable();
-            let expected: Vec<i32> = if phase == 0 {
-                vec![]
-            } else {
-                (0..workers as i32).collect()
-            };
-            assert_eq!(ranks, expected, "seed {seed} event {i}: ranks not unique and dense");
-            assert!(
-                status.workers.len() <= workers as usize,
-                "seed {seed}: more than max_workers"
-            );
-            let ids: BTreeSet<&str> = status.workers.iter().map(|w| w.worker_id.as_str()).collect();
-            if phase == 0 {
+            if !batch.is_empty() {
+                let n = u32::try_from(batch.len()).expect("few workers");
+                assert!((min..=max).contains(&n), "{at}: generation of {n} workers");
+                let generation = batch[0].1.generation;
                 assert_eq!(
-                    ids.len(),
-                    status.workers.len(),
-                    "seed {seed}: duplicate ids while waiting"
+                    generation,
+                    last_generation.map_or(0, |g| g + 1),
+                    "{at}: generation numbers"
                 );
+                last_generation = Some(generation);
+                let mut ranks: Vec<u32> = batch.iter().map(|(_, a)| a.rank).collect();
+                ranks.sort_unstable();
+                assert_eq!(ranks, (0..n).collect::<Vec<_>>(), "{at}: ranks not dense");
+                for (_, a) in &batch {
+                    assert_eq!((a.generation, a.world_size), (generation, n), "{at}");
+                    assert_eq!(a.peers.len(), n as usize, "{at}");
+                    assert!(
+                        a.start_step < spec.train.total_steps,
+                        "{at}: nothing left to train: {a:?}"
+                    );
+                    assert_eq!(a.resume_from.is_empty(), a.start_step == 0, "{at}: {a:?}");
+                }
+                tally.reformed += u32::from(generation > 0);
             }
-            assert!(ended <= 1, "seed {seed}: the run ended twice");
-            assert_eq!(ended == 1, phase >= 2, "seed {seed}: RunEnded and the state disagree");
+            let status = h.status();
+            let phase = h.machine.phase();
+            if let Some(was) = final_phase {
+                assert_eq!(phase, was, "{at}: left a final phase");
+            }
+            if phase.is_final() {
+                final_phase = Some(phase);
+            }
+            if phase != Phase::Waiting {
+                left_waiting = true;
+            }
+            assert!(!(left_waiting && phase == Phase::Waiting), "{at}: back to waiting");
+            assert!(ended <= 1, "{at}: the run ended twice");
+            assert_eq!(ended == 1, phase.is_final(), "{at}: RunEnded and the phase disagree");
+            assert_eq!(h.machine.outcome().is_some(), phase.is_final(), "{at}");
+            assert!(
+                status.restarts <= spec.cluster.max_restarts || phase == Phase::Failed,
+                "{at}: more restarts than cluster.max_restarts"
+            );
+            if phase == Phase::Running {
+                let ranks: Vec<i32> = ranked(&status).iter().map(|(r, _)| *r).collect();
+                let expected: Vec<i32> = (0..status.world_size as i32).collect();
+                assert_eq!(ranks, expected, "{at}: status ranks not dense");
+            }
         }
-        match last_phase {
-            2 => finished_runs += 1,
-            3 => failed_runs += 1,
+        match final_phase {
+            Some(Phase::Finished) => tally.finished += 1,
+            Some(Phase::Failed) => tally.failed += 1,
+            Some(Phase::Stopped) => tally.stopped += 1,
             _ => {}
         }
     }
-    // The generator must exercise both endings, or the test proves little.
+    // The generator must reach every ending and re-form runs, or the test proves little.
     assert!(
-        finished_runs > 0 && failed_runs > 0,
-        "finished {finished_runs}, failed {failed_runs}"
+        tally.finished > 0 && tally.failed > 0 && tally.stopped > 0 && tally.reformed > 0,
+        "{tally:?}"
     );
 }

@@ -2,12 +2,14 @@
 use std::time::Duration;
 
 use futures::StreamExt;
+use lockstep_common::auth::RunToken;
 use lockstep_common::proto::{
-    self, CoordinatorMessage, RunState, WatchStatusRequest, WorkerMessage, coordinator_client::CoordinatorClient,
-    coordinator_message::Msg as Down, worker_message::Msg as Up,
+    self, CoordinatorMessage, RunState, WatchStatusRequest, WorkerMessage, coordinator_message::Msg as Down,
+    worker_message::Msg as Up,
 };
+use lockstep_common::transport::{self, AuthInterceptor, ClientSecurity};
 use lockstep_common::{PROTOCOL_VERSION, RunSpec};
-use lockstep_coordinator::{RunOutcome, ServeOptions};
+use lockstep_coordinator::{RunOutcome, ServeOptions, ServerSecurity};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
@@ -36,7 +38,7 @@ async fn start(workers: u32, total_steps: u64) -> Coordinator {
     let (shutdown, signal) = oneshot::channel::<()>();
     let opts = ServeOptions {
         session_grace: Duration::from_secs(5),
-        ..ServeOptions::default()
+        ..ServeOptions::new(ServerSecurity::new(token()))
     };
     let run = tokio::spawn(lockstep_coordinator::run(spec, listener, opts, async move {
         let _ = signal.await;
@@ -58,6 +60,17 @@ impl Coordinator {
     }
 }
 
+/// Every server here runs with this token, and every client sends it.
+fn token() -> RunToken {
+    RunToken::parse("session-tests-token-0123456789", "test").unwrap()
+}
+
+async fn client(endpoint: &str) -> transport::CoordinatorClient {
+    transport::connect(endpoint, &ClientSecurity::new(token()), PATIENCE)
+        .await
+        .unwrap()
+}
+
 struct FakeWorker {
     up: mpsc::Sender<WorkerMessage>,
     down: Streaming<CoordinatorMessage>,
@@ -77,7 +90,7 @@ fn join(id: &str) -> proto::Join {
 
 impl FakeWorker {
     async fn open(endpoint: &str, first: Up) -> Result<Self, tonic::Status> {
-        let mut client = CoordinatorClient::connect(endpoint.to_string()).await.unwrap();
+        let mut client = client(endpoint).await;
         let (up, rx) = mpsc::channel(16);
         up.send(WorkerMessage { msg: Some(first) }).await.unwrap();
         let down = client.session(ReceiverStream::new(rx)).await?.into_inner();
@@ -104,7 +117,7 @@ impl FakeWorker {
 #[tokio::test]
 async fn two_workers_train_to_the_end_and_the_server_returns() {
     let coordinator = start(2, 2).await;
-    let mut client = CoordinatorClient::connect(coordinator.endpoint.clone()).await.unwrap();
+    let mut client = client(&coordinator.endpoint).await;
     let mut watch = client.watch_status(WatchStatusRequest {}).await.unwrap().into_inner();
     let first = watch.next().await.unwrap().unwrap();
     assert_eq!(first.state, RunState::Waiting as i32);
@@ -162,7 +175,7 @@ async fn two_workers_train_to_the_end_and_the_server_returns() {
 }
 
 #[tokio::test]
-async fn a_lost_worker_aborts_the_other_and_fails_the_run() {
+async fn a_lost_worker_aborts_the_survivor_and_the_next_generation_forms_with_a_newcomer() {
     let coordinator = start(2, 100).await;
     let mut w0 = FakeWorker::join(&coordinator.endpoint, "0").await;
     let mut w1 = FakeWorker::join(&coordinator.endpoint, "1").await;
@@ -179,10 +192,30 @@ async fn a_lost_worker_aborts_the_other_and_fails_the_run() {
         ),
         other => panic!("expected Abort, got {other:?}"),
     }
-    drop(w0);
-    match coordinator.outcome().await {
-        RunOutcome::Failed(message) => assert!(message.contains("worker 1 (rank 1"), "{message}"),
-        other => panic!("expected a failure, got {other:?}"),
+    w0.send(Up::Idle(proto::Idle {
+        generation: 0,
+        nccl_unique_id: Vec::new(),
+    }))
+    .await;
+    let status = client(&coordinator.endpoint)
+        .await
+        .get_status(proto::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.state, RunState::Reforming as i32);
+    assert_eq!(status.lost.len(), 1);
+    assert_eq!(status.lost[0].worker_id, "1");
+    // One survivor is below min_workers = 2: the run waits for a newcomer and forms generation 1 with it.
+    let mut w2 = FakeWorker::join(&coordinator.endpoint, "2").await;
+    assert!(matches!(w2.next().await, Some(Down::Welcome(_))));
+    for (w, rank) in [(&mut w0, 0), (&mut w2, 1)] {
+        match w.next().await {
+            Some(Down::Assignment(a)) => {
+                assert_eq!((a.generation, a.rank, a.world_size, a.start_step), (1, rank, 2, 0));
+            }
+            other => panic!("expected the generation 1 assignment, got {other:?}"),
+        }
     }
 }
 
@@ -222,7 +255,7 @@ async fn reflection_lists_the_services() {
         .connect()
         .await
         .unwrap();
-    let mut client = ServerReflectionClient::new(channel);
+    let mut client = ServerReflectionClient::with_interceptor(channel, AuthInterceptor::new(&token()).unwrap());
     let request = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),

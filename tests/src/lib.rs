@@ -1,14 +1,16 @@
 //! Harness for the end-to-end tests: start a real `lockstep-coordinator` and real `lockstep-worker` processes on
 //! 127.0.0.1 for a run spec, wait on printed lines and exits (never on sleeps), and read what the workers logged
-//! (JSON lines) and what the coordinator reports.
+//! (JSON lines) and what the coordinator reports. Every cluster has a fresh run token, handed to its processes in
+//! their environment; clients of its coordinator send it.
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::Duration;
 
 use lockstep_cli::procs::{self, CoordinatorProcess};
 use lockstep_common::RunSpec;
-use lockstep_common::proto::coordinator_client::CoordinatorClient;
+use lockstep_common::auth::RunToken;
 use lockstep_common::proto::{RunStatus, WatchStatusRequest};
+use lockstep_common::transport::CoordinatorClient;
 use serde_json::Value;
 use tokio::process::Child;
 
@@ -36,8 +38,12 @@ pub fn small_spec(dir: &Path, workers: u32, steps: u64) -> RunSpec {
     spec.train.checksum_interval = 1;
     spec.checkpoint.dir = dir.join("checkpoints");
     spec.checkpoint.interval = 0;
+    spec.cluster.state_dir = dir.join("state");
     spec
 }
+
+/// How long a test waits for a status it expects; far above any healthy run of these small specs.
+pub const STATUS_DEADLINE: Duration = Duration::from_secs(180);
 
 pub struct Cluster {
     pub coordinator: CoordinatorProcess,
@@ -52,7 +58,9 @@ impl Cluster {
         std::fs::create_dir_all(dir).unwrap();
         let config = dir.join("run.toml");
         std::fs::write(&config, toml::to_string(spec).unwrap()).unwrap();
-        let coordinator = procs::spawn_coordinator(&config, &dir.join("coordinator.log"), &[], Duration::from_secs(60))
+        let token = RunToken::generate();
+        let log = dir.join("coordinator.log");
+        let coordinator = procs::spawn_coordinator(&config, &log, &[], Duration::from_secs(60), &token)
             .await
             .unwrap();
         let url = coordinator.url();
@@ -63,7 +71,7 @@ impl Cluster {
                     .map(|s| s.to_string())
                     .chain([format!("w{i}")])
                     .collect();
-                procs::spawn_worker(&url, &dir.join(format!("worker-{i}.log")), &args).unwrap()
+                procs::spawn_worker(&url, &dir.join(format!("worker-{i}.log")), &args, &token).unwrap()
             })
             .collect();
         Cluster {
@@ -77,9 +85,50 @@ impl Cluster {
         self.coordinator.url()
     }
 
+    /// The run token its processes were given.
+    pub fn token(&self) -> &RunToken {
+        &self.coordinator.token
+    }
+
+    /// A gRPC client of the coordinator (sending the run token).
+    pub async fn client(&self) -> CoordinatorClient {
+        self.coordinator.client().await.unwrap()
+    }
+
+    /// Follows WatchStatus until `ready` holds and returns that status; panics if the run ends first (unless the
+    /// final status satisfies it) or after `STATUS_DEADLINE`.
+    pub async fn wait_until(&self, what: &str, ready: impl Fn(&RunStatus) -> bool) -> RunStatus {
+        let mut client = self.client().await;
+        let mut stream = client.watch_status(WatchStatusRequest {}).await.unwrap().into_inner();
+        let watch = async {
+            let mut last = RunStatus::default();
+            while let Ok(Some(s)) = stream.message().await {
+                if ready(&s) {
+                    return s;
+                }
+                last = s;
+            }
+            panic!("the run ended before {what}: {last:?}");
+        };
+        match tokio::time::timeout(STATUS_DEADLINE, watch).await {
+            Ok(status) => status,
+            Err(_) => panic!("no status with {what} within {STATUS_DEADLINE:?}"),
+        }
+    }
+
+    /// Opens a WatchStatus stream now: one stream followed through a whole test never misses the end of a run
+    /// (a coordinator exits soon after it, refusing new connections).
+    pub async fn watch(&self) -> Watch {
+        let mut client = self.client().await;
+        Watch {
+            stream: client.watch_status(WatchStatusRequest {}).await.unwrap().into_inner(),
+            last: None,
+        }
+    }
+
     /// Follows WatchStatus to the end of the run and returns the final status.
     pub async fn final_status(&self) -> RunStatus {
-        let mut client = CoordinatorClient::connect(self.url()).await.unwrap();
+        let mut client = self.client().await;
         let mut stream = client.watch_status(WatchStatusRequest {}).await.unwrap().into_inner();
         let mut last = RunStatus::default();
         while let Ok(Some(s)) = stream.message().await {
@@ -116,6 +165,50 @@ impl Cluster {
             procs::terminate(w, Duration::from_secs(10)).await;
         }
         procs::terminate(&mut self.coordinator.child, Duration::from_secs(10)).await;
+    }
+}
+
+/// A WatchStatus stream being followed.
+pub struct Watch {
+    stream: tonic::Streaming<RunStatus>,
+    /// The newest status received; `None` before the first.
+    last: Option<RunStatus>,
+}
+
+impl Watch {
+    /// The first status from now on for which `ready` holds (the newest seen, if it already does); panics if the
+    /// run ends first or after [`STATUS_DEADLINE`].
+    pub async fn until(&mut self, what: &str, ready: impl Fn(&RunStatus) -> bool) -> RunStatus {
+        if let Some(last) = self.last.as_ref().filter(|s| ready(s)) {
+            return last.clone();
+        }
+        let follow = async {
+            while let Ok(Some(s)) = self.stream.message().await {
+                let done = ready(&s);
+                self.last = Some(s);
+                if done {
+                    return self.last.clone().unwrap_or_default();
+                }
+            }
+            panic!("the run ended before {what}: {:?}", self.last);
+        };
+        match tokio::time::timeout(STATUS_DEADLINE, follow).await {
+            Ok(status) => status,
+            Err(_) => panic!("no status with {what} within {STATUS_DEADLINE:?}"),
+        }
+    }
+
+    /// The run's final status (the stream ends with it).
+    pub async fn last(mut self) -> RunStatus {
+        let follow = async {
+            while let Ok(Some(s)) = self.stream.message().await {
+                self.last = Some(s);
+            }
+        };
+        if tokio::time::timeout(STATUS_DEADLINE, follow).await.is_err() {
+            panic!("the run did not end within {STATUS_DEADLINE:?}: {:?}", self.last);
+        }
+        self.last.unwrap_or_default()
     }
 }
 

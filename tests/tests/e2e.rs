@@ -124,12 +124,11 @@ async fn the_same_run_twice_gives_the_same_parameters() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_json_reports_a_live_run() {
     use lockstep_common::proto::WatchStatusRequest;
-    use lockstep_common::proto::coordinator_client::CoordinatorClient;
     let dir = tempfile::tempdir().unwrap();
     let spec = small_spec(dir.path(), 1, 100_000);
     let mut cluster = Cluster::start(&spec, 1, dir.path()).await;
     // Ready when the coordinator has seen two steps.
-    let mut client = CoordinatorClient::connect(cluster.url()).await.unwrap();
+    let mut client = cluster.client().await;
     let mut stream = client.watch_status(WatchStatusRequest {}).await.unwrap().into_inner();
     while let Some(s) = stream.message().await.unwrap() {
         if s.step >= 2 && s.last_loss.is_some() {
@@ -138,6 +137,7 @@ async fn status_json_reports_a_live_run() {
     }
     let lockstep = lockstep_cli::procs::sibling_binary("lockstep").unwrap();
     let out = tokio::process::Command::new(lockstep)
+        .env("LOCKSTEP_TOKEN", cluster.token().expose())
         .args(["status", "--json", "--coordinator", &cluster.url()])
         .output()
         .await
@@ -171,7 +171,7 @@ async fn a_worker_with_a_conflicting_spec_is_refused_in_one_line() {
     std::fs::write(&other, toml::to_string(&theirs).unwrap()).unwrap();
     let log = dir.path().join("conflicting.log");
     let args = vec!["--config".to_string(), other.display().to_string()];
-    let mut worker = lockstep_cli::procs::spawn_worker(&cluster.url(), &log, &args).unwrap();
+    let mut worker = lockstep_cli::procs::spawn_worker(&cluster.url(), &log, &args, cluster.token()).unwrap();
     let status = tokio::time::timeout(std::time::Duration::from_secs(60), worker.wait())
         .await
         .unwrap()
@@ -268,13 +268,17 @@ async fn a_worker_with_other_data_than_the_coordinator_is_refused() {
     let mut spec = small_spec(dir.path(), 1, 4);
     spec.data.source = DataSource::Prepared;
     spec.data.path = Some(data.clone());
+    // The refused worker leaves; with no other worker to re-form with, the run fails after this wait.
+    spec.cluster.reform_timeout_secs = 2;
     let config = dir.path().join("run.toml");
     std::fs::write(&config, toml::to_string(&spec).unwrap()).unwrap();
+    let token = lockstep_common::auth::RunToken::generate();
     let mut coordinator = procs::spawn_coordinator(
         &config,
         &dir.path().join("coordinator.log"),
         &[],
         std::time::Duration::from_secs(60),
+        &token,
     )
     .await
     .unwrap();
@@ -285,7 +289,7 @@ async fn a_worker_with_other_data_than_the_coordinator_is_refused() {
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let mut worker = procs::spawn_worker(&coordinator.url(), &dir.path().join("worker-0.log"), &args).unwrap();
+    let mut worker = procs::spawn_worker(&coordinator.url(), &dir.path().join("worker-0.log"), &args, &token).unwrap();
     let status = tokio::time::timeout(std::time::Duration::from_secs(120), worker.wait())
         .await
         .unwrap()

@@ -1,50 +1,46 @@
 //! How a worker reaches its coordinator: the address, the route other workers use to reach this host, and the
-//! gRPC channel (retried with backoff while the coordinator starts).
+//! flags for the run token and TLS. The connection itself (TLS, the token on every call, retrying while the
+//! coordinator starts) is `lockstep_common::transport`, shared with the CLI.
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
 
-use tonic::transport::{Channel, Endpoint};
+use lockstep_common::auth::{self, RunToken};
+use lockstep_common::transport::ClientSecurity;
 
 use crate::error::{Error, Result};
 
-/// Connects to the coordinator, retrying until `timeout` (it may not be listening yet).
-pub async fn connect(url: &str, timeout: Duration) -> Result<Channel> {
-    let bad = |message: String| Error::Coordinator {
-        addr: url.to_string(),
-        message,
-    };
-    let endpoint = Endpoint::from_shared(url.to_string())
-        .map_err(|e| bad(format!("not a valid --coordinator URL ({e}); use http://HOST:PORT")))?
-        .connect_timeout(Duration::from_secs(2).min(timeout.max(Duration::from_millis(100))));
-    let deadline = Instant::now() + timeout;
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match endpoint.connect().await {
-            Ok(channel) => return Ok(channel),
-            Err(e) if Instant::now() + backoff >= deadline => {
-                return Err(bad(format!(
-                    "unreachable after {:.0?} ({}); is lockstep-coordinator running and listening there?",
-                    timeout,
-                    error_chain(&e)
-                )));
-            }
-            Err(_) => {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            }
-        }
-    }
+/// The flags every client of the coordinator shares: `lockstep-worker`, `lockstep status`, `lockstep stop`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SecurityArgs {
+    /// A file holding the run token (a coordinator given none writes one to <cluster.state_dir>/token). The
+    /// LOCKSTEP_TOKEN variable, when set, wins.
+    #[arg(long, env = "LOCKSTEP_TOKEN_FILE", value_name = "PATH")]
+    pub token_file: Option<PathBuf>,
+    /// The CA that signed the coordinator's TLS certificate (PEM); for an https:// coordinator URL.
+    #[arg(long, env = "LOCKSTEP_TLS_CA", value_name = "PATH")]
+    pub tls_ca: Option<PathBuf>,
+    /// This client's certificate (PEM), for a coordinator that requires mutual TLS; with --tls-key.
+    #[arg(long, env = "LOCKSTEP_TLS_CERT", value_name = "PATH")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "LOCKSTEP_TLS_KEY", value_name = "PATH")]
+    pub tls_key: Option<PathBuf>,
+    /// The name the coordinator's certificate carries, when it is not the URL's host.
+    #[arg(long, env = "LOCKSTEP_TLS_DOMAIN", value_name = "NAME")]
+    pub tls_domain: Option<String>,
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
+impl SecurityArgs {
+    /// The token (`LOCKSTEP_TOKEN`, else `--token-file`) and TLS settings these flags describe.
+    pub fn client_security(&self) -> Result<ClientSecurity> {
+        let token = RunToken::for_client(auth::env_token()?, self.token_file.as_deref())?;
+        Ok(ClientSecurity::new(token).with_tls_flags(
+            self.tls_ca.clone(),
+            self.tls_cert.clone(),
+            self.tls_key.clone(),
+            self.tls_domain.clone(),
+        )?)
     }
-    out
 }
 
 /// The coordinator's socket address from its URL, for choosing the ring interface.

@@ -25,6 +25,8 @@ pub struct Reduced {
     flat: Tensor,
     pub loss: f64,
     pub grad_norm: f64,
+    /// The ranks' stop votes, summed.
+    pub stop_votes: f64,
 }
 
 impl DeviceGrads {
@@ -59,8 +61,9 @@ impl DeviceGrads {
         Ok(())
     }
 
-    /// Sums the gradients and the loss over all ranks and reads back the loss and the global norm.
-    pub fn reduce(self, params: &Params, collective: &mut dyn Collective) -> Result<Reduced> {
+    /// Sums the gradients, the loss and the stop votes (`vote`: this rank's, 0 or 1) over all ranks and reads back
+    /// the loss, the votes and the global norm.
+    pub fn reduce(self, params: &Params, collective: &mut dyn Collective, vote: f32) -> Result<Reduced> {
         let mut parts = Vec::with_capacity(self.sums.len() + 1);
         for (name, sum) in params.names().iter().zip(self.sums) {
             let sum = sum.ok_or_else(|| Error::Model(format!("no micro-batch gave a gradient for {name}")))?;
@@ -70,15 +73,17 @@ impl DeviceGrads {
             .loss
             .ok_or_else(|| Error::Model("a step without micro-batches".into()))?;
         parts.push(loss.reshape(1)?);
+        parts.push(Tensor::new(&[vote], loss.device())?);
         let flat = collective.all_reduce_tensor(&Tensor::cat(&parts, 0)?)?;
         let n = params.num_elements();
         let grads = flat.narrow(0, 0, n)?;
         let norm2 = grads.sqr()?.sum_all()?.reshape(1)?;
-        let both = Tensor::cat(&[flat.narrow(0, n, 1)?, norm2], 0)?.to_vec1::<f32>()?;
+        let host = Tensor::cat(&[flat.narrow(0, n, 2)?, norm2], 0)?.to_vec1::<f32>()?;
         Ok(Reduced {
             flat: grads,
-            loss: f64::from(both[0]),
-            grad_norm: f64::from(both[1]).sqrt(),
+            loss: f64::from(host[0]),
+            stop_votes: f64::from(host[1]),
+            grad_norm: f64::from(host[2]).sqrt(),
         })
     }
 }
@@ -141,7 +146,9 @@ mod tests {
             let grads = loss.backward().unwrap();
             acc.add(&params, &grads, &loss).unwrap();
         }
-        let r = acc.reduce(&params, &mut Twin).unwrap();
+        let r = acc.reduce(&params, &mut Twin, 1.0).unwrap();
+        // One vote on each of the two ranks.
+        assert_eq!(r.stop_votes, 2.0);
         // Σw² + Σb = 30; the two micro-batches weigh 1 + 3 = 4; the twin rank doubles: 240.
         assert_eq!(r.loss, 240.0);
         let g = r.grads(&params, 0.5).unwrap();

@@ -1,6 +1,10 @@
 //! `lockstep-worker --coordinator http://HOST:PORT [--device cpu|cuda:N | --gpus all|0,1,..]`: one training rank
 //! (or, with `--gpus`, one rank per listed GPU, each its own session with the coordinator). Joins the coordinator,
 //! trains what it is assigned, all-reduces gradients with its peers, and exits 0 when the coordinator ends the run.
+//!
+//! It needs the run's token (`LOCKSTEP_TOKEN`, or `--token-file`): for every call to the coordinator and to prove
+//! itself to its ring neighbours. `--tls-ca` (with an https:// URL) and `--tls-cert`/`--tls-key` (mutual TLS) match
+//! the coordinator's `[security]`.
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -10,6 +14,7 @@ use clap::Parser;
 use futures::FutureExt;
 use lockstep_common::RunSpec;
 use lockstep_common::telemetry::{self, LogFormat};
+use lockstep_worker::coordinator_link::SecurityArgs;
 use lockstep_worker::device;
 use lockstep_worker::session::{self, WorkerOptions};
 
@@ -41,9 +46,14 @@ struct Args {
     /// Keep retrying the coordinator this many seconds before giving up.
     #[arg(long, env = "LOCKSTEP_CONNECT_TIMEOUT_SECS", default_value_t = 30)]
     connect_timeout_secs: u64,
+    /// After losing the coordinator (it restarted, or dropped this worker), keep trying to rejoin this many seconds.
+    #[arg(long, env = "LOCKSTEP_RECONNECT_TIMEOUT_SECS", default_value_t = 600)]
+    reconnect_timeout_secs: u64,
     /// `text` or `json`.
     #[arg(long, env = "LOCKSTEP_LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
+    #[command(flatten)]
+    security: SecurityArgs,
 }
 
 fn main() -> ExitCode {
@@ -70,6 +80,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         Some(list) => device::parse_gpus(list)?,
     };
     let spec = args.config.as_deref().map(|p| RunSpec::load(Some(p))).transpose()?;
+    let mut security = args.security.client_security()?;
+    if let Some(spec) = &spec {
+        security.max_message_bytes = spec.security.max_message_bytes;
+    }
     let several = args.gpus.is_some();
     let base_id = args.worker_id.clone().unwrap_or_else(session::default_worker_id);
     let mut ranks = Vec::with_capacity(devices.len());
@@ -88,6 +102,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             worker_id,
             spec: spec.clone(),
             connect_timeout: Duration::from_secs(args.connect_timeout_secs),
+            reconnect_timeout: Duration::from_secs(args.reconnect_timeout_secs),
+            security: security.clone(),
         });
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -95,10 +111,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let shutdown = shutdown_signal().shared();
+        let signals = count_signals();
         let sessions = ranks.into_iter().map(|opts| {
             let name = opts.device_name.clone();
-            session::run(opts, shutdown.clone()).map(move |r| (name, r))
+            session::run(opts, signals.clone()).map(move |r| (name, r))
         });
         let mut failure: Option<(String, lockstep_worker::error::Error)> = None;
         for (name, result) in futures::future::join_all(sessions).await {
@@ -133,17 +149,25 @@ fn offset_port(addr: &str, i: usize) -> anyhow::Result<String> {
     Ok(format!("{host}:{port}"))
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
-            return;
+/// Counts SIGINT/SIGTERM: the first asks every rank to leave after the current step (checkpointed with the other
+/// workers), the second stops at once.
+fn count_signals() -> session::Signals {
+    let (tx, rx) = tokio::sync::watch::channel(0u32);
+    let interrupts = tx.clone();
+    tokio::spawn(async move {
+        while tokio::signal::ctrl_c().await.is_ok() {
+            interrupts.send_modify(|n| *n += 1);
         }
-    }
-    let _ = ctrl_c.await;
+    });
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            while term.recv().await.is_some() {
+                tx.send_modify(|n| *n += 1);
+            }
+        }
+        // Keep the sender alive: a closed channel would read as "stop at once".
+        std::future::pending::<()>().await;
+    });
+    rx
 }

@@ -11,6 +11,7 @@
 //! assembled ahead of time by a [`Loader`] thread started at the trainer's current step.
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -31,6 +32,9 @@ use crate::model::{DropoutRng, Gpt, GptConfig, cross_entropy_sum, init_varmap};
 use crate::optim::{AdamW, AdamWConfig, clip_scale, global_norm, lr_at};
 use crate::params::Params;
 
+/// Slots after the gradients in the host buffer: the loss, then the stop vote.
+const EXTRA_SLOTS: usize = 2;
+
 /// What one optimizer step did, for the step report.
 #[derive(Debug, Clone, Default)]
 pub struct StepOutcome {
@@ -46,6 +50,8 @@ pub struct StepOutcome {
     pub backward_ms: f64,
     pub allreduce_ms: f64,
     pub optimizer_ms: f64,
+    /// Some rank asked to stop after this step ([`Trainer::set_stop_flag`]); every rank sees the same answer.
+    pub stop: bool,
 }
 
 pub struct Trainer {
@@ -61,8 +67,11 @@ pub struct Trainer {
     opt: AdamW,
     collective: Box<dyn Collective>,
     device: Device,
-    /// Gradients in canonical order, then one slot for the loss: one all-reduce per step carries both (host path).
+    /// Gradients in canonical order, then one slot for the loss and one for the stop vote: one all-reduce per step
+    /// carries all three (host path).
     flat: Vec<f32>,
+    /// Set (by another thread) to vote for stopping after the current step; see [`StepOutcome::stop`].
+    stop_vote: Arc<AtomicBool>,
     /// Sum, reduce and clip gradients on the device ([`DeviceGrads`]) instead of in `flat`: on for accelerators.
     device_resident: bool,
     /// Updates taken so far.
@@ -178,7 +187,7 @@ impl Trainer {
         let flat = if device_resident {
             Vec::new()
         } else {
-            vec![0f32; params.num_elements() + 1]
+            vec![0f32; params.num_elements() + EXTRA_SLOTS]
         };
         Ok(Self {
             spec,
@@ -192,6 +201,7 @@ impl Trainer {
             collective,
             device,
             flat,
+            stop_vote: Arc::new(AtomicBool::new(false)),
             device_resident,
             step: 0,
         })
@@ -201,18 +211,36 @@ impl Trainer {
         self.step
     }
 
+    /// Setting `flag` (from any thread) votes to stop after the step in progress. The vote travels in the step's
+    /// all-reduce, so every rank learns in the same step that some rank wants to stop ([`StepOutcome::stop`]) — a
+    /// pause all ranks agree on, without another round trip.
+    pub fn set_stop_flag(&mut self, flag: Arc<AtomicBool>) {
+        self.stop_vote = flag;
+    }
+
     /// Whether gradients are summed, reduced and clipped on the device ([`DeviceGrads`]; the default on
     /// accelerators) or in a flat host buffer (the default on the CPU). Both give the same math; switching lets the
     /// device path be tested and measured on a CPU.
     pub fn set_device_resident(&mut self, on: bool) {
         self.device_resident = on;
-        let len = if on { 0 } else { self.params.num_elements() + 1 };
+        let len = if on {
+            0
+        } else {
+            self.params.num_elements() + EXTRA_SLOTS
+        };
         self.flat = vec![0f32; len];
     }
 
     /// Sequences of the data plan consumed so far (DESIGN §3: the cursor is step × global batch).
     pub fn data_cursor(&self) -> u64 {
         self.step * self.spec.train.global_batch as u64
+    }
+
+    /// The global sequence indices (data plan positions, DESIGN §3) this rank trains on in the next step.
+    pub fn next_sequences(&self) -> std::ops::Range<u64> {
+        let g = self.spec.train.global_batch as u64;
+        let mine = rank_share(g, self.world_size(), self.rank());
+        self.step * g + mine.start..self.step * g + mine.end
     }
 
     pub fn rank(&self) -> u32 {
@@ -326,9 +354,16 @@ impl Trainer {
         }
 
         let t2 = Instant::now();
+        // Read as late as possible, so a request that arrived during the step still stops after it.
+        let vote = if self.stop_vote.load(Ordering::SeqCst) {
+            1.0
+        } else {
+            0.0
+        };
         let reduced = match on_device {
-            Some(acc) => Some(acc.reduce(&self.params, self.collective.as_mut())?),
+            Some(acc) => Some(acc.reduce(&self.params, self.collective.as_mut(), vote)?),
             None => {
+                self.flat[n + 1] = vote;
                 self.collective.all_reduce_sum(&mut self.flat)?;
                 None
             }
@@ -336,9 +371,13 @@ impl Trainer {
         out.allreduce_ms = ms(t2.elapsed());
 
         let t3 = Instant::now();
-        (out.loss, out.grad_norm) = match &reduced {
-            Some(r) => (r.loss, r.grad_norm),
-            None => (f64::from(self.flat[n]), global_norm(&self.flat[..n])),
+        (out.loss, out.grad_norm, out.stop) = match &reduced {
+            Some(r) => (r.loss, r.grad_norm, r.stop_votes > 0.5),
+            None => (
+                f64::from(self.flat[n]),
+                global_norm(&self.flat[..n]),
+                self.flat[n + 1] > 0.5,
+            ),
         };
         // Every rank sees the same reduced values, so every rank skips together.
         out.skipped = !out.loss.is_finite() || !out.grad_norm.is_finite();
@@ -592,12 +631,13 @@ mod tests {
 
         let listeners: Vec<RingListener> = (0..2).map(|_| RingListener::bind("127.0.0.1:0").unwrap()).collect();
         let peers: Vec<String> = listeners.iter().map(|l| l.local_addr().to_string()).collect();
+        let token = lockstep_common::auth::RunToken::generate();
         let results: Vec<(Vec<f32>, String)> = std::thread::scope(|s| {
             let handles: Vec<_> = listeners
                 .into_iter()
                 .enumerate()
                 .map(|(rank, listener)| {
-                    let (spec, peers, dir) = (spec.clone(), peers.clone(), dir.clone());
+                    let (spec, peers, dir, token) = (spec.clone(), peers.clone(), dir.clone(), token.clone());
                     s.spawn(move || {
                         let ring = Ring::connect(
                             &listener,
@@ -607,6 +647,7 @@ mod tests {
                                 peers,
                                 timeout: std::time::Duration::from_secs(60),
                                 session: "resume-test".into(),
+                                token,
                             },
                         )
                         .unwrap();

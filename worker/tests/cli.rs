@@ -1,11 +1,18 @@
 //! The worker binary's answers to bad input: a non-zero exit and one `error:` line naming the problem.
 use std::process::Command;
 
+/// The worker with `args` and a run token in its environment.
 fn run(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_lockstep-worker"))
-        .args(args)
-        .output()
-        .unwrap();
+    run_with_token(args, Some("worker-cli-tests-token-0123"))
+}
+
+fn run_with_token(args: &[&str], token: Option<&str>) -> (bool, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lockstep-worker"));
+    cmd.env_remove("LOCKSTEP_TOKEN").env_remove("LOCKSTEP_TOKEN_FILE");
+    if let Some(token) = token {
+        cmd.env("LOCKSTEP_TOKEN", token);
+    }
+    let out = cmd.args(args).output().unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
@@ -60,4 +67,55 @@ fn a_bad_config_file_is_named() {
     assert!(!ok);
     let line = one_error_line(&stderr);
     assert!(line.contains("bogus_key") && line.contains("w.toml"), "{line}");
+}
+
+#[test]
+fn no_run_token_says_where_to_put_one() {
+    let (ok, stderr) = run_with_token(
+        &["--coordinator", "http://127.0.0.1:1", "--connect-timeout-secs", "1"],
+        None,
+    );
+    assert!(!ok);
+    let line = one_error_line(&stderr);
+    assert!(
+        line.contains("--token-file") && line.contains("LOCKSTEP_TOKEN"),
+        "{line}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("token");
+    std::fs::write(&empty, "\n").unwrap();
+    let args = ["--token-file", empty.to_str().unwrap(), "--connect-timeout-secs", "1"];
+    let (ok, stderr) = run_with_token(&args, None);
+    assert!(!ok);
+    let line = one_error_line(&stderr);
+    assert!(
+        line.contains(empty.to_str().unwrap()) && line.contains("empty"),
+        "{line}"
+    );
+}
+
+#[test]
+fn tls_flags_and_the_url_scheme_must_agree() {
+    let (ok, stderr) = run(&["--coordinator", "http://127.0.0.1:1", "--tls-ca", "/nonexistent/ca.pem"]);
+    assert!(!ok);
+    let line = one_error_line(&stderr);
+    assert!(line.contains("--tls-ca") && line.contains("https://"), "{line}");
+    let (ok, stderr) = run(&["--coordinator", "https://127.0.0.1:1"]);
+    assert!(!ok);
+    assert!(one_error_line(&stderr).contains("needs --tls-ca"), "{stderr}");
+    let (ok, stderr) = run(&[
+        "--coordinator",
+        "https://127.0.0.1:1",
+        "--tls-ca",
+        "/nonexistent/ca.pem",
+    ]);
+    assert!(!ok);
+    assert!(one_error_line(&stderr).contains("/nonexistent/ca.pem"), "{stderr}");
+    let (ok, stderr) = run(&["--tls-ca", "/ca.pem", "--tls-cert", "/c.pem"]);
+    assert!(!ok);
+    assert!(
+        one_error_line(&stderr).contains("--tls-cert needs --tls-key"),
+        "{stderr}"
+    );
 }

@@ -7,6 +7,8 @@ use std::sync::Barrier;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use lockstep_common::auth::RunToken;
+
 use super::{Collective, Ring, RingConfig, RingListener};
 use crate::error::{Error, Result};
 
@@ -43,6 +45,8 @@ pub fn bench_allreduce(ranks: u32, bytes: usize, iters: u32) -> Result<AllReduce
         .collect::<Result<Vec<_>>>()?;
     let peers: Vec<String> = listeners.iter().map(|l| l.local_addr().to_string()).collect();
     let barrier = Barrier::new(ranks as usize);
+    // The ranks are threads of this process: a fresh token is as good as any.
+    let token = RunToken::generate();
     let per_rank = thread::scope(|s| {
         let handles = listeners
             .iter()
@@ -54,6 +58,7 @@ pub fn bench_allreduce(ranks: u32, bytes: usize, iters: u32) -> Result<AllReduce
                     peers: peers.clone(),
                     timeout: BENCH_TIMEOUT,
                     session: "bench".into(),
+                    token: token.clone(),
                 };
                 let barrier = &barrier;
                 thread::Builder::new()

@@ -2,12 +2,14 @@
 //! the connection to its successor. Both wait for peers that start late, both give up at the
 //! deadline, and both stop early once `stop` is set (the other direction already failed).
 
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::collections::HashMap;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::handshake::{self, HandshakeError, Hello};
+use super::handshake::{self, HandshakeError, Local};
 use crate::error::{Error, Result};
 
 /// How often a pending accept looks again; std has no accept with a timeout.
@@ -67,7 +69,7 @@ impl Failure {
 pub(super) fn connect_next(
     addr: &str,
     rank: u32,
-    hello: &Hello<'_>,
+    ours: &Local<'_>,
     deadline: Instant,
     stop: &AtomicBool,
 ) -> Result<TcpStream, Failure> {
@@ -91,7 +93,7 @@ pub(super) fn connect_next(
             return Err(fail(message, false));
         }
         match try_connect(addr, remaining) {
-            Ok(stream) => match handshake::handshake(&stream, hello, rank, deadline) {
+            Ok(stream) => match handshake::handshake(&stream, ours, rank, deadline) {
                 Ok(()) => return Ok(stream),
                 Err(HandshakeError::Refused(why)) => return Err(fail(why, true)),
                 Err(e) => last = e.to_string(),
@@ -120,53 +122,99 @@ fn try_connect(addr: &str, timeout: Duration) -> std::result::Result<TcpStream, 
     Err(last)
 }
 
-/// Accepts the predecessor `rank` (ring address `addr`), dropping connections that fail the
-/// handshake, until the deadline.
+/// Most handshakes the listener runs at once; further connections wait in the backlog until one finishes.
+const MAX_PENDING_HANDSHAKES: usize = 16;
+
+/// Accepts the predecessor `rank` (ring address `addr`) until the deadline. Every accepted connection runs its
+/// handshake on a thread of its own, so a stray connection that never says anything (or cannot prove the token)
+/// cannot keep the real predecessor out: it is refused or left behind, and accepting goes on.
 pub(super) fn accept_prev(
     listener: &RingListener,
     rank: u32,
     addr: &str,
-    hello: &Hello<'_>,
+    ours: &Local<'_>,
     deadline: Instant,
     stop: &AtomicBool,
 ) -> Result<TcpStream, Failure> {
+    let (done_tx, done_rx) = mpsc::channel::<(u64, SocketAddr, Result<TcpStream, HandshakeError>)>();
+    // Clones of the connections still in their handshake, to cut them short once this call returns.
+    let mut pending: HashMap<u64, TcpStream> = HashMap::new();
+    let mut next_id = 0u64;
     let mut last_problem: Option<String> = None;
     let mut saw_mismatch = false;
-    loop {
-        // Stopped early, a refusal seen here may still be the best explanation of the failure.
-        if stop.load(Ordering::SeqCst) || Instant::now() >= deadline {
-            let last = last_problem.map(|p| format!(" (last: {p})")).unwrap_or_default();
-            let message = format!(
-                "made no valid connection to this rank at {} in time{last}: is that worker \
-                 running, and does it have this rank's address?",
-                listener.addr
-            );
-            let peer = peer_name(rank, addr);
-            return Err(Failure::new(Error::Ring { peer, message }, saw_mismatch));
-        }
-        match listener.listener.accept() {
-            Ok((stream, from)) => {
-                // The accepted socket must block: all later timeouts rely on it.
-                let ready = stream.set_nonblocking(false).and_then(|()| stream.set_nodelay(true));
-                let outcome = match ready {
-                    Ok(()) => handshake::handshake(&stream, hello, rank, deadline),
-                    Err(e) => Err(HandshakeError::Io(e)),
-                };
+    thread::scope(|s| {
+        let result = loop {
+            while let Ok((id, from, outcome)) = done_rx.try_recv() {
+                pending.remove(&id);
                 match outcome {
-                    Ok(()) => return Ok(stream),
+                    Ok(stream) => return finish(Ok(stream), &mut pending),
                     Err(e) => {
                         saw_mismatch |= matches!(e, HandshakeError::Refused(_));
-                        tracing::warn!(rank = hello.rank, %from, error = %e, "refused ring connection");
+                        tracing::warn!(rank = ours.hello.rank, %from, error = %e, "refused ring connection");
                         last_problem = Some(format!("refused a connection from {from}: {e}"));
                     }
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => thread::sleep(ACCEPT_POLL),
-            Err(e) => {
-                // E.g. out of file descriptors, which may pass: keep trying until the deadline.
-                last_problem = Some(format!("accept failed: {e}"));
-                thread::sleep(ACCEPT_POLL);
+            // Stopped early, a refusal seen here may still be the best explanation of the failure.
+            if stop.load(Ordering::SeqCst) || Instant::now() >= deadline {
+                let last = last_problem.take().map(|p| format!(" (last: {p})")).unwrap_or_default();
+                let message = format!(
+                    "made no valid connection to this rank at {} in time{last}: is that worker \
+                     running, and does it have this rank's address?",
+                    listener.addr
+                );
+                let peer = peer_name(rank, addr);
+                break Err(Failure::new(Error::Ring { peer, message }, saw_mismatch));
             }
-        }
+            if pending.len() >= MAX_PENDING_HANDSHAKES {
+                thread::sleep(ACCEPT_POLL);
+                continue;
+            }
+            match listener.listener.accept() {
+                Ok((stream, from)) => {
+                    // The accepted socket must block: all later timeouts rely on it.
+                    let ready = stream
+                        .set_nonblocking(false)
+                        .and_then(|()| stream.set_nodelay(true))
+                        .and_then(|()| stream.try_clone());
+                    let clone = match ready {
+                        Ok(clone) => clone,
+                        Err(e) => {
+                            last_problem = Some(format!("cannot use a connection from {from}: {e}"));
+                            continue;
+                        }
+                    };
+                    let (id, done_tx) = (next_id, done_tx.clone());
+                    next_id += 1;
+                    let spawned = thread::Builder::new()
+                        .name(format!("ring-handshake-{}", ours.hello.rank))
+                        .spawn_scoped(s, move || {
+                            let outcome = handshake::handshake(&stream, ours, rank, deadline).map(|()| stream);
+                            let _ = done_tx.send((id, from, outcome));
+                        });
+                    match spawned {
+                        Ok(_) => {
+                            pending.insert(id, clone);
+                        }
+                        Err(e) => last_problem = Some(format!("cannot handle a connection from {from}: {e}")),
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => thread::sleep(ACCEPT_POLL),
+                Err(e) => {
+                    // E.g. out of file descriptors, which may pass: keep trying until the deadline.
+                    last_problem = Some(format!("accept failed: {e}"));
+                    thread::sleep(ACCEPT_POLL);
+                }
+            }
+        };
+        finish(result, &mut pending)
+    })
+}
+
+/// Ends the handshakes still running (strays, or connections too late to matter), so that their threads return.
+fn finish(result: Result<TcpStream, Failure>, pending: &mut HashMap<u64, TcpStream>) -> Result<TcpStream, Failure> {
+    for (_, stream) in pending.drain() {
+        let _ = stream.shutdown(Shutdown::Both);
     }
+    result
 }

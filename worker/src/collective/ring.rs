@@ -15,7 +15,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::frame::{self, FrameError, Header, Mode};
-use super::handshake::{Hello, MAX_SESSION_LEN};
+use lockstep_common::auth::{RingRole, RunToken};
+
+use super::handshake::{Hello, Local, MAX_SESSION_LEN};
 use super::link::{self, Failure, RingListener, peer_name};
 use super::{Collective, chunk_range};
 use crate::error::{Error, Result};
@@ -31,6 +33,9 @@ pub struct RingConfig {
     /// E.g. `"<run name>/gen-3"`: both ends of a link must agree, so a stale peer from another
     /// generation or run is refused.
     pub session: String,
+    /// Both ends of every link prove they hold it (an HMAC over the other end's nonce); a peer that cannot is
+    /// refused.
+    pub token: RunToken,
 }
 
 impl RingConfig {
@@ -117,9 +122,9 @@ pub struct Ring {
 impl Ring {
     /// Rank r connects to rank (r+1)%n (retrying until the deadline, since peers start at
     /// different times) and accepts from (r-1)%n on its listener; a handshake (magic, protocol
-    /// version, session string, sender rank, world size) is checked on both links; a mismatch is
-    /// an error naming the peer and the mismatch. Accepted connections that fail the handshake
-    /// are dropped and accepting continues until the deadline.
+    /// version, session string, sender rank, world size, then proof of the run token both ways)
+    /// is checked on both links; a mismatch or a failed proof is an error naming the peer. Accepted
+    /// connections that fail the handshake are dropped and accepting continues until the deadline.
     pub fn connect(listener: &RingListener, cfg: RingConfig) -> Result<Ring> {
         cfg.validate()?;
         let links = if cfg.world_size == 1 {
@@ -277,13 +282,25 @@ fn connect_links(listener: &RingListener, cfg: &RingConfig) -> Result<Links> {
         world_size: n,
         session: &cfg.session,
     };
+    let (acceptor, connector) = (
+        Local {
+            hello,
+            token: &cfg.token,
+            role: RingRole::Acceptor,
+        },
+        Local {
+            hello,
+            token: &cfg.token,
+            role: RingRole::Connector,
+        },
+    );
     let (next_rank, prev_rank) = ((rank + 1) % n, (rank + n - 1) % n);
     let (next_addr, prev_addr) = (&cfg.peers[next_rank as usize], &cfg.peers[prev_rank as usize]);
     let stop = AtomicBool::new(false);
     let (prev, next) = both(
         format!("ring-accept-{rank}"),
-        || link::accept_prev(listener, prev_rank, prev_addr, &hello, deadline, &stop),
-        || link::connect_next(next_addr, next_rank, &hello, deadline, &stop),
+        || link::accept_prev(listener, prev_rank, prev_addr, &acceptor, deadline, &stop),
+        || link::connect_next(next_addr, next_rank, &connector, deadline, &stop),
         || stop.store(true, Ordering::SeqCst),
     )?;
     let link = |stream: TcpStream, r: u32, addr: &str| {

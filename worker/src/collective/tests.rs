@@ -9,7 +9,9 @@ use std::time::Duration;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::handshake::Hello;
+use lockstep_common::auth::RunToken;
+
+use super::handshake::{Hello, verdict};
 use super::*;
 use crate::error::{Error, Result};
 
@@ -22,6 +24,11 @@ fn listeners(n: u32) -> (Vec<RingListener>, Vec<String>) {
     (ls, peers)
 }
 
+/// The run token every test ring shares.
+fn token() -> RunToken {
+    RunToken::parse("ring-tests-token-0123456789", "test").unwrap()
+}
+
 fn config(rank: u32, peers: &[String], timeout: Duration, session: &str) -> RingConfig {
     RingConfig {
         rank,
@@ -29,7 +36,16 @@ fn config(rank: u32, peers: &[String], timeout: Duration, session: &str) -> Ring
         peers: peers.to_vec(),
         timeout,
         session: session.into(),
+        token: token(),
     }
+}
+
+/// Connects rank `rank` of a ring of two and sums 5 consecutive integers.
+fn sum_five(listener: &RingListener, rank: u32, peers: &[String]) -> Vec<f32> {
+    let mut ring = Ring::connect(listener, config(rank, peers, TIMEOUT, "test/gen-1")).unwrap();
+    let mut buf = consecutive(5, rank);
+    ring.all_reduce_sum(&mut buf).unwrap();
+    buf
 }
 
 /// Runs `f` on every rank of a freshly connected ring of `n` and returns the results by rank.
@@ -243,29 +259,98 @@ fn ring_skips_a_stale_connection_and_still_connects() {
         world_size: 2,
         session: "test/gen-0",
     };
-    stale.write_all(&hello.encode()).unwrap();
+    stale.write_all(&hello.encode(&[0u8; 32])).unwrap();
     // Its own verdict: it would accept.
-    stale.write_all(&0u32.to_le_bytes()).unwrap();
+    stale.write_all(&verdict(None)).unwrap();
+    stale.set_read_timeout(Some(TIMEOUT)).unwrap();
     let sums = thread::scope(|s| {
+        let rank0 = s.spawn(|| sum_five(&ls[0], 0, &peers));
+        // Rank 0 refuses the stale connection and hangs up before rank 1 even starts.
+        let mut reply = Vec::new();
+        let _ = stale.read_to_end(&mut reply);
+        assert!(String::from_utf8_lossy(&reply).contains("session mismatch"));
+        let rank1 = s.spawn(|| sum_five(&ls[1], 1, &peers));
+        [rank0.join().unwrap(), rank1.join().unwrap()]
+    });
+    assert_eq!(sums, [exact_sum(5, 2), exact_sum(5, 2)]);
+}
+
+#[test]
+fn ring_refuses_a_peer_without_the_run_token() {
+    let (ls, peers) = listeners(2);
+    let errors: Vec<String> = thread::scope(|s| {
         let handles: Vec<_> = ls
             .iter()
             .enumerate()
             .map(|(r, l)| {
-                let cfg = config(r as u32, &peers, TIMEOUT, "test/gen-1");
-                s.spawn(move || {
-                    let mut ring = Ring::connect(l, cfg).unwrap();
-                    let mut buf = consecutive(5, ring.rank());
-                    ring.all_reduce_sum(&mut buf).unwrap();
-                    buf
-                })
+                let mut cfg = config(r as u32, &peers, SHORT, "test/gen-1");
+                if r == 1 {
+                    cfg.token = RunToken::generate();
+                }
+                s.spawn(move || Ring::connect(l, cfg).unwrap_err().to_string())
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    assert_eq!(sums, vec![exact_sum(5, 2); 2]);
-    let mut reply = Vec::new();
-    let _ = stale.read_to_end(&mut reply);
-    assert!(String::from_utf8_lossy(&reply).contains("session mismatch"));
+    for e in &errors {
+        assert!(e.contains("does not have this run's token"), "{e}");
+    }
+    // Whoever checked the proof names the peer's address.
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("ring peer 127.0.0.1:") && e.contains("failed authentication")),
+        "{errors:?}"
+    );
+}
+
+/// A stranger that knows the session and claims the right rank, but not the token: it sends its hello, reads rank
+/// 0's hello and proof, and answers with a guessed proof. Returns what rank 0 says next.
+fn guess_the_proof(stream: &mut TcpStream, session: &str) -> String {
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let hello = Hello {
+        rank: 1,
+        world_size: 2,
+        session,
+    };
+    stream.write_all(&hello.encode(&[7u8; 32])).unwrap();
+    let mut theirs = vec![0u8; 8 + 16 + session.len() + 32];
+    stream.read_exact(&mut theirs).unwrap();
+    let mut accepted_and_proof = [0u8; 4 + 32];
+    stream.read_exact(&mut accepted_and_proof).unwrap();
+    assert_eq!(accepted_and_proof[..4], [0u8; 4], "rank 0 should accept the identity");
+    stream.write_all(&verdict(None)).unwrap();
+    stream.write_all(&[0u8; 32]).unwrap();
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).unwrap();
+    let mut reason = vec![0u8; u32::from_le_bytes(len) as usize];
+    stream.read_exact(&mut reason).unwrap();
+    String::from_utf8_lossy(&reason).into_owned()
+}
+
+#[test]
+fn strays_without_the_token_do_not_keep_the_real_neighbour_out() {
+    let (ls, peers) = listeners(2);
+    // Queued before the ring starts: one connection that never says a word, then one that guesses the proof.
+    let mut silent = TcpStream::connect(&peers[0]).unwrap();
+    let mut guesser = TcpStream::connect(&peers[0]).unwrap();
+    let sums = thread::scope(|s| {
+        let rank0 = s.spawn(|| sum_five(&ls[0], 0, &peers));
+        // Rank 0 refuses the guesser while the silent one still holds its first connection.
+        let refusal = guess_the_proof(&mut guesser, "test/gen-1");
+        assert!(
+            refusal.contains("failed authentication") && refusal.contains("does not have this run's token"),
+            "{refusal}"
+        );
+        let rank1 = s.spawn(|| sum_five(&ls[1], 1, &peers));
+        [rank0.join().unwrap(), rank1.join().unwrap()]
+    });
+    assert_eq!(sums, [exact_sum(5, 2), exact_sum(5, 2)]);
+    // Once the ring had its neighbour, rank 0 hung up on the silent connection (it sent nothing but its hello).
+    silent.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut heard = Vec::new();
+    silent.read_to_end(&mut heard).unwrap();
+    assert!(heard.starts_with(b"LKSTRING"), "{heard:02x?}");
 }
 
 #[test]
