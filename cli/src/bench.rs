@@ -166,6 +166,7 @@ pub fn train(spec: &RunSpec, device: &Device, workers: u32, warmup: u64, steps: 
                             timeout,
                             session: "bench".into(),
                             token: token.clone(),
+                            cancel: None,
                         };
                         Box::new(Ring::connect(&listener, cfg)?)
                     };

@@ -65,7 +65,18 @@ pub fn to_json(s: &RunStatus) -> Value {
         "world_size": s.world_size,
         "last_checkpoint": s.last_checkpoint,
         "error": s.error,
+        "restarts": s.restarts,
+        "skipped_steps": s.skipped_steps,
         "workers": s.workers.iter().map(worker_json).collect::<Vec<_>>(),
+        "lost": s.lost.iter().map(|l| json!({
+            "worker_id": l.worker_id,
+            "host": l.host,
+            "rank": l.rank,
+            "generation": l.generation,
+            "last_step": l.last_step,
+            "reason": l.reason,
+            "unix_ms": l.unix_ms,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -125,6 +136,25 @@ pub fn render_table(s: &RunStatus) -> String {
     if !s.error.is_empty() {
         let _ = writeln!(out, "error: {}", s.error);
     }
+    if s.restarts > 0 || s.skipped_steps > 0 {
+        let _ = writeln!(
+            out,
+            "restarts {}  skipped non-finite steps {}",
+            s.restarts, s.skipped_steps
+        );
+    }
+    for l in &s.lost {
+        let rank = if l.rank < 0 {
+            "-".to_string()
+        } else {
+            l.rank.to_string()
+        };
+        let _ = writeln!(
+            out,
+            "lost: worker {} (rank {rank}, host {}, generation {}) at step {}: {}",
+            l.worker_id, l.host, l.generation, l.last_step, l.reason
+        );
+    }
     let _ = writeln!(
         out,
         "{:<5} {:<20} {:<16} {:<7} {:<9} {:>7} {:>9} {:>12}  CHECKSUM",
@@ -179,6 +209,32 @@ mod tests {
         assert!(v["val_perplexity"].is_null());
         assert_eq!(v["workers"][0]["state"], "training");
         assert!(render_table(&s).contains("step 3/10"));
+    }
+
+    #[test]
+    fn lost_workers_and_restarts_are_shown() {
+        let s = RunStatus {
+            restarts: 1,
+            lost: vec![lockstep_common::proto::LostWorker {
+                worker_id: "w1".into(),
+                host: "h".into(),
+                rank: 1,
+                generation: 0,
+                last_step: 17,
+                reason: "lost: stream closed".into(),
+                unix_ms: 1,
+            }],
+            ..Default::default()
+        };
+        let table = render_table(&s);
+        assert!(table.contains("restarts 1"), "{table}");
+        assert!(
+            table.contains("lost: worker w1 (rank 1, host h, generation 0) at step 17: lost: stream closed"),
+            "{table}"
+        );
+        let v = to_json(&s);
+        assert_eq!(v["lost"][0]["last_step"], 17);
+        assert_eq!(v["restarts"], 1);
     }
 
     #[test]

@@ -255,6 +255,11 @@ impl RunMachine {
         self.phase
     }
 
+    /// The current (or last) generation.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     pub fn spec(&self) -> &RunSpec {
         &self.spec
     }

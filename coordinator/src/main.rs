@@ -193,8 +193,7 @@ fn server_security(spec: &RunSpec) -> anyhow::Result<(ServerSecurity, TokenOrigi
 
 async fn serve(spec: RunSpec, opts: ServeOptions) -> Result<RunOutcome, (u8, anyhow::Error)> {
     let listen = spec.cluster.listen.clone();
-    let listener = tokio::net::TcpListener::bind(&listen)
-        .await
+    let listener = bind(&listen)
         .with_context(|| format!("cannot listen on {listen} (cluster.listen / --listen)"))
         .map_err(|e| (EXIT_BAD_INPUT, e))?;
     let addr = listener
@@ -205,6 +204,24 @@ async fn serve(spec: RunSpec, opts: ServeOptions) -> Result<RunOutcome, (u8, any
     lockstep_coordinator::run_with_signals(spec, listener, opts, signals(), std::future::pending())
         .await
         .map_err(|e| (EXIT_FAILED, anyhow::Error::new(e)))
+}
+
+/// Listens on `addr` with room for many workers connecting at once (the standard library's backlog of 128 overflows
+/// when hundreds of workers start together, or reconnect after a coordinator restart).
+fn bind(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+    const BACKLOG: u32 = 4096;
+    let addr: SocketAddr = addr
+        .parse()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("not IP:port ({e})")))?;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // A restarted coordinator must get its port back while old connections linger in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
 
 /// The one stdout line launchers wait for.

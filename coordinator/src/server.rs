@@ -9,7 +9,7 @@ use futures::{Stream, StreamExt};
 use lockstep_common::RunSpec;
 use lockstep_common::proto::{self, coordinator_server::CoordinatorServer};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tracing::{info, warn};
 
 use crate::auth::{AuthLayer, ServerSecurity};
@@ -20,6 +20,9 @@ use crate::store::Store;
 
 /// How often heartbeats are checked. Far below any sensible heartbeat interval (≥ 1 s × 5 misses).
 pub const TICK: Duration = Duration::from_secs(1);
+
+/// How stale a status from routine reports (steps, evaluations) may get before watchers see it.
+pub const PUBLISH_EVERY: Duration = Duration::from_millis(50);
 
 /// How long the gRPC server may take to drain once told to stop, before its connections are dropped.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -101,6 +104,11 @@ pub async fn run_with_signals(
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
     // Every request but health's needs the run token (see crate::auth); TLS when `[security]` asks for it.
+    // Small messages both ways: without TCP_NODELAY a reply can wait ~40 ms for the client's delayed ACK. Keepalive
+    // lets the kernel notice a worker host that vanished without closing its connection.
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(30)));
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &opts.security.tls {
         builder = builder.tls_config(tls.clone()).map_err(|source| Error::TlsConfig {
@@ -124,7 +132,7 @@ pub async fn run_with_signals(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(coordinator)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop_signal);
+        .serve_with_incoming_shutdown(incoming, stop_signal);
     tokio::pin!(server);
     info!(%addr, "coordinator serving");
 
@@ -199,10 +207,15 @@ async fn lifecycle(shared: &Shared, opts: &ServeOptions) -> RunOutcome {
 }
 
 async fn tick(shared: Arc<Shared>) {
-    let mut interval = tokio::time::interval(TICK);
+    let mut interval = tokio::time::interval(PUBLISH_EVERY);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_tick = tokio::time::Instant::now();
     loop {
         interval.tick().await;
-        shared.handle(Event::Tick);
+        shared.publish_if_stale();
+        if last_tick.elapsed() >= TICK {
+            last_tick = tokio::time::Instant::now();
+            shared.handle(Event::Tick);
+        }
     }
 }

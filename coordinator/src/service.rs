@@ -5,11 +5,11 @@
 //! an `.await`. After every event the status is republished on a `watch` channel that `WatchStatus` follows.
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use lockstep_common::proto::{
     self, CoordinatorMessage, GetStatusRequest, RunStatus, WatchStatusRequest, WorkerMessage,
     coordinator_server::Coordinator, worker_message::Msg as Up,
@@ -50,6 +50,8 @@ pub struct Shared {
     outcome: watch::Sender<Option<RunOutcome>>,
     open_sessions: watch::Sender<usize>,
     stopping: watch::Sender<bool>,
+    /// A routine report changed the status since it was last published.
+    stale: AtomicBool,
 }
 
 impl Shared {
@@ -67,6 +69,7 @@ impl Shared {
             outcome: watch::Sender::new(outcome),
             open_sessions: watch::Sender::new(0),
             stopping: watch::Sender::new(false),
+            stale: AtomicBool::new(false),
         })
     }
 
@@ -80,7 +83,19 @@ impl Shared {
     /// persist is written before any message goes out, so nobody acts on a decision a restart would forget.
     pub fn handle(&self, event: Event) {
         let now = Instant::now();
+        // Reports and heartbeats arrive once per worker per step or second; rebuilding the status (which lists every
+        // worker) for each would cost O(workers²) per step. They only mark it stale, and `publish_if_stale` (the
+        // server calls it every `PUBLISH_EVERY`) sends it; everything else is published at once.
+        let routine = matches!(&event, Event::Message { msg, .. } if !matches!(msg, Up::Join(_) | Up::Error(_)));
+        let heartbeat = matches!(
+            &event,
+            Event::Message {
+                msg: Up::Heartbeat(_),
+                ..
+            }
+        );
         let mut inner = self.lock();
+        let before = (inner.machine.phase(), inner.machine.generation());
         let mut actions = inner.machine.handle(event, now);
         let records: Vec<Record> = actions
             .iter()
@@ -115,6 +130,26 @@ impl Shared {
                 }
             }
         }
+        let after = (inner.machine.phase(), inner.machine.generation());
+        if routine && before == after {
+            if !heartbeat {
+                self.stale.store(true, Ordering::Release);
+            }
+            return;
+        }
+        self.publish(&inner, now);
+    }
+
+    /// Republishes the status if a routine report changed it since the last time.
+    pub fn publish_if_stale(&self) {
+        if self.stale.load(Ordering::Acquire) {
+            let inner = self.lock();
+            self.publish(&inner, Instant::now());
+        }
+    }
+
+    fn publish(&self, inner: &Inner, now: Instant) {
+        self.stale.store(false, Ordering::Release);
         // Published under the lock: two events handled back to back must not publish their statuses in the
         // opposite order, or watchers could be left looking at a stale one.
         let status = inner.machine.status(now);
@@ -370,16 +405,29 @@ impl Coordinator for CoordinatorService {
         let _span = info_span!("watch_status").entered();
         let shared = self.shared.clone();
         let rx = self.shared.status.subscribe();
-        // The current snapshot first, then one per change; the final status is the last item.
-        let updates = futures::stream::unfold((rx, true, false), |(mut rx, first, done)| async move {
-            if done || (!first && rx.changed().await.is_err()) {
-                return None;
+        // The current snapshot first, then one per change; the final status is the last item. When the server stops,
+        // a status published but not yet sent (the final one, typically) still goes out before the stream ends.
+        let updates = futures::stream::unfold((rx, true, false), move |(mut rx, first, done)| {
+            let shared = shared.clone();
+            async move {
+                if done {
+                    return None;
+                }
+                if !first {
+                    tokio::select! {
+                        changed = rx.changed() => if changed.is_err() {
+                            return None;
+                        },
+                        () = shared.stopped() => if !rx.has_changed().unwrap_or(false) {
+                            return None;
+                        },
+                    }
+                }
+                let status = rx.borrow_and_update().clone();
+                let done = is_final(&status) || shared.is_stopping();
+                Some((Ok(status), (rx, false, done)))
             }
-            let status = rx.borrow_and_update().clone();
-            let done = is_final(&status);
-            Some((Ok(status), (rx, false, done)))
         });
-        let until_stop = Box::pin(async move { shared.stopped().await });
-        Ok(Response::new(Box::pin(updates.take_until(until_stop))))
+        Ok(Response::new(Box::pin(updates)))
     }
 }

@@ -183,7 +183,12 @@ impl Watch {
             return last.clone();
         }
         let follow = async {
-            while let Ok(Some(s)) = self.stream.message().await {
+            while let Some(s) = self
+                .stream
+                .message()
+                .await
+                .unwrap_or_else(|e| panic!("the status stream failed waiting for {what}: {e:?}"))
+            {
                 let done = ready(&s);
                 self.last = Some(s);
                 if done {
@@ -201,8 +206,12 @@ impl Watch {
     /// The run's final status (the stream ends with it).
     pub async fn last(mut self) -> RunStatus {
         let follow = async {
-            while let Ok(Some(s)) = self.stream.message().await {
-                self.last = Some(s);
+            loop {
+                match self.stream.message().await {
+                    Ok(Some(s)) => self.last = Some(s),
+                    Ok(None) => return,
+                    Err(e) => panic!("the status stream failed: {e:?}; last status {:?}", self.last),
+                }
             }
         };
         if tokio::time::timeout(STATUS_DEADLINE, follow).await.is_err() {

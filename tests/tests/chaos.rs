@@ -165,10 +165,10 @@ async fn kill_9_of_a_worker_mid_run_loses_no_data_and_matches_an_uninterrupted_r
         // Steps trained twice: from the checkpoint resumed from up to where the old generation had got.
         let redone = record.last_step.saturating_sub(resumed_at.min(record.last_step));
         eprintln!(
-            "chaos kill-9 worker seed {seed}: killed w{victim} at step >= {kill_at}; detected {:.2} s, training resumed \
-             {:.2} s after the kill (generation {}, from step {}); steps lost {redone}; final loss {loss:.5} vs {base_loss:.5}",
-            detected.as_secs_f64(),
-            to_resume.as_secs_f64(),
+            "chaos kill-9 worker seed {seed}: killed w{victim} at step >= {kill_at}; detected {:.1} ms, training resumed \
+             {:.1} ms after the kill (generation {}, from step {}); steps lost {redone}; final loss {loss:.5} vs {base_loss:.5}",
+            detected.as_secs_f64() * 1e3,
+            to_resume.as_secs_f64() * 1e3,
             resumed.generation,
             resumed_at
         );
@@ -319,9 +319,9 @@ async fn kill_9_of_the_coordinator_then_a_restart_finishes_the_run() {
     assert_eq!(status.step, 40);
     assert_no_duplicate_no_gap(&cluster, &spec);
     eprintln!(
-        "chaos kill-9 coordinator: killed at step {}; training resumed {:.2} s later from step {} (steps lost {})",
+        "chaos kill-9 coordinator: killed at step {}; training resumed {:.1} ms later from step {} (steps lost {})",
         before.step,
-        to_resume.as_secs_f64(),
+        to_resume.as_secs_f64() * 1e3,
         resumed_at,
         before.step.saturating_sub(resumed_at)
     );

@@ -648,6 +648,7 @@ mod tests {
                                 timeout: std::time::Duration::from_secs(60),
                                 session: "resume-test".into(),
                                 token,
+                                cancel: None,
                             },
                         )
                         .unwrap();
@@ -670,6 +671,64 @@ mod tests {
             .sqrt();
         let norm: f64 = want.iter().map(|b| f64::from(*b).powi(2)).sum::<f64>().sqrt();
         assert!(diff / norm < 1e-5, "relative L2 difference {}", diff / norm);
+    }
+
+    /// Two ranks on a real ring train two steps, rank 1 voting to stop before step 2 (`device_resident` picks the
+    /// gradient path on both). Per rank: what steps 1 and 2 said about stopping, and the parameters afterwards.
+    fn stop_vote_on_two_ranks(spec: &RunSpec, device_resident: bool) -> Vec<([bool; 2], Vec<f32>)> {
+        let listeners: Vec<RingListener> = (0..2).map(|_| RingListener::bind("127.0.0.1:0").unwrap()).collect();
+        let peers: Vec<String> = listeners.iter().map(|l| l.local_addr().to_string()).collect();
+        let token = lockstep_common::auth::RunToken::generate();
+        std::thread::scope(|s| {
+            let handles: Vec<_> = listeners
+                .into_iter()
+                .enumerate()
+                .map(|(rank, listener)| {
+                    let (spec, peers, token) = (spec.clone(), peers.clone(), token.clone());
+                    s.spawn(move || {
+                        let cfg = RingConfig {
+                            rank: rank as u32,
+                            world_size: 2,
+                            peers,
+                            timeout: std::time::Duration::from_secs(60),
+                            session: "stop-vote-test".into(),
+                            token,
+                            cancel: None,
+                        };
+                        let ring = Ring::connect(&listener, cfg).unwrap();
+                        let mut t = Trainer::new(spec, Box::new(ring), Device::Cpu).unwrap();
+                        t.set_device_resident(device_resident);
+                        let flag = Arc::new(AtomicBool::new(false));
+                        t.set_stop_flag(flag.clone());
+                        let first = t.train_step().unwrap().stop;
+                        if rank == 1 {
+                            flag.store(true, Ordering::SeqCst);
+                        }
+                        let second = t.train_step().unwrap().stop;
+                        ([first, second], values(t.params()))
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    /// One rank's vote reaches every rank in the same step, on the host and the device gradient paths alike, and
+    /// the step it stops after is still taken everywhere.
+    #[test]
+    fn a_stop_vote_on_one_rank_stops_every_rank_after_the_same_step() {
+        let root = tempfile::tempdir().unwrap();
+        let spec = spec(root.path(), 6, 0.0);
+        for device_resident in [false, true] {
+            let ranks = stop_vote_on_two_ranks(&spec, device_resident);
+            for (rank, (stops, _)) in ranks.iter().enumerate() {
+                assert_eq!(*stops, [false, true], "rank {rank}, device resident {device_resident}");
+            }
+            assert!(
+                ranks[0].1 == ranks[1].1,
+                "the ranks' parameters differ (device resident {device_resident})"
+            );
+        }
     }
 
     #[test]

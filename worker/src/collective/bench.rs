@@ -59,6 +59,7 @@ pub fn bench_allreduce(ranks: u32, bytes: usize, iters: u32) -> Result<AllReduce
                     timeout: BENCH_TIMEOUT,
                     session: "bench".into(),
                     token: token.clone(),
+                    cancel: None,
                 };
                 let barrier = &barrier;
                 thread::Builder::new()

@@ -1,11 +1,12 @@
 //! Setting up the two TCP links of a ring member: the listener its predecessor connects to, and
 //! the connection to its successor. Both wait for peers that start late, both give up at the
-//! deadline, and both stop early once `stop` is set (the other direction already failed).
+//! deadline, and both stop early once [`Halt`] says so (the other direction already failed, or the caller
+//! cancelled): every wait polls it, so a cancelled setup returns within [`HALT_POLL`] or so.
 
 use std::collections::HashMap;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,51 @@ use crate::error::{Error, Result};
 const ACCEPT_POLL: Duration = Duration::from_millis(5);
 const FIRST_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_millis(200);
+/// How often a dial, a handshake or a backoff in progress looks at [`Halt`]: short next to a person's patience,
+/// long next to a poll's cost.
+pub(super) const HALT_POLL: Duration = Duration::from_millis(20);
+
+/// Why ring setup may give up before its deadline.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Halt<'a> {
+    /// The other direction of this ring member failed: this one cannot help any more.
+    pub other_failed: &'a AtomicBool,
+    /// The caller gave up ([`super::RingConfig::cancel`], e.g. the coordinator aborted the generation).
+    pub cancel: Option<&'a AtomicBool>,
+}
+
+impl Halt<'_> {
+    pub(super) fn cancelled(&self) -> bool {
+        self.cancel.is_some_and(|c| c.load(Ordering::SeqCst))
+    }
+
+    fn is_set(&self) -> bool {
+        self.cancelled() || self.other_failed.load(Ordering::SeqCst)
+    }
+
+    /// Sleeps for `d`, waking early once halted.
+    fn sleep(&self, d: Duration) {
+        let until = Instant::now() + d;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.is_set() {
+                return;
+            }
+            thread::sleep(left.min(HALT_POLL));
+        }
+    }
+
+    /// What a thread of this setup sends on `rx`; `None` once halted first (or if the sender is gone).
+    fn wait<T>(&self, rx: &mpsc::Receiver<T>) -> Option<T> {
+        loop {
+            match rx.recv_timeout(HALT_POLL) {
+                Ok(v) => return Some(v),
+                Err(RecvTimeoutError::Timeout) if !self.is_set() => {}
+                Err(_) => return None,
+            }
+        }
+    }
+}
 
 /// The socket a worker's ring predecessor connects to.
 #[derive(Debug)]
@@ -71,7 +117,7 @@ pub(super) fn connect_next(
     rank: u32,
     ours: &Local<'_>,
     deadline: Instant,
-    stop: &AtomicBool,
+    halt: Halt<'_>,
 ) -> Result<TcpStream, Failure> {
     let fail = |message, telling| {
         let peer = peer_name(rank, addr);
@@ -80,8 +126,8 @@ pub(super) fn connect_next(
     let mut last = String::from("no attempt finished");
     let mut backoff = FIRST_BACKOFF;
     loop {
-        if stop.load(Ordering::SeqCst) {
-            // The other direction failed and has the story.
+        if halt.is_set() {
+            // Cancelled, or the other direction failed and has the story.
             return Err(Failure::new(Error::Aborted("ring setup cancelled".into()), false));
         }
         let remaining = deadline.saturating_duration_since(Instant::now());
@@ -92,17 +138,68 @@ pub(super) fn connect_next(
             );
             return Err(fail(message, false));
         }
-        match try_connect(addr, remaining) {
-            Ok(stream) => match handshake::handshake(&stream, ours, rank, deadline) {
-                Ok(()) => return Ok(stream),
-                Err(HandshakeError::Refused(why)) => return Err(fail(why, true)),
-                Err(e) => last = e.to_string(),
+        match dial(addr, remaining, halt) {
+            Some(Ok(stream)) => match handshake_unless_halted(stream, ours, rank, deadline, halt) {
+                Some(Ok(stream)) => return Ok(stream),
+                Some(Err(HandshakeError::Refused(why))) => return Err(fail(why, true)),
+                Some(Err(e)) => last = e.to_string(),
+                None => continue,
             },
-            Err(e) => last = e,
+            Some(Err(e)) => last = e,
+            None if halt.is_set() => continue,
+            None => last = "the dial thread ended without an answer".into(),
         }
-        thread::sleep(backoff.min(deadline.saturating_duration_since(Instant::now())));
+        halt.sleep(backoff.min(deadline.saturating_duration_since(Instant::now())));
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
+}
+
+/// One dial, on a thread of its own: a dial to a host that is down (its SYNs unanswered) lasts until `timeout`, and
+/// std cannot cut a connect short, so once halted the caller stops waiting instead and the thread ends by itself.
+/// `None`: halted (or the thread ended without an answer).
+fn dial(addr: &str, timeout: Duration, halt: Halt<'_>) -> Option<std::result::Result<TcpStream, String>> {
+    let (tx, rx) = mpsc::channel();
+    let owned = addr.to_string();
+    let spawned = thread::Builder::new().name("ring-dial".into()).spawn(move || {
+        // The caller may have stopped listening: the stream, if any, is then simply dropped.
+        let _ = tx.send(try_connect(&owned, timeout));
+    });
+    if let Err(e) = spawned {
+        return Some(Err(format!("cannot start a thread to dial {addr}: {e}")));
+    }
+    halt.wait(&rx)
+}
+
+/// The handshake on a dialled connection, on a thread of its own so that it can be cut short: once halted, the
+/// connection is shut down, which ends the handshake's blocked read or write at once. `None`: halted.
+fn handshake_unless_halted(
+    stream: TcpStream,
+    ours: &Local<'_>,
+    rank: u32,
+    deadline: Instant,
+    halt: Halt<'_>,
+) -> Option<Result<TcpStream, HandshakeError>> {
+    let cutter = match stream.try_clone() {
+        Ok(c) => c,
+        Err(e) => return Some(Err(e.into())),
+    };
+    thread::scope(|s| {
+        let (tx, rx) = mpsc::channel();
+        let spawned = thread::Builder::new()
+            .name(format!("ring-dial-handshake-{}", ours.hello.rank))
+            .spawn_scoped(s, move || {
+                let _ = tx.send(handshake::handshake(&stream, ours, rank, deadline).map(|()| stream));
+            });
+        if let Err(e) = spawned {
+            return Some(Err(e.into()));
+        }
+        let outcome = halt.wait(&rx);
+        if outcome.is_none() {
+            // Ends the handshake thread, which the scope then joins.
+            let _ = cutter.shutdown(Shutdown::Both);
+        }
+        outcome
+    })
 }
 
 fn try_connect(addr: &str, timeout: Duration) -> std::result::Result<TcpStream, String> {
@@ -134,7 +231,7 @@ pub(super) fn accept_prev(
     addr: &str,
     ours: &Local<'_>,
     deadline: Instant,
-    stop: &AtomicBool,
+    halt: Halt<'_>,
 ) -> Result<TcpStream, Failure> {
     let (done_tx, done_rx) = mpsc::channel::<(u64, SocketAddr, Result<TcpStream, HandshakeError>)>();
     // Clones of the connections still in their handshake, to cut them short once this call returns.
@@ -156,7 +253,7 @@ pub(super) fn accept_prev(
                 }
             }
             // Stopped early, a refusal seen here may still be the best explanation of the failure.
-            if stop.load(Ordering::SeqCst) || Instant::now() >= deadline {
+            if halt.is_set() || Instant::now() >= deadline {
                 let last = last_problem.take().map(|p| format!(" (last: {p})")).unwrap_or_default();
                 let message = format!(
                     "made no valid connection to this rank at {} in time{last}: is that worker \

@@ -18,7 +18,7 @@ use super::frame::{self, FrameError, Header, Mode};
 use lockstep_common::auth::{RingRole, RunToken};
 
 use super::handshake::{Hello, Local, MAX_SESSION_LEN};
-use super::link::{self, Failure, RingListener, peer_name};
+use super::link::{self, Failure, Halt, RingListener, peer_name};
 use super::{Collective, chunk_range};
 use crate::error::{Error, Result};
 
@@ -36,6 +36,10 @@ pub struct RingConfig {
     /// Both ends of every link prove they hold it (an HMAC over the other end's nonce); a peer that cannot is
     /// refused.
     pub token: RunToken,
+    /// Setting it (from any thread) makes a [`Ring::connect`] in progress give up within a fraction of a second with
+    /// [`Error::Aborted`] instead of waiting out `timeout` for a neighbour that is gone (the coordinator aborted the
+    /// generation). Only connecting looks at it: a connected ring is interrupted through [`Ring::abort_handle`].
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl RingConfig {
@@ -125,6 +129,7 @@ impl Ring {
     /// version, session string, sender rank, world size, then proof of the run token both ways)
     /// is checked on both links; a mismatch or a failed proof is an error naming the peer. Accepted
     /// connections that fail the handshake are dropped and accepting continues until the deadline.
+    /// Once [`RingConfig::cancel`] is set, fails promptly with [`Error::Aborted`].
     pub fn connect(listener: &RingListener, cfg: RingConfig) -> Result<Ring> {
         cfg.validate()?;
         let links = if cfg.world_size == 1 {
@@ -296,13 +301,28 @@ fn connect_links(listener: &RingListener, cfg: &RingConfig) -> Result<Links> {
     );
     let (next_rank, prev_rank) = ((rank + 1) % n, (rank + n - 1) % n);
     let (next_addr, prev_addr) = (&cfg.peers[next_rank as usize], &cfg.peers[prev_rank as usize]);
-    let stop = AtomicBool::new(false);
+    let other_failed = AtomicBool::new(false);
+    let halt = Halt {
+        other_failed: &other_failed,
+        cancel: cfg.cancel.as_deref(),
+    };
     let (prev, next) = both(
         format!("ring-accept-{rank}"),
-        || link::accept_prev(listener, prev_rank, prev_addr, &acceptor, deadline, &stop),
-        || link::connect_next(next_addr, next_rank, &connector, deadline, &stop),
-        || stop.store(true, Ordering::SeqCst),
-    )?;
+        || link::accept_prev(listener, prev_rank, prev_addr, &acceptor, deadline, halt),
+        || link::connect_next(next_addr, next_rank, &connector, deadline, halt),
+        || other_failed.store(true, Ordering::SeqCst),
+    )
+    .map_err(|e| {
+        if !halt.cancelled() {
+            return e;
+        }
+        // Whatever else failed, the generation is gone: the caller must see an abort, not a peer to blame.
+        tracing::debug!(rank, error = %e, "ring setup cancelled");
+        Error::Aborted(format!(
+            "ring setup of rank {rank} in {:?} cancelled before both links were up",
+            cfg.session
+        ))
+    })?;
     let link = |stream: TcpStream, r: u32, addr: &str| {
         let peer = peer_name(r, addr);
         let timeouts = stream

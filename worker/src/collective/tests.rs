@@ -1,17 +1,18 @@
 //! Ring tests: every rank is a thread on 127.0.0.1.
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::sync::{Barrier, mpsc};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier, mpsc};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use lockstep_common::auth::RunToken;
+use lockstep_common::auth::{RingRole, RunToken};
 
-use super::handshake::{Hello, verdict};
+use super::handshake::{Hello, handshake, verdict};
 use super::*;
 use crate::error::{Error, Result};
 
@@ -37,6 +38,7 @@ fn config(rank: u32, peers: &[String], timeout: Duration, session: &str) -> Ring
         timeout,
         session: session.into(),
         token: token(),
+        cancel: None,
     }
 }
 
@@ -433,4 +435,109 @@ fn the_ring_abort_handle_works_through_the_abort_trait() {
         matches!(ring.all_reduce_sum(&mut [1.0]), Err(Error::Aborted(_)))
     });
     assert_eq!(aborted, [true, true]);
+}
+
+/// Rank 0 of a ring of two, connecting with a 60 s deadline and a cancel flag; rank 1's ring address is `next` (the
+/// test plays rank 1 there, or nothing does). `meanwhile` runs on this thread with rank 0's ring address and must set
+/// the flag once rank 0 is where the test wants it; what it returns is kept open until connect has returned. If the
+/// flag were ignored, connect would take the full 60 s.
+fn connect_cancelled<T>(next: String, meanwhile: impl FnOnce(&str, &AtomicBool) -> T) -> (Result<Ring>, T) {
+    let listener = RingListener::bind("127.0.0.1:0").unwrap();
+    let peers = vec![listener.local_addr().to_string(), next];
+    let cancel = Arc::new(AtomicBool::new(false));
+    let mut cfg = config(0, &peers, Duration::from_secs(60), "test/gen-1");
+    cfg.cancel = Some(cancel.clone());
+    thread::scope(|s| {
+        let connecting = s.spawn(|| Ring::connect(&listener, cfg));
+        let kept = meanwhile(&peers[0], &cancel);
+        (connecting.join().unwrap(), kept)
+    })
+}
+
+/// Plays rank 1 of `connect_cancelled`'s ring on `stream`, which dialled rank 0 (`Connector`) or was dialled by it.
+fn play_rank_1(stream: &TcpStream, role: RingRole) {
+    let token = token();
+    let hello = Hello {
+        rank: 1,
+        world_size: 2,
+        session: "test/gen-1",
+    };
+    let ours = super::handshake::Local {
+        hello,
+        token: &token,
+        role,
+    };
+    handshake(stream, &ours, 0, Instant::now() + TIMEOUT).unwrap();
+}
+
+/// Reads rank 0's hello on `stream`: its handshake there is under way.
+fn read_hello_of_rank_0(stream: &mut TcpStream) {
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut hello = vec![0u8; 8 + 16 + "test/gen-1".len() + 32];
+    stream.read_exact(&mut hello).unwrap();
+    assert!(hello.starts_with(b"LKSTRING"), "{hello:02x?}");
+}
+
+/// The neighbour's address takes the dial (its kernel does) but nothing there ever answers, and no predecessor comes.
+#[test]
+fn cancel_interrupts_connect_to_a_neighbour_that_never_answers() {
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (result, _dialled) = connect_cancelled(silent.local_addr().unwrap().to_string(), |_, cancel| {
+        let (mut dialled, _) = silent.accept().unwrap();
+        read_hello_of_rank_0(&mut dialled);
+        cancel.store(true, Ordering::SeqCst);
+        dialled
+    });
+    assert!(matches!(result, Err(Error::Aborted(_))), "{result:?}");
+}
+
+/// The successor link is up; rank 0 waits for its predecessor while a stray connection sits in its handshake.
+#[test]
+fn cancel_interrupts_connect_waiting_for_the_predecessor() {
+    let next = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (result, (_dialled, mut stray)) = connect_cancelled(next.local_addr().unwrap().to_string(), |rank0, cancel| {
+        let (dialled, _) = next.accept().unwrap();
+        play_rank_1(&dialled, RingRole::Acceptor);
+        let mut stray = TcpStream::connect(rank0).unwrap();
+        read_hello_of_rank_0(&mut stray);
+        cancel.store(true, Ordering::SeqCst);
+        (dialled, stray)
+    });
+    assert!(matches!(result, Err(Error::Aborted(_))), "{result:?}");
+    // The stray's handshake was cut short, not left to its deadline.
+    let mut rest = Vec::new();
+    stray.read_to_end(&mut rest).unwrap();
+}
+
+/// The predecessor link is up; rank 0 keeps dialling a successor whose address refuses connections.
+#[test]
+fn cancel_interrupts_connect_retrying_a_refusing_neighbour() {
+    // A port that was just free: nothing listens there.
+    let gone = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let (result, _prev) = connect_cancelled(gone, |rank0, cancel| {
+        let prev = TcpStream::connect(rank0).unwrap();
+        play_rank_1(&prev, RingRole::Connector);
+        cancel.store(true, Ordering::SeqCst);
+        prev
+    });
+    assert!(matches!(result, Err(Error::Aborted(_))), "{result:?}");
+}
+
+/// The predecessor link is up; rank 0's dial was taken but its handshake gets no answer.
+#[test]
+fn cancel_interrupts_the_handshake_of_a_dial() {
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (result, _kept) = connect_cancelled(silent.local_addr().unwrap().to_string(), |rank0, cancel| {
+        let prev = TcpStream::connect(rank0).unwrap();
+        play_rank_1(&prev, RingRole::Connector);
+        let (mut dialled, _) = silent.accept().unwrap();
+        read_hello_of_rank_0(&mut dialled);
+        cancel.store(true, Ordering::SeqCst);
+        (prev, dialled)
+    });
+    assert!(matches!(result, Err(Error::Aborted(_))), "{result:?}");
 }

@@ -46,6 +46,8 @@ impl From<Error> for Failure {
     fn from(e: Error) -> Self {
         match e {
             Error::Ring { .. } | Error::Nccl { .. } => Failure::Peer(e),
+            // Only the session aborts (the flag in `Controls`): a stop on request, not a failure.
+            Error::Aborted(_) => Failure::Stopped,
             other => Failure::Own(other),
         }
     }
@@ -122,6 +124,7 @@ pub(super) fn train(job: Job) -> Result<TrainEnd, Failure> {
                 timeout,
                 session: format!("{}/gen-{generation}", a.run_name),
                 token: job.token.clone(),
+                cancel: Some(job.controls.abort.clone()),
             },
         )?;
         job.controls.set_abort(Box::new(ring.abort_handle()));
