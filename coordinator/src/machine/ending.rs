@@ -68,7 +68,7 @@ impl RunMachine {
         self.phase = phase;
         self.ended = Some(now);
         self.error = message.clone();
-        self.progress = None;
+        // `progress` stays: the final status keeps the run's recent throughput.
         self.draining = None;
         self.reforming = None;
         let (outcome, reason, failed) = match phase {
