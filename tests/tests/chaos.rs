@@ -42,6 +42,16 @@ async fn all_training(cluster: &Cluster, watch: &mut Watch) -> RunStatus {
         .await
 }
 
+/// A run too long to finish during a test, its 3 workers all training (2 suffice), a few steps in.
+async fn three_workers_training(dir: &Path) -> (Cluster, Watch, RunStatus) {
+    let spec = elastic_spec(dir, 3, 2, 100_000);
+    let cluster = Cluster::start(&spec, 3, dir).await;
+    let mut watch = cluster.watch().await;
+    let all = all_training(&cluster, &mut watch).await;
+    watch.until("a few steps", |s| s.step >= all.step + 3).await;
+    (cluster, watch, all)
+}
+
 /// Per step, the global sequence ranges of the generation whose result survived (the newest generation that
 /// started the step: a generation that started a step and did not complete it is always followed by one that
 /// trains it again), from every worker's `step start` log lines.
@@ -178,11 +188,7 @@ async fn kill_9_of_a_worker_mid_run_loses_no_data_and_matches_an_uninterrupted_r
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_worker_is_detected_and_rejoins_after_sigcont() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = elastic_spec(dir.path(), 3, 2, 100_000);
-    let mut cluster = Cluster::start(&spec, 3, dir.path()).await;
-    let mut watch = cluster.watch().await;
-    let all = all_training(&cluster, &mut watch).await;
-    watch.until("a few steps", |s| s.step >= all.step + 3).await;
+    let (mut cluster, mut watch, _) = three_workers_training(dir.path()).await;
     let stopped = Instant::now();
     signal(&cluster.workers[2], Signal::SIGSTOP);
     let lost = watch.until("the stopped worker lost", |s| !s.lost.is_empty()).await;
@@ -398,11 +404,7 @@ async fn a_damaged_newest_checkpoint_falls_back_to_the_previous_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_to_a_worker_checkpoints_and_the_rest_go_on_then_sigterm_to_the_coordinator_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = elastic_spec(dir.path(), 3, 2, 100_000);
-    let mut cluster = Cluster::start(&spec, 3, dir.path()).await;
-    let mut watch = cluster.watch().await;
-    let all = all_training(&cluster, &mut watch).await;
-    watch.until("a few steps", |s| s.step >= all.step + 3).await;
+    let (mut cluster, mut watch, all) = three_workers_training(dir.path()).await;
     let signalled = Instant::now();
     signal(&cluster.workers[1], Signal::SIGTERM);
     let exit = tokio::time::timeout(Duration::from_secs(60), cluster.workers[1].wait())

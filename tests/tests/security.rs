@@ -114,3 +114,25 @@ fn lockstep_run_trains_with_a_token_of_its_own() {
         assert!(!text.contains("failed authentication"), "{text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_a_wrong_token_exits_at_once_instead_of_retrying() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = small_spec(dir.path(), 1, 10);
+    let mut cluster = Cluster::start(&spec, 0, dir.path()).await;
+    let bin = lockstep_cli::procs::sibling_binary("lockstep-worker").unwrap();
+    let out = std::process::Command::new(bin)
+        .env_remove("LOCKSTEP_TOKEN_FILE")
+        .env("LOCKSTEP_TOKEN", "not-this-runs-token-at-all")
+        .args(["--coordinator", &cluster.url(), "--threads", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error:") && last.contains("session refused") && last.contains("wrong run token"),
+        "{stderr}"
+    );
+    cluster.stop().await;
+}

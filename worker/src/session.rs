@@ -180,7 +180,19 @@ async fn session(
     let mut inbound = client
         .session(UnboundedReceiverStream::new(up_rx))
         .await
-        .map_err(|e| lost(format!("session failed: {}", e.message())))?
+        .map_err(|e| {
+            let message = format!("session refused: {}", e.message());
+            match e.code() {
+                // Joining again cannot fix these: a wrong token, a protocol mismatch, a server being told to stop.
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied | tonic::Code::InvalidArgument => {
+                    SessionEnd::Fatal(Error::Coordinator {
+                        addr: opts.coordinator.clone(),
+                        message,
+                    })
+                }
+                _ => lost(message),
+            }
+        })?
         .into_inner();
     info!(ring_addr = %me.ring_addr, coordinator = %opts.coordinator, "joined; waiting for an assignment");
 

@@ -39,6 +39,12 @@ impl RunMachine {
         machine.next_generation = saved.generations.last().map_or(0, |g| g.0 + 1);
         machine.generation = saved.generations.last().map_or(0, |g| g.0);
         machine.checkpoints = saved.checkpoints.clone();
+        // The writer kept only the newest `checkpoint.keep` on disk (as `on_checkpoint` mirrors while running).
+        let keep = machine.spec.checkpoint.keep;
+        if keep > 0 && machine.checkpoints.len() > keep {
+            let excess = machine.checkpoints.len() - keep;
+            machine.checkpoints.drain(..excess);
+        }
         machine.restarts = saved.restarts;
         machine.skipped_steps = saved.steps.iter().filter(|s| s.skipped).count() as u64;
         machine.lost = saved

@@ -130,6 +130,16 @@ pub(super) fn train(job: Job) -> Result<TrainEnd, Failure> {
         job.controls.set_abort(Box::new(ring.abort_handle()));
         Box::new(ring)
     };
+    if !a.resume_from.is_empty() && !Path::new(&a.resume_from).is_dir() {
+        // Not damaged but absent here: this host does not see the shared checkpoint directory. Reporting it as
+        // damaged would make the coordinator discard a good checkpoint that the other workers can read.
+        return Err(Failure::Own(Error::Checkpoint {
+            path: a.resume_from.clone().into(),
+            message: "the coordinator committed this checkpoint but it does not exist on this host; every worker \
+                      must see the same checkpoint.dir (a shared filesystem)"
+                .into(),
+        }));
+    }
     let mut trainer = if a.resume_from.is_empty() {
         Trainer::new(spec.clone(), collective, job.device.clone())?
     } else {
