@@ -17,6 +17,8 @@
 //! - REFORMING: once every member of the old generation is idle or gone and `min_workers` are ready, the next
 //!   generation is formed from the newest committed checkpoint. Too few for `cluster.reform_timeout_secs` fails the
 //!   run. A checkpoint a worker finds damaged is dropped and the one before it is used.
+//! - A coordinator restored from its state ([`RunMachine::restore`]) first tries to take over the generation that
+//!   was running: if every member rejoins still training it, nothing is re-formed and no step is lost (`adopt.rs`).
 //! - FINISHED when every member sent `Finished`; FAILED on divergence, too many restarts or non-finite steps, or no
 //!   workers to re-form with; STOPPED after a requested stop (resumable by a new coordinator on the same state).
 //!
@@ -31,6 +33,7 @@ use lockstep_common::proto::{self, coordinator_message::Msg as Down, worker_mess
 use crate::progress::Progress;
 use crate::record::Record;
 
+mod adopt;
 mod ending;
 mod membership;
 mod reports;
@@ -198,7 +201,21 @@ pub struct RunMachine {
     reforming: Option<(Instant, String)>,
     /// A stop was requested while running; the members were told to pause.
     draining: Option<String>,
+    /// Restored from state: the generation that was running when the previous coordinator went away, which its
+    /// members may still be training.
+    adopting: Option<Adoption>,
     error: String,
+}
+
+/// A generation a restarted coordinator takes over as it is, if every member rejoins still training it.
+#[derive(Debug, Clone)]
+struct Adoption {
+    generation: u64,
+    /// (worker id, rank) of every member.
+    members: Vec<(String, u32)>,
+    /// Once the first member is back, the others have this long (the heartbeat limit) before the generation is
+    /// aborted and re-formed from the newest checkpoint instead.
+    deadline: Option<Instant>,
 }
 
 fn send(conn: ConnId, msg: Down) -> Action {
@@ -240,6 +257,7 @@ impl RunMachine {
             nonfinite_streak: 0,
             reforming: None,
             draining: None,
+            adopting: None,
             error: String::new(),
         }
     }

@@ -85,6 +85,7 @@ fn join(id: &str) -> proto::Join {
         ring_addr: format!("127.0.0.1:1{id}"),
         spec_json: String::new(),
         nccl_unique_id: Vec::new(),
+        ..Default::default()
     }
 }
 

@@ -111,18 +111,41 @@ pub async fn run(opts: WorkerOptions, mut signals: Signals) -> Result<Exit> {
         listener: Arc::new(listener),
     };
     let span = info_span!("worker", worker = %me.worker_id);
+    let (events, events_rx) = mpsc::unbounded_channel();
+    let mut state = State {
+        training: None,
+        events,
+        events_rx,
+        progress: Arc::default(),
+    };
     async move {
         let mut timeout = opts.connect_timeout;
         loop {
-            let client = transport::connect(&opts.coordinator, &opts.security, timeout).await?;
-            match session(&opts, &me, client, &mut signals).await {
+            let client = match transport::connect(&opts.coordinator, &opts.security, timeout).await {
+                Ok(client) => client,
+                Err(e) => {
+                    stop(&mut state.training).await;
+                    return Err(e.into());
+                }
+            };
+            let ended = session(&opts, &me, client, &mut signals, &mut state).await;
+            match ended {
                 Ok(exit) => return Ok(exit),
-                Err(SessionEnd::Fatal(e)) => return Err(e),
-                Err(SessionEnd::Lost(e)) if *signals.borrow() > 0 => return Err(e),
+                Err(SessionEnd::Fatal(e)) => {
+                    stop(&mut state.training).await;
+                    return Err(e);
+                }
+                Err(SessionEnd::Lost(e)) if *signals.borrow() > 0 => {
+                    stop(&mut state.training).await;
+                    return Err(e);
+                }
                 Err(SessionEnd::Lost(e)) => {
+                    // Training goes on: the coordinator is not on the data path, and a restarted one adopts the
+                    // generation when every member is back. Reports wait in `events` meanwhile.
                     warn!(
                         error = %e,
                         secs = opts.reconnect_timeout.as_secs(),
+                        training = state.training.is_some(),
                         "lost the coordinator; reconnecting"
                     );
                     timeout = opts.reconnect_timeout;
@@ -134,9 +157,20 @@ pub async fn run(opts: WorkerOptions, mut signals: Signals) -> Result<Exit> {
     .await
 }
 
+/// What outlives one session: the training in progress and the reports it has not been able to send yet.
+struct State {
+    training: Option<Training>,
+    /// The training threads' reports; forwarded to whichever session is open, kept while none is.
+    events: Uplink,
+    events_rx: mpsc::UnboundedReceiver<WorkerMessage>,
+    /// The newest step done, for heartbeats and rejoining.
+    progress: Arc<std::sync::atomic::AtomicU64>,
+}
+
 /// The training in progress, if any.
 struct Training {
     generation: u64,
+    rank: u32,
     controls: Controls,
     done: oneshot::Receiver<Result<TrainEnd, Failure>>,
     /// The coordinator aborted this generation; answer `Idle` once the thread has stopped.
@@ -157,8 +191,11 @@ async fn session(
     me: &Identity,
     mut client: transport::CoordinatorClient,
     signals: &mut Signals,
+    state: &mut State,
 ) -> Result<Exit, SessionEnd> {
     let (up, up_rx) = mpsc::unbounded_channel();
+    let training = &mut state.training;
+    let progress = state.progress.clone();
     send(
         &up,
         worker_message::Msg::Join(Join {
@@ -169,6 +206,10 @@ async fn session(
             ring_addr: me.ring_addr.clone(),
             spec_json: opts.spec.as_ref().map(RunSpec::to_json).unwrap_or_default(),
             nccl_unique_id: offered_nccl_id(&opts.device),
+            training: training.is_some(),
+            training_generation: training.as_ref().map_or(0, |t| t.generation),
+            training_rank: training.as_ref().map_or(0, |t| t.rank),
+            training_step: progress.load(Ordering::Relaxed),
         }),
     );
     let lost = |message: String| {
@@ -196,11 +237,8 @@ async fn session(
         .into_inner();
     info!(ring_addr = %me.ring_addr, coordinator = %opts.coordinator, "joined; waiting for an assignment");
 
-    let mut training: Option<Training> = None;
     let mut heartbeat = tokio::time::interval(DEFAULT_HEARTBEAT);
-    let progress = Controls::default().progress;
-    let leaving = *signals.borrow() > 0;
-    if leaving {
+    if *signals.borrow() > 0 && training.is_none() {
         return Ok(Exit::Left);
     }
 
@@ -210,14 +248,8 @@ async fn session(
                 let msg = match msg {
                     Ok(Some(CoordinatorMessage { msg: Some(m) })) => m,
                     Ok(Some(CoordinatorMessage { msg: None })) => continue,
-                    Ok(None) => {
-                        stop(&mut training).await;
-                        return Err(lost("closed the session".into()));
-                    }
-                    Err(status) => {
-                        stop(&mut training).await;
-                        return Err(lost(format!("session failed: {}", status.message())));
-                    }
+                    Ok(None) => return Err(lost("closed the session".into())),
+                    Err(status) => return Err(lost(format!("session failed: {}", status.message()))),
                 };
                 match msg {
                     coordinator_message::Msg::Welcome(w) => {
@@ -227,21 +259,21 @@ async fn session(
                         }
                     }
                     coordinator_message::Msg::Reject(r) => {
-                        stop(&mut training).await;
+                        stop(training).await;
                         return Err(SessionEnd::Fatal(Error::Rejected(r.reason)));
                     }
                     coordinator_message::Msg::Assignment(a) => {
                         if training.is_some() {
                             warn!(generation = a.generation, "a new assignment while training; stopping the old one first");
-                            stop(&mut training).await;
+                            stop(training).await;
                         }
                         let controls = Controls { progress: progress.clone(), ..Controls::default() };
-                        let generation = a.generation;
+                        let (generation, rank) = (a.generation, a.rank);
                         let job = Job {
                             assignment: a,
                             listener: me.listener.clone(),
                             device: opts.device.clone(),
-                            up: up.clone(),
+                            up: state.events.clone(),
                             controls: controls.clone(),
                             token: opts.security.token.clone(),
                         };
@@ -254,12 +286,12 @@ async fn session(
                                 let _ = done_tx.send(train::train(job));
                             })
                             .map_err(|source| SessionEnd::Fatal(Error::Io { context: "start the training thread".into(), source }))?;
-                        training = Some(Training { generation, controls, done: done_rx, aborted: false });
+                        *training = Some(Training { generation, rank, controls, done: done_rx, aborted: false });
                     }
                     coordinator_message::Msg::Abort(a) => {
                         info!(generation = a.generation, reason = %a.reason, "generation aborted");
                         if *signals.borrow() > 0 {
-                            stop(&mut training).await;
+                            stop(training).await;
                             info!("leaving: asked to by a signal");
                             return Ok(Exit::Left);
                         }
@@ -279,7 +311,7 @@ async fn session(
                         }
                     }
                     coordinator_message::Msg::Stop(s) => {
-                        stop(&mut training).await;
+                        stop(training).await;
                         if s.failed {
                             return Err(SessionEnd::Fatal(Error::Aborted(s.reason)));
                         }
@@ -295,6 +327,11 @@ async fn session(
                 }
             }, if training.is_some() => {
                 let Some(t) = training.take() else { continue };
+                // Everything the thread reported goes out before what its end leads to (Paused before leaving, the
+                // last steps before an error).
+                while let Ok(event) = state.events_rx.try_recv() {
+                    let _ = up.send(event);
+                }
                 let generation = t.generation;
                 if t.aborted {
                     debug!(generation, "training stopped after the abort");
@@ -345,11 +382,15 @@ async fn session(
                     }
                 }
             }
+            Some(event) = state.events_rx.recv() => {
+                // Sent in order after the Join; anything older than this session was kept for it.
+                let _ = up.send(event);
+            }
             _ = heartbeat.tick() => send(&up, worker_message::Msg::Heartbeat(Heartbeat { step: progress.load(Ordering::Relaxed) })),
             changed = signals.changed() => {
                 let count = if changed.is_ok() { *signals.borrow() } else { 2 };
                 if count >= 2 {
-                    stop(&mut training).await;
+                    stop(training).await;
                     return Err(SessionEnd::Fatal(Error::Aborted("interrupted by a second signal".into())));
                 }
                 match &training {

@@ -48,10 +48,10 @@ impl RunMachine {
         self.workers.push(Worker {
             conn,
             id: id.clone(),
-            host: join.host,
-            device: join.device,
-            ring_addr: join.ring_addr,
-            nccl_unique_id: join.nccl_unique_id,
+            host: join.host.clone(),
+            device: join.device.clone(),
+            ring_addr: join.ring_addr.clone(),
+            nccl_unique_id: join.nccl_unique_id.clone(),
             rank: None,
             state: proto::WorkerState::Joined,
             ready: true,
@@ -74,6 +74,11 @@ impl RunMachine {
                 heartbeat_interval_secs: self.spec.cluster.heartbeat_interval_secs,
             }),
         ));
+        if join.training {
+            let idx = self.workers.len() - 1;
+            self.on_rejoin_training(idx, &join, now, out);
+            return;
+        }
         if self.phase == Phase::Running {
             info!(
                 worker = %id,
@@ -138,6 +143,7 @@ impl RunMachine {
                 return;
             }
         }
+        self.check_adoption_deadline(now, out);
         if let Some((since, why)) = &self.reforming {
             let timeout = Duration::from_secs(self.spec.cluster.reform_timeout_secs);
             if self.phase == Phase::Reforming && now.saturating_duration_since(*since) > timeout {
@@ -291,6 +297,7 @@ impl RunMachine {
         }
         self.generation = self.next_generation;
         self.next_generation += 1;
+        self.adopting = None;
         self.phase = Phase::Running;
         self.reforming = None;
         self.members = picked.to_vec();

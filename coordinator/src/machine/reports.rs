@@ -28,6 +28,9 @@ impl RunMachine {
                 self.on_idle(idx, r.generation, now, out);
             }
             report => {
+                if self.on_report_while_adopting(idx, &report, now, out) {
+                    return;
+                }
                 let w = &self.workers[idx];
                 let Some(rank) = w.rank.filter(|_| self.phase == Phase::Running) else {
                     debug!(worker = %w.id, phase = ?self.phase, "report outside a running generation ignored");
@@ -162,8 +165,25 @@ impl RunMachine {
         );
     }
 
-    /// The writer reported a complete checkpoint: it is committed (and a resume point from now on).
+    /// The writer reported a complete checkpoint: it is committed, and workers waiting to join are admitted from it.
     fn on_checkpoint(&mut self, idx: usize, r: proto::CheckpointReport, now: Instant, out: &mut Vec<Action>) {
+        let step = r.step;
+        self.commit_checkpoint(idx, r, out);
+        // Workers that joined meanwhile are admitted here, from this checkpoint.
+        let waiting: Vec<&str> = self
+            .workers
+            .iter()
+            .filter(|w| w.connected && w.ready && w.rank.is_none())
+            .map(|w| w.id.as_str())
+            .collect();
+        if !waiting.is_empty() && self.draining.is_none() && step < self.spec.train.total_steps {
+            let reason = format!("admitting {} new worker(s): {}", waiting.len(), waiting.join(", "));
+            self.abort_generation(reason, false, now, out);
+        }
+    }
+
+    /// Records a checkpoint its writer reported complete: a resume point from now on.
+    pub(super) fn commit_checkpoint(&mut self, idx: usize, r: proto::CheckpointReport, out: &mut Vec<Action>) {
         info!(worker = %self.workers[idx].id, step = r.step, path = %r.path, "checkpoint committed");
         self.checkpoints
             .retain(|(step, path)| *step != r.step && *path != r.path);
@@ -179,17 +199,6 @@ impl RunMachine {
             step: r.step,
             path: r.path,
         }));
-        // Workers that joined meanwhile are admitted here, from this checkpoint.
-        let waiting: Vec<&str> = self
-            .workers
-            .iter()
-            .filter(|w| w.connected && w.ready && w.rank.is_none())
-            .map(|w| w.id.as_str())
-            .collect();
-        if !waiting.is_empty() && self.draining.is_none() && r.step < self.spec.train.total_steps {
-            let reason = format!("admitting {} new worker(s): {}", waiting.len(), waiting.join(", "));
-            self.abort_generation(reason, false, now, out);
-        }
     }
 
     fn on_finished(&mut self, idx: usize, r: &proto::Finished, now: Instant, out: &mut Vec<Action>) {

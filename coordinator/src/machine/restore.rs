@@ -84,7 +84,15 @@ impl RunMachine {
                 machine.error = message;
             }
             Some(_) => records.push(Record::Resumed),
-            None => {}
+            None => {
+                // Interrupted, not stopped: the last generation's members may still be training it.
+                if let Some((generation, _, _, members)) = saved.generations.last() {
+                    machine.adopt_later(
+                        *generation,
+                        members.iter().map(|m| (m.worker_id.clone(), m.rank)).collect(),
+                    );
+                }
+            }
         }
         info!(
             run = %name,

@@ -36,6 +36,7 @@ pub fn join(id: &str) -> proto::Join {
         ring_addr: format!("{id}.local:9000"),
         spec_json: String::new(),
         nccl_unique_id: Vec::new(),
+        ..Default::default()
     }
 }
 
