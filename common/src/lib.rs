@@ -10,6 +10,7 @@
 pub mod auth;
 pub mod data;
 pub mod error;
+pub mod metrics;
 pub mod presets;
 pub mod spec;
 pub mod telemetry;
