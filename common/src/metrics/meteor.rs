@@ -62,10 +62,7 @@ pub fn meteor_multi<S: AsRef<str>>(hyp: &str, references: &[S], wordnet: Option<
 
 /// Python's `str.split()` then `str.lower()` per word, each with its position.
 fn words(text: &str) -> Vec<(usize, String)> {
-    python_split(text)
-        .map(str::to_lowercase)
-        .enumerate()
-        .collect()
+    python_split(text).map(str::to_lowercase).enumerate().collect()
 }
 
 /// nltk's `_match_enums`: for each hypothesis word from the last, the last still-unmatched equal reference word.
