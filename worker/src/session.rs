@@ -121,7 +121,15 @@ pub async fn run(opts: WorkerOptions, mut signals: Signals) -> Result<Exit> {
     async move {
         let mut timeout = opts.connect_timeout;
         loop {
-            let client = match transport::connect(&opts.coordinator, &opts.security, timeout).await {
+            let connected = tokio::select! {
+                connected = transport::connect(&opts.coordinator, &opts.security, timeout) => connected,
+                // A signal while the coordinator is unreachable: nobody can agree on a checkpoint; stop now.
+                _ = signals.changed() => {
+                    stop(&mut state.training).await;
+                    return Err(Error::Aborted("interrupted by a signal while the coordinator was unreachable".into()));
+                }
+            };
+            let client = match connected {
                 Ok(client) => client,
                 Err(e) => {
                     stop(&mut state.training).await;
