@@ -27,6 +27,17 @@ pub enum Error {
     #[error("coordinator {addr}: {message}")]
     Coordinator { addr: String, message: String },
 
+    #[error(
+        "{reference} has {ref_lines} lines but {hyp} has {hyp_lines}: every --ref file needs one line per line of \
+         --hyp (one segment per line)"
+    )]
+    LineCount {
+        hyp: PathBuf,
+        hyp_lines: usize,
+        reference: PathBuf,
+        ref_lines: usize,
+    },
+
     #[error("{0}")]
     Usage(String),
 }

@@ -4,12 +4,14 @@
 
 pub mod bench;
 pub mod bench_coordinator;
+pub mod bench_score;
 pub mod demo;
 pub mod error;
 pub mod generate;
 pub mod prepare;
 pub mod procs;
 pub mod run;
+pub mod score;
 pub mod status_view;
 
 pub use error::Error;

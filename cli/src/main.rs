@@ -5,10 +5,12 @@
 //! lockstep status --coordinator http://HOST:7070 [--json] [--watch]
 //! lockstep stop --coordinator http://HOST:7070 [--reason TEXT]
 //!   (status and stop need the run token: LOCKSTEP_TOKEN or --token-file; TLS: --tls-ca, --tls-cert, --tls-key)
-//! lockstep bench train|allreduce|data|coordinator
+//! lockstep bench train|allreduce|data|coordinator|score
 //! lockstep generate --checkpoint DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
 //! lockstep prepare --input PATH... --tokenizer SPEC --out DIR [--format text|jsonl] [--field NAME] [--val-fraction F]
 //!                  [--shard-tokens N] [--threads N] [--invalid-utf8 fail|skip] [--force]
+//! lockstep score --hyp FILE --ref FILE [--ref FILE2 ...] [--metrics bleu,chrf,rouge,meteor] [--json]
+//!                [--wordnet DIR | --no-wordnet] [--rouge-stem true|false]
 //! ```
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use lockstep_cli::{bench, bench_coordinator, demo, generate, prepare, run, status_view};
+use lockstep_cli::{bench, bench_coordinator, bench_score, demo, generate, prepare, run, score, status_view};
 use lockstep_common::RunSpec;
 use lockstep_common::data::corpus::Split;
 use lockstep_common::proto::{GetStatusRequest, RunState, StopRunRequest, WatchStatusRequest};
@@ -52,6 +54,9 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Tokenise text or JSONL files into llm.c token shards plus tokenizer.json and manifest.json, for training.
     Prepare(prepare::PrepareArgs),
+    /// BLEU, chrF, ROUGE and METEOR of outputs against references, one segment per line (as sacrebleu, rouge-score
+    /// and nltk compute them).
+    Score(score::ScoreArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -171,6 +176,18 @@ enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         iters: u32,
     },
+    /// Segments per second of each `lockstep score` metric on generated segment pairs.
+    Score {
+        /// Generated hypothesis/reference pairs.
+        #[arg(long, default_value_t = 10_000)]
+        segments: usize,
+        /// Seed of the generator (the same seed gives the same pairs).
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// A WordNet 3.0 dict directory for METEOR with synonyms [default: /usr/share/wordnet if it exists].
+        #[arg(long, value_name = "DIR", env = "LOCKSTEP_WORDNET_DIR")]
+        wordnet: Option<PathBuf>,
+    },
     /// Batch-assembly throughput of one worker's data loader (tokens/s) on a prepared directory.
     Data {
         /// A prepared directory (lockstep prepare's output) or a directory of llm.c shards; default: a generated
@@ -227,6 +244,19 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Stop(args) => stop_cmd(args).await,
         Command::Generate(args) => {
             tokio::task::spawn_blocking(move || generate::command(&args)).await??;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Score(args) => {
+            tokio::task::spawn_blocking(move || score::command(&args)).await??;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Score {
+            segments,
+            seed,
+            wordnet,
+        }) => {
+            let b = tokio::task::spawn_blocking(move || bench_score::run(segments, seed, wordnet.as_deref())).await??;
+            print!("{}", b.render());
             Ok(ExitCode::SUCCESS)
         }
         Command::Prepare(args) => {
