@@ -38,6 +38,14 @@ pub enum Error {
         ref_lines: usize,
     },
 
+    #[error("{path} line {line}: {field} {message}")]
+    Jsonl {
+        path: PathBuf,
+        line: usize,
+        field: String,
+        message: String,
+    },
+
     #[error("{0}")]
     Usage(String),
 }

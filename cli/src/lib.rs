@@ -7,6 +7,7 @@ pub mod bench_coordinator;
 pub mod bench_score;
 pub mod demo;
 pub mod error;
+pub mod eval;
 pub mod generate;
 pub mod prepare;
 pub mod procs;

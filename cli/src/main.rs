@@ -11,6 +11,8 @@
 //!                  [--shard-tokens N] [--threads N] [--invalid-utf8 fail|skip] [--force]
 //! lockstep score --hyp FILE --ref FILE [--ref FILE2 ...] [--metrics bleu,chrf,rouge,meteor] [--json]
 //!                [--wordnet DIR | --no-wordnet] [--rouge-stem true|false]
+//! lockstep eval --checkpoint DIR --data PATH [--task lm|summarize|translate|chat] [--json] [--max-new-tokens N]
+//!               [--temperature T --top-k K --top-p P --seed S] [--batch-size B] [--limit N] [--wordnet DIR]
 //! ```
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,7 +20,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use lockstep_cli::{bench, bench_coordinator, bench_score, demo, generate, prepare, run, score, status_view};
+use lockstep_cli::{bench, bench_coordinator, bench_score, demo, eval, generate, prepare, run, score, status_view};
 use lockstep_common::RunSpec;
 use lockstep_common::data::corpus::Split;
 use lockstep_common::proto::{GetStatusRequest, RunState, StopRunRequest, WatchStatusRequest};
@@ -57,6 +59,9 @@ enum Command {
     /// BLEU, chrF, ROUGE and METEOR of outputs against references, one segment per line (as sacrebleu, rouge-score
     /// and nltk compute them).
     Score(score::ScoreArgs),
+    /// Evaluate a checkpoint: perplexity on prepared token data (--task lm), or generation from a JSONL of
+    /// sources/prompts scored with BLEU, chrF, ROUGE and METEOR against its references.
+    Eval(eval::EvalArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -248,6 +253,10 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Score(args) => {
             tokio::task::spawn_blocking(move || score::command(&args)).await??;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Eval(args) => {
+            tokio::task::spawn_blocking(move || eval::command(&args)).await??;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::Score {

@@ -1,0 +1,336 @@
+//! `lockstep eval`: perplexity of a checkpoint on prepared token data (`--task lm`), or BLEU/chrF/ROUGE/METEOR of
+//! what it generates for a JSONL of sources (`--task summarize|translate|chat`), scored by [`crate::score`].
+//!
+//! ```text
+//! lockstep eval --checkpoint runs/shakespeare/checkpoints --data data/shakespeare-char
+//! lockstep eval --checkpoint runs/addition-demo/checkpoints --data sums.jsonl --task translate --batch-size 8
+//! ```
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::generate::GenerateArgs;
+use crate::score::{self, Metric, Options, Report};
+
+pub mod generate;
+pub mod lm;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    /// Perplexity on prepared token data.
+    Lm,
+    /// JSONL of {"source", "reference"}: the checkpoint continues each source.
+    Summarize,
+    /// JSONL of {"source", "reference"}: the checkpoint continues each source.
+    Translate,
+    /// JSONL of {"prompt", "reference"}: the prompt is fed as is (no chat template yet).
+    Chat,
+}
+
+impl Task {
+    /// The JSONL field holding the text the model continues.
+    pub fn input_field(self) -> &'static str {
+        match self {
+            Task::Chat => "prompt",
+            _ => "source",
+        }
+    }
+}
+
+/// Evaluate a checkpoint: perplexity on token data, or generation scored against references.
+///
+/// Generation tasks feed each source/prompt to the model exactly as written (the chat template of supervised
+/// fine-tuning is a later addition), decode greedily unless --temperature > 0, and stop at the end-of-text token,
+/// at the first token containing a newline (the newline and what follows are dropped: one segment per line), or
+/// after --max-new-tokens.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EvalArgs {
+    /// A checkpoint directory (step-NNNNNNNN), or a directory of them (the newest complete one is used).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// lm: a `lockstep prepare` directory (its val split, else train) or llm.c GPT-2 shards; other tasks: a JSONL
+    /// file, one {"source"|"prompt": TEXT, "reference": TEXT} object per line (blank lines are skipped).
+    #[arg(long, value_name = "PATH")]
+    pub data: PathBuf,
+    /// What to evaluate. Generation tasks decode greedily unless --temperature > 0 and stop at the end-of-text
+    /// token, at a newline (dropped with what follows: a hypothesis is one line), or after --max-new-tokens. A
+    /// source or prompt is fed exactly as written: the chat template of supervised fine-tuning is a later addition.
+    #[arg(long, value_enum, default_value_t = Task::Lm)]
+    pub task: Task,
+    /// Print JSON (with every hypothesis for generation tasks) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Most tokens generated per item.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy (argmax); > 0 samples.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long, value_name = "K")]
+    pub top_k: Option<usize>,
+    #[arg(long, value_name = "P")]
+    pub top_p: Option<f64>,
+    /// Seed of sampling; item i samples from its own stream (seed + i), so the batch size never changes the output.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Items decoded together (those with prompts of equal token length share a batch), or lm windows per forward.
+    #[arg(long, value_name = "B", default_value_t = 8)]
+    pub batch_size: usize,
+    /// At most N items (generation) or windows (lm), from the start.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// A WordNet 3.0 dict directory for METEOR's synonym stage [default: /usr/share/wordnet if it exists].
+    #[arg(long, value_name = "DIR", env = "LOCKSTEP_WORDNET_DIR")]
+    pub wordnet: Option<PathBuf>,
+    /// METEOR without WordNet (exact and Porter-stem stages only).
+    #[arg(long)]
+    pub no_wordnet: bool,
+}
+
+/// One line of a generation task's JSONL.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Item {
+    pub input: String,
+    pub reference: String,
+}
+
+/// What `--json` prints for a generation task.
+#[derive(Debug, Serialize)]
+pub struct GenerationReport {
+    pub task: Task,
+    pub checkpoint: PathBuf,
+    pub data: PathBuf,
+    pub items: usize,
+    pub new_tokens: usize,
+    pub secs: f64,
+    pub tokens_per_sec: f64,
+    pub batch_size: usize,
+    pub scores: Report,
+    pub hypotheses: Vec<String>,
+}
+
+/// `lockstep eval`: runs the task and prints its table or JSON to stdout.
+pub fn command(args: &EvalArgs) -> Result<()> {
+    if args.batch_size == 0 {
+        return Err(Error::Usage("--batch-size 0: must be at least 1".into()));
+    }
+    if args.limit == Some(0) {
+        return Err(Error::Usage("--limit 0: must be at least 1".into()));
+    }
+    let text = match args.task {
+        Task::Lm => {
+            let r = lm::run(args)?;
+            if args.json { to_json(&r)? } else { r.render() }
+        }
+        _ => {
+            let r = run_generation(args)?;
+            if args.json {
+                to_json(&r)?
+            } else {
+                format!(
+                    "{}{} items, {} new tokens in {:.2} s: {:.1} tokens/s (batch size {}, {})\n",
+                    score::render_table(&r.scores),
+                    r.items,
+                    r.new_tokens,
+                    r.secs,
+                    r.tokens_per_sec,
+                    r.batch_size,
+                    r.checkpoint.display()
+                )
+            }
+        }
+    };
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(source) => Err(Error::Io {
+            context: "cannot write the evaluation to stdout".into(),
+            source,
+        }),
+        Ok(()) => Ok(()),
+    }
+}
+
+fn to_json(value: &impl Serialize) -> Result<String> {
+    let mut text = serde_json::to_string_pretty(value).map_err(|e| Error::Usage(format!("cannot write JSON: {e}")))?;
+    text.push('\n');
+    Ok(text)
+}
+
+/// Decodes every item of the JSONL and scores the hypotheses with all four metrics.
+pub fn run_generation(args: &EvalArgs) -> Result<GenerationReport> {
+    let sampling = GenerateArgs {
+        checkpoint: args.checkpoint.clone(),
+        prompt: String::new(),
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: Some(args.seed),
+    }
+    .sampling()?;
+    let mut items = read_jsonl(&args.data, args.task.input_field())?;
+    if let Some(limit) = args.limit {
+        items.truncate(limit);
+    }
+    let wordnet = if args.no_wordnet {
+        None
+    } else {
+        score::open_wordnet(args.wordnet.as_deref())?
+    };
+    let dir = crate::generate::resolve_checkpoint(&args.checkpoint)?;
+    let device = candle_core::Device::Cpu;
+    let loaded = lockstep_worker::checkpoint::load(&dir, &device)?;
+    let field = args.task.input_field();
+    let prompts = items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let at = |message: String| Error::Jsonl {
+                path: args.data.clone(),
+                line: i + 1,
+                field: field.into(),
+                message,
+            };
+            if item.input.is_empty() {
+                return Err(at("is empty; the model needs at least one token to continue".into()));
+            }
+            loaded.tokenizer.encode(&item.input).map_err(|e| at(e.to_string()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let model = loaded.model()?;
+    let bar = progress_bar(items.len() as u64);
+    let opts = generate::DecodeOptions {
+        max_new_tokens: args.max_new_tokens,
+        sampling,
+        seed: args.seed,
+        batch_size: args.batch_size,
+    };
+    let decoded = generate::decode_all(&model, &loaded.tokenizer, &prompts, &opts, &device, |n| bar.inc(n))?;
+    bar.finish_and_clear();
+    let segments: Vec<score::Segment> = decoded
+        .hypotheses
+        .iter()
+        .zip(&items)
+        .map(|(hyp, item)| score::Segment {
+            hyp: hyp.clone(),
+            refs: vec![item.reference.clone()],
+        })
+        .collect();
+    let scores = score::score(
+        &segments,
+        &Options {
+            metrics: vec![Metric::Bleu, Metric::Chrf, Metric::Rouge, Metric::Meteor],
+            rouge_stem: false,
+            wordnet,
+        },
+    );
+    Ok(GenerationReport {
+        task: args.task,
+        checkpoint: dir,
+        data: args.data.clone(),
+        items: items.len(),
+        new_tokens: decoded.new_tokens,
+        secs: decoded.secs,
+        tokens_per_sec: decoded.new_tokens as f64 / decoded.secs.max(1e-9),
+        batch_size: args.batch_size,
+        scores,
+        hypotheses: decoded.hypotheses,
+    })
+}
+
+/// The items of a JSONL file: `input_field` and `reference`, both strings, on every non-blank line. Errors name the
+/// file, the 1-based line and the field.
+pub fn read_jsonl(path: &Path, input_field: &str) -> Result<Vec<Item>> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        context: format!(
+            "cannot read --data {} (a JSONL file for generation tasks)",
+            path.display()
+        ),
+        source,
+    })?;
+    let mut items = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = |field: &str, message: String| Error::Jsonl {
+            path: path.to_path_buf(),
+            line: i + 1,
+            field: field.into(),
+            message,
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| at("the line", format!("is not JSON: {e}")))?;
+        let get = |field: &str| -> Result<String> {
+            match value.get(field) {
+                Some(serde_json::Value::String(s)) => Ok(s.clone()),
+                Some(_) => Err(at(field, "must be a string".into())),
+                None => Err(at(field, "is missing; every line needs it".into())),
+            }
+        };
+        if !value.is_object() {
+            return Err(at("the line", "is not a JSON object".into()));
+        }
+        items.push(Item {
+            input: get(input_field)?,
+            reference: get("reference")?,
+        });
+    }
+    if items.is_empty() {
+        return Err(Error::Usage(format!(
+            "--data {}: no items; give one JSON object per line",
+            path.display()
+        )));
+    }
+    Ok(items)
+}
+
+/// Items done of the total on stderr when it is a terminal; nothing otherwise.
+pub fn progress_bar(total: u64) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {elapsed:>4} {wide_bar} {pos}/{len} {per_sec}  eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jsonl_errors_name_file_line_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.jsonl");
+        std::fs::write(
+            &path,
+            "{\"source\": \"a\", \"reference\": \"b\"}\n\n{\"source\": \"c\"}\n",
+        )
+        .unwrap();
+        let err = read_jsonl(&path, "source").unwrap_err().to_string();
+        assert!(
+            err.contains("d.jsonl") && err.contains("line 3") && err.contains("reference"),
+            "{err}"
+        );
+        std::fs::write(&path, "{\"source\": 1, \"reference\": \"b\"}\n").unwrap();
+        let err = read_jsonl(&path, "source").unwrap_err().to_string();
+        assert!(err.contains("line 1") && err.contains("source"), "{err}");
+        std::fs::write(&path, "{\"prompt\": \"a\", \"reference\": \"b\"}\n").unwrap();
+        let items = read_jsonl(&path, "prompt").unwrap();
+        assert_eq!(
+            items,
+            [Item {
+                input: "a".into(),
+                reference: "b".into()
+            }]
+        );
+    }
+}
