@@ -3,13 +3,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use candle_core::Device;
+mod common;
+
+use common::tiny_checkpoint;
 use lockstep_common::data::Tokenizer;
-use lockstep_common::spec::Positions;
-use lockstep_worker::checkpoint::{self, TrainerState};
-use lockstep_worker::model::{GptConfig, init_varmap};
-use lockstep_worker::optim::{AdamW, AdamWConfig};
-use lockstep_worker::params::Params;
 
 const CORPUS: &str = "hello world, the quick brown fox jumps over the lazy dog.\n";
 
@@ -45,38 +42,6 @@ fn prepared(root: &Path) -> PathBuf {
     out
 }
 
-/// A random-weight model saved as step 7 under `root`, with `tok` as its tokenizer.
-fn tiny_checkpoint(root: &Path, tok: &Tokenizer) -> PathBuf {
-    let cfg = GptConfig {
-        vocab_size: tok.vocab_size(),
-        n_layer: 2,
-        n_head: 2,
-        n_embd: 16,
-        block_size: 8,
-        dropout: 0.0,
-        positions: Positions::Learned,
-        init_std: 0.5, // large weights: a varied continuation
-        layer_norm_eps: 1e-5,
-    };
-    let vm = init_varmap(&cfg, 3, &Device::Cpu).unwrap();
-    let params = Params::from_varmap(&vm).unwrap();
-    let adamw = AdamWConfig {
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: 0.1,
-    };
-    let opt = AdamW::new(&params, adamw).unwrap();
-    let state = TrainerState {
-        step: 7,
-        data_cursor: 0,
-        world_size: 1,
-        spec_hash: "test".into(),
-        seed: 3,
-    };
-    checkpoint::save(&root.join("ckpt"), &state, &params, &cfg, &opt, tok, "{}", 0).unwrap()
-}
-
 struct Fixture {
     _root: tempfile::TempDir,
     data: PathBuf,
@@ -89,7 +54,10 @@ fn fixture() -> Fixture {
     let root = tempfile::tempdir().unwrap();
     let data = prepared(root.path());
     let tok = Tokenizer::load(&data.join("tokenizer.json")).unwrap();
-    let ckpt = tiny_checkpoint(root.path(), &tok).to_str().unwrap().to_string();
+    let ckpt = tiny_checkpoint(&root.path().join("ckpt"), &tok)
+        .to_str()
+        .unwrap()
+        .to_string();
     // Prompts of several lengths, some longer than the block size of 8, so batches group and crop.
     let prompts = vec![
         "the",

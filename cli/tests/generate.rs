@@ -1,16 +1,15 @@
 //! `lockstep generate` against a tiny checkpoint written by `checkpoint::save` (no training).
+mod common;
+
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use candle_core::Device;
 use lockstep_common::data::Tokenizer;
-use lockstep_common::spec::{Positions, TokenizerSpec};
-use lockstep_worker::checkpoint::{self, TrainerState};
+use lockstep_common::spec::TokenizerSpec;
+use lockstep_worker::checkpoint;
 use lockstep_worker::generate::{Generator, generate};
-use lockstep_worker::model::{GptConfig, init_varmap};
-use lockstep_worker::optim::{AdamW, AdamWConfig};
-use lockstep_worker::params::Params;
 use lockstep_worker::sampling::{Sampler, SamplingConfig};
 
 const CORPUS: &str = "hello world, the quick brown fox\n";
@@ -18,37 +17,7 @@ const CORPUS: &str = "hello world, the quick brown fox\n";
 /// A random-weight char model of the corpus's vocabulary, saved as step 7 under `root`.
 fn tiny_checkpoint(root: &Path) -> PathBuf {
     let tok = Tokenizer::for_text(&TokenizerSpec::Char, CORPUS).unwrap();
-    let cfg = GptConfig {
-        vocab_size: tok.vocab_size(),
-        n_layer: 2,
-        n_head: 2,
-        n_embd: 16,
-        block_size: 8,
-        dropout: 0.0,
-        positions: Positions::Learned,
-        init_std: 0.5, // large weights: a varied continuation
-        layer_norm_eps: 1e-5,
-    };
-    let vm = init_varmap(&cfg, 3, &Device::Cpu).unwrap();
-    let params = Params::from_varmap(&vm).unwrap();
-    let opt = AdamW::new(
-        &params,
-        AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.1,
-        },
-    )
-    .unwrap();
-    let state = TrainerState {
-        step: 7,
-        data_cursor: 0,
-        world_size: 1,
-        spec_hash: "test".into(),
-        seed: 3,
-    };
-    checkpoint::save(root, &state, &params, &cfg, &opt, &tok, "{}", 0).unwrap()
+    common::tiny_checkpoint(root, &tok)
 }
 
 fn lockstep(args: &[&str]) -> Output {
