@@ -323,6 +323,16 @@ impl RunMachine {
         self.workers.iter().position(|w| w.conn == conn && w.connected)
     }
 
+    /// Forgets all but the newest `checkpoint.keep` committed checkpoints: the writer keeps only those on disk, so
+    /// older entries would name deleted directories.
+    fn keep_newest_checkpoints(&mut self) {
+        let keep = self.spec.checkpoint.keep;
+        if keep > 0 && self.checkpoints.len() > keep {
+            let excess = self.checkpoints.len() - keep;
+            self.checkpoints.drain(..excess);
+        }
+    }
+
     /// The newest committed checkpoint: where the next generation starts.
     fn resume_point(&self) -> (u64, String) {
         self.checkpoints.last().cloned().unwrap_or((0, String::new()))

@@ -104,6 +104,21 @@ pub struct LostRecord {
     pub unix_ms: u64,
 }
 
+impl From<&LostRecord> for lockstep_common::proto::LostWorker {
+    /// The status row of a lost worker; rank -1 when it had none.
+    fn from(l: &LostRecord) -> Self {
+        Self {
+            worker_id: l.worker_id.clone(),
+            host: l.host.clone(),
+            rank: l.rank.map_or(-1, |r| i32::try_from(r).unwrap_or(i32::MAX)),
+            generation: l.generation,
+            last_step: l.last_step,
+            reason: l.reason.clone(),
+            unix_ms: l.unix_ms,
+        }
+    }
+}
+
 /// Everything `load` recovers. Default = a fresh state directory.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Saved {

@@ -194,15 +194,7 @@ impl RunMachine {
             reason: format!("{verb}: {reason}"),
             unix_ms: unix_ms(),
         };
-        self.lost.push(proto::LostWorker {
-            worker_id: record.worker_id.clone(),
-            host: record.host.clone(),
-            rank: record.rank.map_or(-1, |r| i32::try_from(r).unwrap_or(i32::MAX)),
-            generation,
-            last_step: record.last_step,
-            reason: record.reason.clone(),
-            unix_ms: record.unix_ms,
-        });
+        self.lost.push(proto::LostWorker::from(&record));
         out.push(Action::Persist(Record::Lost(record)));
         if let Some(stop) = self.draining.clone() {
             // The agreed pause needs every member; stop on the newest committed checkpoint instead.

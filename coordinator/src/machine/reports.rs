@@ -189,12 +189,7 @@ impl RunMachine {
             .retain(|(step, path)| *step != r.step && *path != r.path);
         let at = self.checkpoints.partition_point(|(step, _)| *step < r.step);
         self.checkpoints.insert(at, (r.step, r.path.clone()));
-        // The writer keeps only the newest `keep` on disk; older entries would name deleted directories.
-        let keep = self.spec.checkpoint.keep;
-        if keep > 0 && self.checkpoints.len() > keep {
-            let excess = self.checkpoints.len() - keep;
-            self.checkpoints.drain(..excess);
-        }
+        self.keep_newest_checkpoints();
         out.push(Action::Persist(Record::Checkpoint {
             step: r.step,
             path: r.path,

@@ -39,27 +39,10 @@ impl RunMachine {
         machine.next_generation = saved.generations.last().map_or(0, |g| g.0 + 1);
         machine.generation = saved.generations.last().map_or(0, |g| g.0);
         machine.checkpoints = saved.checkpoints.clone();
-        // The writer kept only the newest `checkpoint.keep` on disk (as `on_checkpoint` mirrors while running).
-        let keep = machine.spec.checkpoint.keep;
-        if keep > 0 && machine.checkpoints.len() > keep {
-            let excess = machine.checkpoints.len() - keep;
-            machine.checkpoints.drain(..excess);
-        }
+        machine.keep_newest_checkpoints();
         machine.restarts = saved.restarts;
         machine.skipped_steps = saved.steps.iter().filter(|s| s.skipped).count() as u64;
-        machine.lost = saved
-            .lost
-            .iter()
-            .map(|l| proto::LostWorker {
-                worker_id: l.worker_id.clone(),
-                host: l.host.clone(),
-                rank: l.rank.map_or(-1, |r| i32::try_from(r).unwrap_or(i32::MAX)),
-                generation: l.generation,
-                last_step: l.last_step,
-                reason: l.reason.clone(),
-                unix_ms: l.unix_ms,
-            })
-            .collect();
+        machine.lost = saved.lost.iter().map(proto::LostWorker::from).collect();
         machine.val_loss = saved.evals.last().copied();
         // Training resumes at the newest checkpoint; the history beyond it will be repeated.
         let (resume_step, _) = machine.resume_point();
