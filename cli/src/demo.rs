@@ -97,3 +97,32 @@ pub fn sample_text(dir: &Path, prompt: &[u32], max_new: usize) -> Result<String>
         loaded.tokenizer.decode(&new)
     ))
 }
+
+/// A fine-tuned checkpoint's greedy answers to (at most `limit`) held-out conversations of `spec`'s data (the
+/// validation split: the last examples of `data.path`): (what the user said last, the answer, the reference).
+pub fn chat_samples(dir: &Path, spec: &RunSpec, limit: usize) -> Result<Vec<(String, String, String)>> {
+    let device = Device::Cpu;
+    let loaded = checkpoint::load(dir, &device)?;
+    let template = loaded.chat_template().ok_or_else(|| {
+        crate::error::Error::Usage(format!("{} is not a chat model (data.source = \"sft\")", dir.display()))
+    })?;
+    let model = loaded.model()?;
+    let path = spec.data.path.clone().unwrap_or_default();
+    let conversations = lockstep_common::data::sft::read_conversations(&path)?;
+    let n_val = ((conversations.len() as f64 * spec.data.val_fraction).round() as usize).max(1);
+    let items: Vec<_> = conversations[conversations.len().saturating_sub(n_val)..]
+        .iter()
+        .filter_map(|c| lockstep_common::data::sft::split_reply(c))
+        .take(limit)
+        .collect();
+    let histories: Vec<_> = items.iter().map(|(h, _)| h.to_vec()).collect();
+    let answers = lockstep_worker::sft_eval::answer(&model, &loaded.tokenizer, &template, &histories, 64, 8, &device)?;
+    Ok(items
+        .iter()
+        .zip(answers)
+        .map(|((history, reference), answer)| {
+            let said = history.last().map_or_else(String::new, |m| m.content.clone());
+            (said, answer, reference.to_string())
+        })
+        .collect())
+}

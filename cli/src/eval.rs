@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
+use lockstep_common::data::chat::{Message, Role};
+use lockstep_worker::decode::{DecodeOptions, decode_all};
+
 use crate::error::{Error, Result};
 use crate::generate::GenerateArgs;
 use crate::score::{self, Metric, Options, Report};
@@ -27,7 +30,7 @@ pub enum Task {
     Summarize,
     /// JSONL of {"source", "reference"}: the checkpoint continues each source.
     Translate,
-    /// JSONL of {"prompt", "reference"}: the prompt is fed as is (no chat template yet).
+    /// JSONL of {"prompt", "reference"}: the prompt is the user's message to a chat model.
     Chat,
 }
 
@@ -43,10 +46,11 @@ impl Task {
 
 /// Evaluate a checkpoint: perplexity on token data, or generation scored against references.
 ///
-/// Generation tasks feed each source/prompt to the model exactly as written (the chat template of supervised
-/// fine-tuning is a later addition), decode greedily unless --temperature > 0, and stop at the end-of-text token,
-/// at the first token containing a newline (the newline and what follows are dropped: one segment per line), or
-/// after --max-new-tokens.
+/// Generation tasks decode greedily unless --temperature > 0. A chat model (fine-tuned with `data.source = "sft"`)
+/// gets each source/prompt as a user message through the chat template and answers until `<|end|>`; any other
+/// model continues the source/prompt exactly as written and stops at the end-of-text token or the first token
+/// containing a newline (the newline and what follows are dropped: one segment per line). Either way at most
+/// --max-new-tokens.
 #[derive(Debug, Clone, clap::Args)]
 pub struct EvalArgs {
     /// A checkpoint directory (step-NNNNNNNN), or a directory of them (the newest complete one is used).
@@ -56,9 +60,9 @@ pub struct EvalArgs {
     /// file, one {"source"|"prompt": TEXT, "reference": TEXT} object per line (blank lines are skipped).
     #[arg(long, value_name = "PATH")]
     pub data: PathBuf,
-    /// What to evaluate. Generation tasks decode greedily unless --temperature > 0 and stop at the end-of-text
-    /// token, at a newline (dropped with what follows: a hypothesis is one line), or after --max-new-tokens. A
-    /// source or prompt is fed exactly as written: the chat template of supervised fine-tuning is a later addition.
+    /// What to evaluate. Generation tasks decode greedily unless --temperature > 0. A chat model answers each
+    /// source or prompt as a user message (through the chat template) until <|end|>; other models continue it as
+    /// written until end-of-text or a newline. At most --max-new-tokens either way.
     #[arg(long, value_enum, default_value_t = Task::Lm)]
     pub task: Task,
     /// Print JSON (with every hypothesis for generation tasks) instead of a table.
@@ -185,6 +189,9 @@ pub fn run_generation(args: &EvalArgs) -> Result<GenerationReport> {
     let device = candle_core::Device::Cpu;
     let loaded = lockstep_worker::checkpoint::load(&dir, &device)?;
     let field = args.task.input_field();
+    // A chat model (fine-tuned through the chat template) is asked as a user and answers until <|end|>; any other
+    // model continues the text as written.
+    let template = loaded.chat_template();
     let prompts = items
         .iter()
         .enumerate()
@@ -195,24 +202,49 @@ pub fn run_generation(args: &EvalArgs) -> Result<GenerationReport> {
                 field: field.into(),
                 message,
             };
-            if item.input.is_empty() {
+            if item.input.is_empty() && template.is_none() {
                 return Err(at("is empty; the model needs at least one token to continue".into()));
             }
-            loaded.tokenizer.encode(&item.input).map_err(|e| at(e.to_string()))
+            match &template {
+                Some(t) => t.prompt(&loaded.tokenizer, &[Message::new(Role::User, item.input.clone())]),
+                None => loaded.tokenizer.encode(&item.input),
+            }
+            .map_err(|e| at(lockstep_common::error::one_line(&e)))
         })
         .collect::<Result<Vec<_>>>()?;
     let model = loaded.model()?;
     let bar = progress_bar(items.len() as u64);
-    let opts = generate::DecodeOptions {
+    let opts = DecodeOptions {
         max_new_tokens: args.max_new_tokens,
         sampling,
         seed: args.seed,
         batch_size: args.batch_size,
     };
-    let decoded = generate::decode_all(&model, &loaded.tokenizer, &prompts, &opts, &device, |n| bar.inc(n))?;
+    let tok = &loaded.tokenizer;
+    let decoded = match &template {
+        Some(t) => {
+            let stop = |id: u32| id == t.end_id() || Some(id) == tok.eot();
+            decode_all(&model, &prompts, &opts, &device, stop, |n| bar.inc(n))?
+        }
+        None => decode_all(
+            &model,
+            &prompts,
+            &opts,
+            &device,
+            |id| generate::is_stop(tok, id),
+            |n| bar.inc(n),
+        )?,
+    };
     bar.finish_and_clear();
-    let segments: Vec<score::Segment> = decoded
-        .hypotheses
+    let hypotheses: Vec<String> = decoded
+        .outputs
+        .iter()
+        .map(|out| match &template {
+            Some(t) => lockstep_worker::sft_eval::reply(t, tok, out),
+            None => generate::hypothesis(tok, out),
+        })
+        .collect();
+    let segments: Vec<score::Segment> = hypotheses
         .iter()
         .zip(&items)
         .map(|(hyp, item)| score::Segment {
@@ -238,7 +270,7 @@ pub fn run_generation(args: &EvalArgs) -> Result<GenerationReport> {
         tokens_per_sec: decoded.new_tokens as f64 / decoded.secs.max(1e-9),
         batch_size: args.batch_size,
         scores,
-        hypotheses: decoded.hypotheses,
+        hypotheses,
     })
 }
 

@@ -89,6 +89,15 @@ pub async fn run_local(opts: RunOptions, interrupt: impl std::future::Future<Out
             let status = match status {
                 Ok(s) => s,
                 Err(e) => {
+                    // A coordinator that ended by itself (e.g. its saved state says the run is over) said why last.
+                    let exited = tokio::time::timeout(Duration::from_secs(2), coordinator.child.wait()).await;
+                    let e = match exited {
+                        Ok(Ok(_)) => Error::Process {
+                            process: "lockstep-coordinator".into(),
+                            message: format!("exited: {}", procs::last_line(&coordinator_log)),
+                        },
+                        _ => e,
+                    };
                     stop_all(&mut workers, &mut coordinator).await;
                     return Err(with_logs(e, &logs));
                 }

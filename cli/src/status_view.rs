@@ -58,6 +58,8 @@ pub fn to_json(s: &RunStatus) -> Value {
         "last_loss": s.last_loss,
         "val_loss": s.val_loss,
         "val_perplexity": s.val_loss.map(f64::exp),
+        "eval_metrics": s.eval_metrics.iter().collect::<std::collections::BTreeMap<_, _>>(),
+        "eval_metrics_step": s.eval_metrics_step,
         "lr": s.lr,
         "tokens_per_sec": s.tokens_per_sec,
         "eta_secs": s.eta_secs,
@@ -108,6 +110,36 @@ pub fn val(loss: Option<f64>) -> String {
     loss.map_or_else(|| "-".into(), |l| format!("{l:.4} (ppl {:.2})", l.exp()))
 }
 
+/// The newest generation metrics, `generation @ step 200: BLEU 41.2  chrF 60.1  ...`; `None` when there are none.
+pub fn metrics_line(s: &RunStatus) -> Option<String> {
+    if s.eval_metrics.is_empty() {
+        return None;
+    }
+    let names = [
+        ("bleu", "BLEU"),
+        ("chrf", "chrF"),
+        ("rouge1", "ROUGE-1"),
+        ("rouge2", "ROUGE-2"),
+        ("rougeL", "ROUGE-L"),
+        ("meteor", "METEOR"),
+    ];
+    let mut parts: Vec<String> = names
+        .iter()
+        .filter_map(|(key, name)| s.eval_metrics.get(*key).map(|v| format!("{name} {v:.1}")))
+        .collect();
+    let mut others: Vec<_> = s
+        .eval_metrics
+        .iter()
+        .filter(|(k, _)| !names.iter().any(|(n, _)| n == k))
+        .collect();
+    others.sort_by(|a, b| a.0.cmp(b.0));
+    parts.extend(others.into_iter().map(|(k, v)| format!("{k} {v:.1}")));
+    let step = s
+        .eval_metrics_step
+        .map_or_else(String::new, |step| format!(" @ step {step}"));
+    Some(format!("generation{step}: {}", parts.join("  ")))
+}
+
 pub fn render_table(s: &RunStatus) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -130,6 +162,9 @@ pub fn render_table(s: &RunStatus) -> String {
         rate(s.tokens_per_sec),
         s.eta_secs.map_or_else(|| "-".into(), duration)
     );
+    if let Some(line) = metrics_line(s) {
+        let _ = writeln!(out, "{line}");
+    }
     if !s.last_checkpoint.is_empty() {
         let _ = writeln!(out, "checkpoint {}", s.last_checkpoint);
     }
@@ -247,6 +282,24 @@ mod tests {
         assert!((v["val_perplexity"].as_f64().unwrap() - 8.0).abs() < 1e-9);
         let table = render_table(&s);
         assert!(table.contains("val 2.0794 (ppl 8.00)"), "{table}");
+    }
+
+    #[test]
+    fn generation_metrics_are_shown_with_their_step() {
+        let s = RunStatus {
+            eval_metrics: [("bleu".to_string(), 41.3), ("rougeL".to_string(), 70.0)].into(),
+            eval_metrics_step: Some(200),
+            ..Default::default()
+        };
+        let table = render_table(&s);
+        assert!(
+            table.contains("generation @ step 200: BLEU 41.3  ROUGE-L 70.0"),
+            "{table}"
+        );
+        let v = to_json(&s);
+        assert_eq!(v["eval_metrics"]["bleu"], 41.3);
+        assert_eq!(v["eval_metrics_step"], 200);
+        assert!(metrics_line(&RunStatus::default()).is_none());
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub struct RunSpec {
     pub train: TrainSpec,
     pub checkpoint: CheckpointSpec,
     pub security: SecuritySpec,
+    pub sft: SftSpec,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -139,6 +140,35 @@ pub enum DataSource {
     /// A directory `lockstep prepare` wrote (token shards + `manifest.json` + `tokenizer.json`) at `data.path`, or a
     /// directory of llm.c `.bin` shards (`*train*.bin`, `*val*.bin`) with `data.tokenizer` naming their tokenizer.
     Prepared,
+    /// Supervised fine-tuning: a JSONL file of conversations at `data.path` (`{"prompt", "response"}` or
+    /// `{"messages": [...]}` per line), rendered through the chat template; the loss counts only the assistant's
+    /// words. The last `data.val_fraction` of the examples are held out.
+    Sft,
+}
+
+/// Generation metrics while fine-tuning: at every evaluation (`train.eval_interval`), the model answers held-out
+/// conversations and its answers are scored against theirs. Only evaluation, not the training math: left out of
+/// [`RunSpec::training_hash`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SftSpec {
+    /// A JSONL file of conversations (the formats of `data.source = "sft"`) whose last assistant turn is the
+    /// reference; empty = no generation metrics. Every worker reads it at this path.
+    pub eval_data: Option<PathBuf>,
+    /// The first this many conversations of `eval_data` are answered (split across the workers).
+    pub eval_items: usize,
+    /// Most tokens generated per answer (greedy; an answer ends at `<|end|>`).
+    pub max_new_tokens: usize,
+}
+
+impl Default for SftSpec {
+    fn default() -> Self {
+        Self {
+            eval_data: None,
+            eval_items: 64,
+            max_new_tokens: 64,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -549,6 +579,21 @@ impl RunSpec {
             return bad("cluster.listen", &c.listen, "must be an IP:port such as 0.0.0.0:7070");
         }
         self.security.validate()?;
+        if let Some(path) = &self.sft.eval_data
+            && d.source != DataSource::Sft
+        {
+            return bad(
+                "sft.eval_data",
+                path.display(),
+                "generation metrics score a chat model: they need data.source = \"sft\"",
+            );
+        }
+        if self.sft.eval_data.is_some() && self.sft.eval_items == 0 {
+            return bad("sft.eval_items", 0, "must be at least 1 (or leave sft.eval_data unset)");
+        }
+        if self.sft.max_new_tokens == 0 {
+            return bad("sft.max_new_tokens", 0, "must be at least 1");
+        }
         if !(d.val_fraction > 0.0 && d.val_fraction < 1.0) {
             return bad("data.val_fraction", d.val_fraction, "must be in (0, 1)");
         }
@@ -567,7 +612,16 @@ impl RunSpec {
                     "data.source = \"prepared\" needs the directory lockstep prepare wrote",
                 );
             }
-            DataSource::Addition | DataSource::Text if matches!(d.tokenizer, Some(TokenizerSpec::Bpe { .. })) => {
+            DataSource::Sft if d.path.is_none() => {
+                return bad(
+                    "data.path",
+                    "(none)",
+                    "data.source = \"sft\" needs the path of a JSONL file of conversations",
+                );
+            }
+            DataSource::Addition | DataSource::Text | DataSource::Sft
+                if matches!(d.tokenizer, Some(TokenizerSpec::Bpe { .. })) =>
+            {
                 return bad(
                     "data.tokenizer",
                     d.tokenizer.as_ref().map(ToString::to_string).unwrap_or_default(),
@@ -620,10 +674,10 @@ impl RunSpec {
         flatten("", &value, &mut out);
         // The preset only fills in the shape, which is compared itself. An empty `init_from` (random init) is
         // left out so that specs from before it existed keep their hash (and their checkpoints stay resumable).
-        // `data.verify` only decides how much the coordinator checks at start-up.
+        // `data.verify` only decides how much the coordinator checks at start-up; `sft.*` only what is evaluated.
         out.retain(|k, v| {
-            !k.starts_with("cluster.")
-                && !k.starts_with("security.")
+            let not_math = ["cluster.", "security.", "sft."].iter().any(|p| k.starts_with(p));
+            !not_math
                 && k != "model.preset"
                 && k != "data.verify"
                 && !(k == "model.init_from" && v.as_str() == Some(""))
@@ -898,7 +952,7 @@ impl CheckpointShape {
 
     /// `model.KEY = ours vs KEY = theirs` for every shape field where `model` differs.
     pub fn differences(&self, model: &ModelSpec) -> Vec<String> {
-        ModelShape::of(model).differences(&self.shape)
+        ModelShape::of(model).init_differences(&self.shape)
     }
 }
 
@@ -924,6 +978,20 @@ impl ModelShape {
             vocab_size: model.vocab_size,
             positions: model.positions,
         }
+    }
+
+    /// [`ModelShape::differences`] for weights a run starts from, which may have a smaller vocabulary: the run's
+    /// embedding then grows (new tokens, e.g. the chat template's, start at the mean of the old rows).
+    pub fn init_differences(&self, theirs: &ModelShape) -> Vec<String> {
+        let theirs = ModelShape {
+            vocab_size: if self.vocab_size >= theirs.vocab_size {
+                self.vocab_size
+            } else {
+                theirs.vocab_size
+            },
+            ..*theirs
+        };
+        self.differences(&theirs)
     }
 
     /// `model.KEY = ours vs KEY = theirs` (the spec's key, then `config.json`'s) for every field that differs.
@@ -1239,11 +1307,17 @@ mod preset_tests {
             "model.n_layer = 12 vs n_layer = 2",
             "model.n_head = 12 vs n_head = 4",
             "model.block_size = 1024 vs n_positions = 32",
-            "model.vocab_size = 50257 vs vocab_size = 97",
         ] {
             assert!(err.contains(want), "{want:?} not in: {err}");
         }
-        assert!(!err.contains("model.n_embd"), "{err}");
+        // A larger vocabulary than the checkpoint's is not a mismatch: the embedding grows.
+        assert!(!err.contains("model.n_embd") && !err.contains("vocab_size"), "{err}");
+        let smaller = format!(
+            "[model]\ninit_from = \"hf:{}\"\nvocab_size = 50\n[train]\nseq_len = 16\n",
+            hf.display()
+        );
+        let err = RunSpec::from_toml_str(&smaller).unwrap_err().to_string();
+        assert!(err.contains("model.vocab_size = 50 vs vocab_size = 97"), "{err}");
         // The same check runs on a spec that was built in code.
         let mut spec = RunSpec::default();
         spec.model.init_from = format!("hf:{}", hf.display());

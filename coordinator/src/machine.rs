@@ -25,6 +25,7 @@
 //! Status semantics: `step` is the newest step *every* rank has reported (the slowest rank's last step), so it never
 //! runs ahead of the run's real state; after a restart it goes back to the checkpoint resumed from. `tokens_per_sec`
 //! and `eta_secs` come from the arrival times of complete steps over a sliding window (see `progress.rs`).
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lockstep_common::RunSpec;
@@ -190,6 +191,8 @@ pub struct RunMachine {
     step: u64,
     last_loss_lr: Option<(f64, f64)>,
     val_loss: Option<(u64, f64)>,
+    /// The newest generation metrics (fine-tuning with sft.eval_data) and their step.
+    eval_metrics: Option<(u64, BTreeMap<String, f64>)>,
     /// Committed checkpoints (step, path), oldest first; damaged ones removed.
     checkpoints: Vec<(u64, String)>,
     restarts: u32,
@@ -250,6 +253,7 @@ impl RunMachine {
             step: 0,
             last_loss_lr: None,
             val_loss: None,
+            eval_metrics: None,
             checkpoints: Vec::new(),
             restarts: 0,
             lost: Vec::new(),
@@ -374,6 +378,12 @@ impl RunMachine {
             total_steps,
             last_loss,
             val_loss: self.val_loss.map(|(_, loss)| loss),
+            eval_metrics: self
+                .eval_metrics
+                .as_ref()
+                .map(|(_, m)| m.iter().map(|(k, v)| (k.clone(), *v)).collect())
+                .unwrap_or_default(),
+            eval_metrics_step: self.eval_metrics.as_ref().map(|(step, _)| *step),
             tokens_per_sec: self.progress.as_ref().map_or(0.0, Progress::tokens_per_sec),
             eta_secs,
             world_size: u32::try_from(world_size).unwrap_or(u32::MAX),

@@ -5,6 +5,8 @@
 //! folding them from the first ([`Saved::apply`]). The fold is where "the history of the surviving timeline" is
 //! decided: after a restart from an older checkpoint the run repeats steps, and the repeated step replaces what was
 //! recorded from it on.
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// `Ended::outcome` of a run whose every member finished its last step.
@@ -48,6 +50,9 @@ pub enum Record {
         step: u64,
         #[serde(with = "any_f64")]
         val_loss: f64,
+        /// Generation metrics (fine-tuning with sft.eval_data); absent in records of runs without them.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        metrics: BTreeMap<String, f64>,
     },
     Lost(LostRecord),
     /// The run re-formed after a loss (counts against cluster.max_restarts).
@@ -134,6 +139,8 @@ pub struct Saved {
     pub steps: Vec<StepRecord>,
     /// (step, val_loss), oldest first, of the surviving timeline only
     pub evals: Vec<(u64, f64)>,
+    /// The newest generation metrics and their step, of the surviving timeline only
+    pub eval_metrics: Option<(u64, BTreeMap<String, f64>)>,
     pub lost: Vec<LostRecord>,
     pub restarts: u32,
     /// outcome, message (None after Resumed)
@@ -176,13 +183,23 @@ impl Saved {
                 if self.evals.last().is_some_and(|(s, _)| *s >= step.step) {
                     self.evals.retain(|(s, _)| *s < step.step);
                 }
+                if self.eval_metrics.as_ref().is_some_and(|(s, _)| *s >= step.step) {
+                    self.eval_metrics = None;
+                }
                 self.steps.push(step);
             }
-            Record::Eval { step, val_loss } => {
+            Record::Eval {
+                step,
+                val_loss,
+                metrics,
+            } => {
                 if self.evals.last().is_some_and(|(s, _)| *s >= step) {
                     self.evals.retain(|(s, _)| *s < step);
                 }
                 self.evals.push((step, val_loss));
+                if !metrics.is_empty() {
+                    self.eval_metrics = Some((step, metrics));
+                }
             }
             Record::Lost(lost) => self.lost.push(lost),
             Record::Restart { .. } => self.restarts = self.restarts.saturating_add(1),
@@ -345,8 +362,16 @@ mod tests {
     #[test]
     fn a_repeated_step_replaces_the_abandoned_timeline() {
         let mut records: Vec<Record> = (1..=10).map(|s| step(s, 5.0)).collect();
-        records.push(Record::Eval { step: 4, val_loss: 4.5 });
-        records.push(Record::Eval { step: 8, val_loss: 4.0 });
+        records.push(Record::Eval {
+            step: 4,
+            val_loss: 4.5,
+            metrics: BTreeMap::new(),
+        });
+        records.push(Record::Eval {
+            step: 8,
+            val_loss: 4.0,
+            metrics: BTreeMap::new(),
+        });
         // Restart from the checkpoint at step 5: step 6 runs again.
         records.push(step(6, 3.0));
         records.push(step(7, 3.0));
@@ -365,7 +390,15 @@ mod tests {
 
     #[test]
     fn a_step_repeated_exactly_replaces_itself_and_evals_at_it() {
-        let saved = fold([step(1, 5.0), Record::Eval { step: 1, val_loss: 9.0 }, step(1, 4.0)]);
+        let saved = fold([
+            step(1, 5.0),
+            Record::Eval {
+                step: 1,
+                val_loss: 9.0,
+                metrics: BTreeMap::new(),
+            },
+            step(1, 4.0),
+        ]);
         assert_eq!(step_numbers(&saved), vec![1]);
         assert_eq!(saved.steps[0].loss, 4.0);
         assert!(saved.evals.is_empty());
@@ -374,9 +407,21 @@ mod tests {
     #[test]
     fn a_repeated_eval_replaces_the_older_one() {
         let saved = fold([
-            Record::Eval { step: 2, val_loss: 3.0 },
-            Record::Eval { step: 4, val_loss: 2.0 },
-            Record::Eval { step: 4, val_loss: 1.0 },
+            Record::Eval {
+                step: 2,
+                val_loss: 3.0,
+                metrics: BTreeMap::new(),
+            },
+            Record::Eval {
+                step: 4,
+                val_loss: 2.0,
+                metrics: BTreeMap::new(),
+            },
+            Record::Eval {
+                step: 4,
+                val_loss: 1.0,
+                metrics: BTreeMap::new(),
+            },
         ]);
         assert_eq!(saved.evals, vec![(2, 3.0), (4, 1.0)]);
     }
@@ -514,7 +559,8 @@ mod tests {
             eval,
             Record::Eval {
                 step: 1,
-                val_loss: f64::INFINITY
+                val_loss: f64::INFINITY,
+                metrics: BTreeMap::new(),
             }
         );
         let err = serde_json::from_str::<Record>(r#"{"Eval":{"step":1,"val_loss":"big"}}"#).unwrap_err();
@@ -524,7 +570,14 @@ mod tests {
     #[test]
     fn is_metric_marks_step_and_eval_only() {
         assert!(step(1, 1.0).is_metric());
-        assert!(Record::Eval { step: 1, val_loss: 1.0 }.is_metric());
+        assert!(
+            Record::Eval {
+                step: 1,
+                val_loss: 1.0,
+                metrics: BTreeMap::new()
+            }
+            .is_metric()
+        );
         assert!(
             !Record::Checkpoint {
                 step: 1,

@@ -88,9 +88,7 @@ pub async fn run_with_signals(
         }
         None => (RunMachine::new(spec, now), None),
     };
-    if let Some(outcome) = machine.outcome() {
-        info!(?outcome, "the saved state says this run already ended");
-    }
+    let ended_already = machine.outcome();
     let shared = Shared::new(machine.with_data_fingerprint(opts.data_fingerprint.clone()), store);
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -135,6 +133,19 @@ pub async fn run_with_signals(
         .serve_with_incoming_shutdown(incoming, stop_signal);
     tokio::pin!(server);
     info!(%addr, "coordinator serving");
+    if let Some(outcome) = ended_already {
+        // Said after "serving", so that it is the last line a launcher shows when the coordinator then exits.
+        let state = opts
+            .state_dir
+            .as_ref()
+            .map_or_else(String::new, |d| d.display().to_string());
+        warn!(
+            ?outcome,
+            state,
+            "the saved state says this run already ended: nothing to train; to train again, point \
+             cluster.state_dir at a new directory (or delete this one)"
+        );
+    }
 
     let signals = signals.fuse();
     tokio::pin!(signals, shutdown);

@@ -248,6 +248,7 @@ mod tests {
                 Record::Eval {
                     step: 2,
                     val_loss: 4.25,
+                    metrics: [("bleu".to_string(), 12.5)].into(),
                 },
             ],
             vec![Record::Checkpoint {

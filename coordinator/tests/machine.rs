@@ -135,9 +135,22 @@ fn steps_progress_and_finish_stops_everyone() {
             rank: 0,
             step: 3,
             val_loss: 1.5,
+            metrics: [("bleu".to_string(), 42.0)].into(),
         }),
     );
-    assert_eq!(persisted(&actions), vec![Record::Eval { step: 3, val_loss: 1.5 }]);
+    assert_eq!(
+        persisted(&actions),
+        vec![Record::Eval {
+            step: 3,
+            val_loss: 1.5,
+            metrics: [("bleu".to_string(), 42.0)].into(),
+        }]
+    );
+    let status = h.status();
+    assert_eq!(
+        (status.eval_metrics.get("bleu"), status.eval_metrics_step),
+        (Some(&42.0), Some(3))
+    );
     let actions = h.msg(1, checkpoint(0, 0, 3));
     // Nobody waits to be admitted: the checkpoint is recorded and nothing else happens.
     assert_eq!(
@@ -605,6 +618,7 @@ fn random_event(rng: &mut StdRng, world: &mut World, spec: &RunSpec) -> Event {
                     rank,
                     step: session.next_step.saturating_sub(1),
                     val_loss: 2.0,
+                    metrics: Default::default(),
                 }),
             }
         }

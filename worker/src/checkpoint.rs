@@ -13,8 +13,10 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
+use lockstep_common::RunSpec;
 use lockstep_common::data::Tokenizer;
-use lockstep_common::spec::ModelShape;
+use lockstep_common::data::chat::ChatTemplate;
+use lockstep_common::spec::{DataSource, ModelShape};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -358,6 +360,14 @@ impl LoadedModel {
             .map_or(Device::Cpu, |v| v.device().clone());
         Gpt::new(VarBuilder::from_varmap(&self.varmap, DType::F32, &device), &self.cfg)
     }
+
+    /// The chat template, if this is a chat model: one fine-tuned on conversations (`data.source = "sft"`), whose
+    /// vocabulary holds the template's special tokens.
+    pub fn chat_template(&self) -> Option<ChatTemplate> {
+        let spec = RunSpec::from_json(&self.spec_json).ok()?;
+        let template = ChatTemplate::new(&self.tokenizer);
+        (spec.data.source == DataSource::Sft && self.cfg.vocab_size >= template.vocab_size()).then_some(template)
+    }
 }
 
 /// Loads a verified checkpoint for inference (or as the model half of a resume).
@@ -447,6 +457,50 @@ pub fn check_shape(ours: &GptConfig, theirs: &GptConfig, dir: &Path) -> Result<(
             diffs.join(", ")
         ),
     ))
+}
+
+/// [`check_shape`] for weights a run starts from (`model.init_from`): the run's vocabulary may be larger than
+/// theirs (fine-tuning adds the chat template's tokens), and [`grow_embedding`] then makes room.
+pub fn check_init_shape(ours: &GptConfig, theirs: &GptConfig, dir: &Path) -> Result<()> {
+    // A larger vocabulary of ours is no difference; a smaller one still is.
+    let theirs = GptConfig {
+        vocab_size: theirs.vocab_size.max(ours.vocab_size),
+        ..theirs.clone()
+    };
+    check_shape(ours, &theirs, dir)
+}
+
+/// The name of the token embedding (tied to the LM head).
+const WTE: &str = "transformer.wte.weight";
+
+/// Grows the token embedding in `varmap` to `vocab` rows (nothing if it has as many already): the new rows are the
+/// mean of the old ones, so a new token starts out as an average token — its logit is the average logit, neither
+/// dominant nor impossible — instead of noise (Hugging Face's `resize_token_embeddings` does the same). Returns the
+/// rows it had.
+pub fn grow_embedding(varmap: &VarMap, vocab: usize) -> Result<usize> {
+    let mut data = varmap
+        .data()
+        .lock()
+        .map_err(|_| Error::Model("variable map lock poisoned".into()))?;
+    let wte = data
+        .get(WTE)
+        .ok_or_else(|| Error::Model(format!("the weights have no {WTE}")))?;
+    let (from, c) = wte.as_tensor().dims2()?;
+    if vocab > from {
+        let old = wte.as_tensor().detach();
+        let extra = old.mean_keepdim(0)?.broadcast_as((vocab - from, c))?.contiguous()?;
+        let grown = Var::from_tensor(&Tensor::cat(&[&old, &extra], 0)?)?;
+        data.insert(WTE.to_string(), grown);
+    }
+    Ok(from)
+}
+
+/// A loaded model with its embedding grown to `vocab` rows ([`grow_embedding`]): what fine-tuning starts from,
+/// e.g. to score a pretrained model through the chat template before fine-tuning.
+pub fn grow_vocab(mut loaded: LoadedModel, vocab: usize) -> Result<LoadedModel> {
+    grow_embedding(&loaded.varmap, vocab)?;
+    loaded.cfg.vocab_size = loaded.cfg.vocab_size.max(vocab);
+    Ok(loaded)
 }
 
 /// Checks that `dir` is a checkpoint (a directory with a manifest) before it is loaded, so that naming a

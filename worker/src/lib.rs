@@ -8,6 +8,7 @@
 pub mod checkpoint;
 pub mod collective;
 pub mod coordinator_link;
+pub mod decode;
 pub mod device;
 pub mod device_grads;
 pub mod error;
@@ -21,6 +22,7 @@ pub mod optim;
 pub mod params;
 pub mod sampling;
 pub mod session;
+pub mod sft_eval;
 pub mod trainer;
 
 pub use error::Error;

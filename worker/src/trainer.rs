@@ -9,6 +9,7 @@
 //! A trainer starts a run at step 0 ([`Trainer::new`]: random init, or the weights `model.init_from` names) or
 //! continues one from its checkpoint ([`Trainer::resume`]), on any world size. Each step's micro-batches are
 //! assembled ahead of time by a [`Loader`] thread started at the trainer's current step.
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,6 +32,7 @@ use crate::loader::{Loader, Share, StepBatch};
 use crate::model::{DropoutRng, Gpt, GptConfig, cross_entropy_sum, init_varmap};
 use crate::optim::{AdamW, AdamWConfig, clip_scale, global_norm, lr_at};
 use crate::params::Params;
+use crate::sft_eval::{self, GenStats, HeldOut};
 
 /// Slots after the gradients in the host buffer: the loss, then the stop vote.
 const EXTRA_SLOTS: usize = 2;
@@ -76,6 +78,8 @@ pub struct Trainer {
     device_resident: bool,
     /// Updates taken so far.
     step: u64,
+    /// `sft.eval_data`, read at the first evaluation that needs it.
+    held_out: Option<HeldOut>,
 }
 
 impl Trainer {
@@ -89,16 +93,18 @@ impl Trainer {
             InitFrom::Random => init_varmap(&cfg, spec.run.seed, &device)?,
             InitFrom::HuggingFace(dir) => {
                 let (theirs, varmap) = checkpoint::load_hf(&dir, &device)?;
-                checkpoint::check_shape(&cfg, &theirs, &dir)?;
+                checkpoint::check_init_shape(&cfg, &theirs, &dir)?;
                 info!(init_from = %dir.display(), "starting from Hugging Face weights");
+                grow(&varmap, &cfg, &dir)?;
                 varmap
             }
             InitFrom::Lockstep(dir) => {
                 checkpoint::check_is_checkpoint(&dir)?;
                 let loaded = checkpoint::load(&dir, &device)?;
-                checkpoint::check_shape(&cfg, &loaded.cfg, &dir)?;
+                checkpoint::check_init_shape(&cfg, &loaded.cfg, &dir)?;
                 check_tokenizer(&loaded.tokenizer, &corpus.tokenizer, &dir)?;
                 info!(init_from = %dir.display(), step = loaded.state.step, "starting from a checkpoint's weights");
+                grow(&loaded.varmap, &cfg, &dir)?;
                 loaded.varmap
             }
         };
@@ -204,6 +210,7 @@ impl Trainer {
             stop_vote: Arc::new(AtomicBool::new(false)),
             device_resident,
             step: 0,
+            held_out: None,
         })
     }
 
@@ -263,9 +270,21 @@ impl Trainer {
         &self.params
     }
 
-    /// Target tokens in one global batch: the loss denominator, the same for every world size.
-    fn global_tokens(&self) -> f64 {
-        (self.spec.train.global_batch * self.spec.train.seq_len) as f64
+    /// Counted target tokens in the global batch of `step`: the loss denominator (DESIGN §3), the same for every
+    /// world size. Every target counts in pretraining data; fine-tuning data masks all but the assistant's words,
+    /// so every rank counts the whole batch's (from the plan, without a collective).
+    fn global_tokens(&self, step: u64) -> f64 {
+        if self.corpus.sft.is_none() {
+            return (self.spec.train.global_batch * self.spec.train.seq_len) as f64;
+        }
+        let counted: u64 = self
+            .plan
+            .rank_windows(step, 0, 1)
+            .into_iter()
+            .map(|w| self.corpus.counted(Split::Train, w))
+            .sum();
+        // Every fine-tuning window holds a counted target (the corpus drops the others), so this is never 0.
+        counted.max(1) as f64
     }
 
     /// Inputs and targets `[b, seq_len]` for these windows of `split`.
@@ -317,7 +336,7 @@ impl Trainer {
         let batch = self.next_batch()?;
         let train = &self.spec.train;
         let lr = lr_at(self.step, train);
-        let scale = 1.0 / self.global_tokens();
+        let scale = 1.0 / self.global_tokens(self.step);
         let n = self.params.num_elements();
         self.flat.fill(0.0);
         let mut out = StepOutcome {
@@ -401,7 +420,7 @@ impl Trainer {
         Ok(out)
     }
 
-    /// Mean loss per target token over the fixed validation set (the first `train.eval_sequences` validation
+    /// Mean loss per counted target token over the fixed validation set (the first `train.eval_sequences` validation
     /// windows), split across ranks and reduced.
     pub fn evaluate(&mut self) -> Result<f64> {
         let total = (self.spec.train.eval_sequences as u64)
@@ -413,10 +432,46 @@ impl Trainer {
             let (x, y) = self.batch(Split::Val, chunk)?;
             let logits = self.model.forward(&x, None)?;
             sums[0] += cross_entropy_sum(&logits, &y)?.to_scalar::<f32>()?;
-            sums[1] += (chunk.len() * self.spec.train.seq_len) as f32;
+            sums[1] += chunk.iter().map(|&w| self.corpus.counted(Split::Val, w)).sum::<u64>() as f32;
         }
         self.collective.all_reduce_sum(&mut sums)?;
         Ok(f64::from(sums[0]) / f64::from(sums[1]))
+    }
+
+    /// Generation metrics on `sft.eval_data` (see [`crate::sft_eval`]), or `None` when it is not set: each rank
+    /// answers its share of the items greedily and the metrics' statistics are summed over the ranks, so every rank
+    /// returns the same figures whatever the world size.
+    pub fn evaluate_generation(&mut self) -> Result<Option<BTreeMap<String, f64>>> {
+        let sft = &self.spec.sft;
+        let (Some(path), Some(info)) = (&sft.eval_data, &self.corpus.sft) else {
+            return Ok(None);
+        };
+        if self.held_out.is_none() {
+            self.held_out = Some(HeldOut::read(path, sft.eval_items)?);
+        }
+        let held_out = self
+            .held_out
+            .as_ref()
+            .map(|h| (h.histories.as_slice(), h.references.as_slice()));
+        let (histories, references) = held_out.unwrap_or_default();
+        let mine = rank_share(histories.len() as u64, self.world_size(), self.rank());
+        let mine = mine.start as usize..mine.end as usize;
+        let answers = sft_eval::answer(
+            &self.model,
+            &self.corpus.tokenizer,
+            &info.template,
+            &histories[mine.clone()],
+            sft.max_new_tokens,
+            self.spec.train.micro_batch,
+            &self.device,
+        )?;
+        let mut stats = GenStats::default();
+        for (hyp, reference) in answers.iter().zip(&references[mine]) {
+            stats.add(hyp, reference);
+        }
+        let mut flat = stats.to_f32s();
+        self.collective.all_reduce_sum(&mut flat)?;
+        Ok(Some(GenStats::from_f32s(&flat)?.metrics()))
     }
 
     pub fn checksum(&self) -> Result<String> {
@@ -458,8 +513,22 @@ impl Trainer {
 fn model_config(spec: &RunSpec, corpus: &Corpus) -> Result<GptConfig> {
     Ok(GptConfig::from_spec(
         &spec.model,
-        spec.vocab_size(corpus.tokenizer.vocab_size())?,
+        spec.vocab_size(corpus.vocab_needed())?,
     ))
+}
+
+/// Grows the embedding of weights a run starts from to the run's vocabulary, saying so.
+fn grow(varmap: &VarMap, cfg: &GptConfig, dir: &Path) -> Result<()> {
+    let had = checkpoint::grow_embedding(varmap, cfg.vocab_size)?;
+    if had < cfg.vocab_size {
+        info!(
+            init_from = %dir.display(),
+            from = had,
+            to = cfg.vocab_size,
+            "grew the token embedding; the new rows start at the mean of the old ones"
+        );
+    }
+    Ok(())
 }
 
 /// Weights trained with another tokenizer would read this run's token ids as other text.

@@ -2,15 +2,18 @@
 //! `seq_len + 1` tokens (inputs and next-token targets overlap by all but one; see [`Windows`]).
 //!
 //! The built-in addition task and `text` files are tokenised in memory at start-up; a `prepared` directory is
-//! memory-mapped ([`crate::data::dataset`]). Either way the windows are read through the same [`Windows`], so the
+//! memory-mapped ([`crate::data::dataset`]); `sft` conversations are rendered through the chat template into one
+//! masked window each ([`crate::data::sft`]). Either way the windows are read through the same [`Windows`], so the
 //! trainer, evaluation and generation have one path.
 use std::path::PathBuf;
 
 use crate::data::addition::{self, Problem};
+use crate::data::chat::ChatTemplate;
 use crate::data::dataset::{Dataset, Layout, ShardTokens, Windows};
-use crate::data::tokenizer::Tokenizer;
+use crate::data::sft::{self, RowStats};
+use crate::data::tokenizer::{Tokenizer, TokenizerSpec};
 use crate::error::{Error, Result};
-use crate::spec::{DataSource, DataVerify, RunSpec};
+use crate::spec::{DataSource, DataVerify, InitFrom, RunSpec};
 
 /// Most addition problems generated for operands of many digits.
 const ADDITION_LIMIT: usize = 200_000;
@@ -29,6 +32,19 @@ pub struct Corpus {
     pub layout: Option<Layout>,
     /// SHA-256 identifying the tokens (see [`Corpus::fingerprint`]).
     pub fingerprint: String,
+    /// Fine-tuning data only: the chat template and what fitting the examples into windows did.
+    pub sft: Option<SftInfo>,
+}
+
+/// What a fine-tuning corpus adds: its template (whose special tokens the model's vocabulary must hold) and how
+/// many examples were cut or left out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SftInfo {
+    pub template: ChatTemplate,
+    pub train: RowStats,
+    pub val: RowStats,
+    /// Examples in each split before any was left out.
+    pub examples: (usize, usize),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +81,7 @@ impl Corpus {
                 )
             }
             DataSource::Prepared => return Self::load_prepared(spec, verify),
+            DataSource::Sft => return Self::load_sft(spec),
             DataSource::Text => {
                 let path = d.path.clone().unwrap_or_default();
                 let bytes = std::fs::read(&path).map_err(|source| Error::Read {
@@ -102,8 +119,72 @@ impl Corpus {
             origin,
             layout: None,
             fingerprint: String::new(),
+            sft: None,
         };
         corpus.checked(spec)
+    }
+
+    /// Reads and renders the conversations of `data.path`: the last `data.val_fraction` of them (at least one) are
+    /// the validation split. The tokenizer is `data.tokenizer` if set, else the one `model.init_from` carries (a
+    /// Lockstep checkpoint's or a Hugging Face directory's `tokenizer.json`; GPT-2's for a Hugging Face directory
+    /// without one), else `char` over the conversations' text.
+    fn load_sft(spec: &RunSpec) -> Result<Self> {
+        let d = &spec.data;
+        let path = d.path.clone().unwrap_or_default();
+        let mut conversations = sft::read_conversations(&path)?;
+        if conversations.len() < 2 {
+            return Err(Error::Data {
+                path,
+                message: "needs at least 2 examples: one to train on and one held out for validation".into(),
+            });
+        }
+        let n_val =
+            (((conversations.len() as f64) * d.val_fraction).round() as usize).clamp(1, conversations.len() - 1);
+        let val = conversations.split_off(conversations.len() - n_val);
+        let tokenizer = match (&d.tokenizer, spec.model.init_source()?) {
+            (Some(tok), _) => Tokenizer::for_text(tok, &sft::all_text(&conversations))?,
+            (None, InitFrom::Lockstep(dir)) => Tokenizer::load(&dir.join("tokenizer.json"))?,
+            (None, InitFrom::HuggingFace(dir)) => match sft::init_tokenizer_file(&dir) {
+                Some(file) => Tokenizer::load(&file)?,
+                None => Tokenizer::for_text(&TokenizerSpec::Gpt2, "")?,
+            },
+            (None, InitFrom::Random) => {
+                let mut text = sft::all_text(&conversations);
+                text.push_str(&sft::all_text(&val));
+                Tokenizer::for_text(&TokenizerSpec::Char, &text)?
+            }
+        };
+        let template = ChatTemplate::new(&tokenizer);
+        let seq_len = spec.train.seq_len;
+        let (train_rows, train) = sft::build_rows(&conversations, &template, &tokenizer, seq_len, &path, 1)?;
+        let first_val = conversations.len() + 1;
+        let (val_rows, val_stats) = sft::build_rows(&val, &template, &tokenizer, seq_len, &path, first_val)?;
+        let corpus = Corpus {
+            train: Windows::rows(train_rows, seq_len, &path),
+            val: Windows::rows(val_rows, seq_len, &path),
+            tokenizer,
+            seq_len,
+            val_problems: Vec::new(),
+            origin: path,
+            layout: None,
+            fingerprint: String::new(),
+            sft: Some(SftInfo {
+                template,
+                train,
+                val: val_stats,
+                examples: (conversations.len(), val.len()),
+            }),
+        };
+        corpus.checked(spec)
+    }
+
+    /// Ids the model's vocabulary must hold: the tokenizer's, and the chat template's special tokens for
+    /// fine-tuning data.
+    pub fn vocab_needed(&self) -> usize {
+        match &self.sft {
+            Some(info) => info.template.vocab_size(),
+            None => self.tokenizer.vocab_size(),
+        }
     }
 
     /// Opens a `prepared` directory (or llm.c shards), checking it as `verify` says.
@@ -121,6 +202,7 @@ impl Corpus {
             origin: dir,
             layout: Some(data.layout),
             fingerprint: String::new(),
+            sft: None,
         };
         corpus.checked(spec)
     }
@@ -136,6 +218,10 @@ impl Corpus {
                     Some(Layout::LlmC) if self.split(split).num_shards() == 0 => {
                         " (no *val*.bin shard was found next to the training shards)"
                     }
+                    _ if self.sft.is_some() => {
+                        " (every example of it was left out: none has an assistant word within train.seq_len + 1 \
+                         tokens; raise train.seq_len)"
+                    }
                     _ => "",
                 };
                 return Err(Error::Data {
@@ -149,7 +235,22 @@ impl Corpus {
                 });
             }
         }
-        spec.vocab_size(self.tokenizer.vocab_size())?;
+        if let Some(info) = &self.sft
+            && spec.model.vocab_size != 0
+            && spec.model.vocab_size < info.template.vocab_size()
+        {
+            return Err(Error::Invalid {
+                field: "model.vocab_size",
+                value: spec.model.vocab_size.to_string(),
+                reason: format!(
+                    "the tokenizer has {} ids and the chat template adds 4 special tokens after them: set it to at \
+                     least {} (a model from model.init_from grows its embedding to fit)",
+                    self.tokenizer.vocab_size(),
+                    info.template.vocab_size()
+                ),
+            });
+        }
+        spec.vocab_size(self.vocab_needed())?;
         let fingerprint = self.fingerprint()?;
         Ok(Corpus { fingerprint, ..self })
     }
@@ -191,6 +292,11 @@ impl Corpus {
     /// Appends the inputs of window `index` to `inputs` and its targets (the inputs shifted by one) to `targets`.
     pub fn extend_window(&self, split: Split, index: u64, inputs: &mut Vec<u32>, targets: &mut Vec<u32>) -> Result<()> {
         self.split(split).extend_window(index, inputs, targets)
+    }
+
+    /// Targets of window `index` of `split` that count in the loss (all of them except in fine-tuning data).
+    pub fn counted(&self, split: Split, index: u64) -> u64 {
+        self.split(split).counted(index)
     }
 
     /// Inputs and targets of window `index`: `tokens[i·T .. i·T+T]` and the same shifted by one (within its shard).

@@ -1,4 +1,5 @@
 //! What members report: steps, evaluations, checkpoints, the end of their share, pauses, idleness and errors.
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use lockstep_common::proto::{self, worker_message::Msg as Up};
@@ -146,23 +147,30 @@ impl RunMachine {
     }
 
     fn on_eval(&mut self, idx: usize, r: &proto::EvalReport, out: &mut Vec<Action>) {
+        // Sorted, so the record and the logs list the metrics in one order.
+        let metrics: BTreeMap<String, f64> = r.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect();
         if self.val_loss.is_none_or(|(step, _)| r.step >= step) {
             self.val_loss = Some((r.step, r.val_loss));
+            if !metrics.is_empty() {
+                self.eval_metrics = Some((r.step, metrics.clone()));
+            }
         }
-        // Every rank reports the same reduced value; record it once.
+        // Every rank reports the same reduced values; record them once.
         if self.members.first() == Some(&idx) {
+            info!(
+                worker = %self.workers[idx].id,
+                step = r.step,
+                val_loss = r.val_loss,
+                val_perplexity = r.val_loss.exp(),
+                ?metrics,
+                "evaluation"
+            );
             out.push(Action::Persist(Record::Eval {
                 step: r.step,
                 val_loss: r.val_loss,
+                metrics,
             }));
         }
-        info!(
-            worker = %self.workers[idx].id,
-            step = r.step,
-            val_loss = r.val_loss,
-            val_perplexity = r.val_loss.exp(),
-            "evaluation"
-        );
     }
 
     /// The writer reported a complete checkpoint: it is committed, and workers waiting to join are admitted from it.

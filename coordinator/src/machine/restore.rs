@@ -44,6 +44,7 @@ impl RunMachine {
         machine.skipped_steps = saved.steps.iter().filter(|s| s.skipped).count() as u64;
         machine.lost = saved.lost.iter().map(proto::LostWorker::from).collect();
         machine.val_loss = saved.evals.last().copied();
+        machine.eval_metrics = saved.eval_metrics.clone();
         // Training resumes at the newest checkpoint; the history beyond it will be repeated.
         let (resume_step, _) = machine.resume_point();
         machine.step = resume_step;

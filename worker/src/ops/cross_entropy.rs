@@ -1,9 +1,12 @@
 //! Softmax cross-entropy summed over rows: loss = Σ_r (lse_r − x[r, t_r]), lse_r = log Σ_j exp x[r, j].
 //! Backward: dx[r, j] = g·(exp(x[r, j] − lse_r) − [j = t_r]) for the scalar upstream gradient g. The forward keeps
 //! each row's lse (N floats) for the backward, which then needs one pass over the logits instead of three.
+//! A row whose target is [`IGNORE`] is skipped: it adds nothing to the loss and its gradient row is exactly zero.
 use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+
+use lockstep_common::data::IGNORE;
 
 use super::math::{exp, max, simd_kernel};
 use super::{cpu_f32, rows_and_len, storage_f32};
@@ -75,7 +78,7 @@ impl CustomOp2 for CrossEntropySum {
         if t.len() != rows {
             candle_core::bail!("cross-entropy: logits {:?}, targets {:?}", l1.dims(), l2.dims());
         }
-        if let Some(&bad) = t.iter().find(|&&t| t as usize >= vocab) {
+        if let Some(&bad) = t.iter().find(|&&t| t != IGNORE && t as usize >= vocab) {
             candle_core::bail!("cross-entropy: target {bad} is out of range for a vocabulary of {vocab}");
         }
         let mut lse = vec![0f32; rows];
@@ -84,6 +87,7 @@ impl CustomOp2 for CrossEntropySum {
             .chunks_exact(vocab)
             .zip(t)
             .zip(&lse)
+            .filter(|((_, t), _)| **t != IGNORE)
             .map(|((row, &t), &l)| f64::from(l - row[t as usize]))
             .sum();
         // A second forward through the same op value (not done by candle) would keep the first lse: recomputed
@@ -128,7 +132,9 @@ impl CustomOp2 for CrossEntropySum {
         let mut dx = vec![0f32; x.len()];
         softmax_grad(x, &lse, g, &mut dx);
         for (dx, &t) in dx.chunks_exact_mut(vocab).zip(&t) {
-            if let Some(d) = dx.get_mut(t as usize) {
+            if t == IGNORE {
+                dx.fill(0.0);
+            } else if let Some(d) = dx.get_mut(t as usize) {
                 *d -= g;
             }
         }
@@ -190,6 +196,55 @@ mod tests {
         let err = cross_entropy_sum(&x, &bad).unwrap_err().to_string();
         assert!(err.contains("out of range") && err.contains('6'), "{err}");
         assert!(cross_entropy_sum(&x, &targets(3, 6, 0)).is_err());
+    }
+
+    /// Ignored rows add exactly nothing: the loss and gradient equal those of the other rows alone, and the ignored
+    /// rows' gradient is exactly zero, in the fused kernel and the composed version alike.
+    #[test]
+    fn ignored_targets_contribute_exactly_zero() {
+        use lockstep_common::data::IGNORE;
+        let (n, vocab) = (6, 11);
+        let x = randn(91, &[n, vocab], 2.0);
+        let t = [3u32, IGNORE, 7, IGNORE, IGNORE, 0];
+        let kept = [0usize, 2, 5];
+        let targets = Tensor::new(&t, &Device::Cpu).unwrap();
+        let x_kept = Tensor::cat(&kept.map(|r| x.narrow(0, r, 1).unwrap()), 0).unwrap();
+        let t_kept = Tensor::new(&kept.map(|r| t[r]), &Device::Cpu).unwrap();
+        let w = Tensor::new(0.37f32, &Device::Cpu).unwrap();
+        for (name, f) in [
+            (
+                "fused",
+                cross_entropy_sum as fn(&Tensor, &Tensor) -> crate::error::Result<Tensor>,
+            ),
+            ("composed", composed::cross_entropy_sum),
+        ] {
+            let loss = f(&x, &targets).unwrap().to_scalar::<f32>().unwrap();
+            let alone = f(&x_kept, &t_kept).unwrap().to_scalar::<f32>().unwrap();
+            assert!((loss - alone).abs() <= 1e-6 * alone.abs(), "{name}: {loss} vs {alone}");
+            let grad = grad_of(&|x| f(x, &targets).unwrap(), &x, &w).to_vec2::<f32>().unwrap();
+            let grad_alone = grad_of(&|x| f(x, &t_kept).unwrap(), &x_kept, &w)
+                .to_vec2::<f32>()
+                .unwrap();
+            for (r, row) in grad.iter().enumerate() {
+                match kept.iter().position(|&k| k == r) {
+                    Some(i) => assert_eq!(row, &grad_alone[i], "{name}: row {r}"),
+                    None => assert!(
+                        row.iter().all(|&g| g == 0.0),
+                        "{name}: ignored row {r} has gradient {row:?}"
+                    ),
+                }
+            }
+        }
+        // Only ignored rows: a loss of exactly zero.
+        let none = Tensor::new(&[IGNORE; 6], &Device::Cpu).unwrap();
+        assert_eq!(cross_entropy_sum(&x, &none).unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(
+            composed::cross_entropy_sum(&x, &none)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
     }
 
     #[test]

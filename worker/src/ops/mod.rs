@@ -109,7 +109,7 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 /// The same functions from candle's differentiable primitives: the fallback for other devices and dtypes, and
 /// the reference the fused kernels are tested against.
 pub mod composed {
-    use candle_core::{D, Tensor};
+    use candle_core::{D, DType, Tensor};
 
     use crate::error::Result;
 
@@ -138,14 +138,18 @@ pub mod composed {
         softmax_last_dim(&(x * scale)?.broadcast_add(mask)?)
     }
 
-    /// log-sum-exp minus the target's logit, summed; `logits` `[N, vocab]`, `targets` `[N]`.
+    /// log-sum-exp minus the target's logit, summed over the rows whose target is not `IGNORE`; `logits`
+    /// `[N, vocab]`, `targets` `[N]`. An ignored row is multiplied by an exact 0 (its gather reads id 0 instead).
     pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let n = targets.elem_count();
+        let targets = targets.to_dtype(DType::U32)?.reshape((n, 1))?;
+        let keep = targets.ne(f64::from(lockstep_common::data::IGNORE))?; // [N, 1]
+        let safe = keep.where_cond(&targets, &targets.zeros_like()?)?;
         let max = logits.max_keepdim(1)?.detach(); // [N, 1]; cancels out, so no gradient needed
         let shifted = logits.broadcast_sub(&max)?;
         let log_sum_exp = shifted.exp()?.sum_keepdim(1)?.log()?; // [N, 1]
-        let target_logit = shifted.gather(&targets.reshape((n, 1))?, 1)?; // [N, 1]
-        Ok((log_sum_exp - target_logit)?.sum_all()?)
+        let target_logit = shifted.gather(&safe, 1)?; // [N, 1]
+        Ok(((log_sum_exp - target_logit)? * keep.to_dtype(logits.dtype())?)?.sum_all()?)
     }
 }
 

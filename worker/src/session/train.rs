@@ -253,6 +253,10 @@ pub(super) fn train(job: Job) -> Result<TrainEnd, Failure> {
         if due(out.step, spec.train.eval_interval, last) {
             let val_loss = trainer.evaluate()?;
             info!(step = out.step, val_loss, val_perplexity = val_loss.exp(), "evaluated");
+            let metrics = trainer.evaluate_generation()?.unwrap_or_default();
+            if !metrics.is_empty() {
+                info!(step = out.step, ?metrics, "generation metrics");
+            }
             send(
                 &job.up,
                 Msg::Eval(EvalReport {
@@ -260,6 +264,7 @@ pub(super) fn train(job: Job) -> Result<TrainEnd, Failure> {
                     rank,
                     step: out.step,
                     val_loss,
+                    metrics: metrics.into_iter().collect(),
                 }),
             );
         }
