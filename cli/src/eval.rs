@@ -57,7 +57,8 @@ pub struct EvalArgs {
     #[arg(long)]
     pub checkpoint: PathBuf,
     /// lm: a `lockstep prepare` directory (its val split, else train) or llm.c GPT-2 shards; other tasks: a JSONL
-    /// file, one {"source"|"prompt": TEXT, "reference": TEXT} object per line (blank lines are skipped).
+    /// file, one {"source"|"prompt": TEXT, "reference": TEXT or [TEXT, ...]} object per line (blank lines are
+    /// skipped; several references are scored as `lockstep score` scores several --ref files).
     #[arg(long, value_name = "PATH")]
     pub data: PathBuf,
     /// What to evaluate. Generation tasks decode greedily unless --temperature > 0. A chat model answers each
@@ -99,7 +100,8 @@ pub struct EvalArgs {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Item {
     pub input: String,
-    pub reference: String,
+    /// One or more; every metric scores against all of them (see `lockstep score`).
+    pub references: Vec<String>,
 }
 
 /// What `--json` prints for a generation task.
@@ -223,7 +225,7 @@ pub fn run_generation(args: &EvalArgs) -> Result<GenerationReport> {
     let tok = &loaded.tokenizer;
     let decoded = match &template {
         Some(t) => {
-            let stop = |id: u32| id == t.end_id() || Some(id) == tok.eot();
+            let stop = |id: u32| t.is_special(id) || Some(id) == tok.eot();
             decode_all(&model, &prompts, &opts, &device, stop, |n| bar.inc(n))?
         }
         None => decode_all(
@@ -249,7 +251,7 @@ pub fn run_generation(args: &EvalArgs) -> Result<GenerationReport> {
         .zip(&items)
         .map(|(hyp, item)| score::Segment {
             hyp: hyp.clone(),
-            refs: vec![item.reference.clone()],
+            refs: item.references.clone(),
         })
         .collect();
     let scores = score::score(
@@ -274,7 +276,8 @@ pub fn run_generation(args: &EvalArgs) -> Result<GenerationReport> {
     })
 }
 
-/// The items of a JSONL file: `input_field` and `reference`, both strings, on every non-blank line. Errors name the
+/// The items of a JSONL file: `input_field` (a string) and `reference` (a string, or a non-empty list of them) on every
+/// non-blank line. Errors name the
 /// file, the 1-based line and the field.
 pub fn read_jsonl(path: &Path, input_field: &str) -> Result<Vec<Item>> {
     let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
@@ -309,7 +312,17 @@ pub fn read_jsonl(path: &Path, input_field: &str) -> Result<Vec<Item>> {
         }
         items.push(Item {
             input: get(input_field)?,
-            reference: get("reference")?,
+            references: match value.get("reference") {
+                Some(serde_json::Value::Array(list)) if !list.is_empty() => list
+                    .iter()
+                    .map(|r| r.as_str().map(str::to_string))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| at("reference", "must be a string or a list of strings".into()))?,
+                Some(serde_json::Value::Array(_)) => {
+                    return Err(at("reference", "is an empty list; give at least one reference".into()));
+                }
+                _ => vec![get("reference")?],
+            },
         });
     }
     if items.is_empty() {
@@ -355,13 +368,21 @@ mod tests {
         std::fs::write(&path, "{\"source\": 1, \"reference\": \"b\"}\n").unwrap();
         let err = read_jsonl(&path, "source").unwrap_err().to_string();
         assert!(err.contains("line 1") && err.contains("source"), "{err}");
+        std::fs::write(&path, "{\"source\": \"a\", \"reference\": []}\n").unwrap();
+        let err = read_jsonl(&path, "source").unwrap_err().to_string();
+        assert!(err.contains("empty list"), "{err}");
+        std::fs::write(&path, "{\"source\": \"a\", \"reference\": [\"b\", 2]}\n").unwrap();
+        let err = read_jsonl(&path, "source").unwrap_err().to_string();
+        assert!(err.contains("list of strings"), "{err}");
+        std::fs::write(&path, "{\"source\": \"a\", \"reference\": [\"b\", \"c\"]}\n").unwrap();
+        assert_eq!(read_jsonl(&path, "source").unwrap()[0].references, ["b", "c"]);
         std::fs::write(&path, "{\"prompt\": \"a\", \"reference\": \"b\"}\n").unwrap();
         let items = read_jsonl(&path, "prompt").unwrap();
         assert_eq!(
             items,
             [Item {
                 input: "a".into(),
-                reference: "b".into()
+                references: vec!["b".into()]
             }]
         );
     }

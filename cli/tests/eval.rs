@@ -285,3 +285,111 @@ fn bad_jsonl_is_a_one_line_error_naming_file_and_line() {
         assert!(out.stdout.is_empty());
     }
 }
+
+/// A chat model is asked through the chat template: each hypothesis is the model's answer to the source as a user
+/// message (what `lockstep_worker::sft_eval::answer` gives), without special-token text.
+#[test]
+fn a_chat_model_answers_through_the_template() {
+    use lockstep_common::data::chat::{Message, Role};
+
+    let f = fixture();
+    let tok = Tokenizer::load(&f.data.join("tokenizer.json")).unwrap();
+    let dir = common::tiny_chat_checkpoint(&f._root.path().join("chat"), &tok);
+    let args = [
+        "eval",
+        "--checkpoint",
+        dir.to_str().unwrap(),
+        "--json",
+        "--no-wordnet",
+        "--data",
+        f.jsonl.to_str().unwrap(),
+        "--task",
+        "translate",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "1",
+        "--seed",
+        "5",
+    ];
+    let r: serde_json::Value = serde_json::from_str(&ok(lockstep(&args))).unwrap();
+    let hyps: Vec<&str> = r["hypotheses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_str().unwrap())
+        .collect();
+    assert_eq!(hyps.len(), f.prompts.len());
+    assert!(hyps.iter().all(|h| !h.contains("<|")), "{hyps:?}");
+
+    // Greedy answers equal the library's, which renders [user: source] + <|assistant|> and stops at <|end|>.
+    let greedy = [&args[..11], &["--temperature", "0"]].concat();
+    let r: serde_json::Value = serde_json::from_str(&ok(lockstep(&greedy))).unwrap();
+    let loaded = lockstep_worker::checkpoint::load(&dir, &candle_core::Device::Cpu).unwrap();
+    let template = loaded.chat_template().expect("a chat model");
+    let histories: Vec<Vec<Message>> = f.prompts.iter().map(|p| vec![Message::new(Role::User, *p)]).collect();
+    let want = lockstep_worker::sft_eval::answer(
+        &loaded.model().unwrap(),
+        &loaded.tokenizer,
+        &template,
+        &histories,
+        12,
+        8,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let got: Vec<String> = r["hypotheses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_str().unwrap().into())
+        .collect();
+    assert_eq!(got, want);
+}
+
+/// llm.c GPT-2 shards carry no tokenizer: they are read as GPT-2's, so a GPT-2 checkpoint is evaluated on their val
+/// split and any other is refused, saying why.
+#[test]
+fn lm_perplexity_on_llmc_shards() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("fineweb");
+    std::fs::create_dir(&data).unwrap();
+    // 256 little-endian i32 [20240520, 1, n, 0, …], then n little-endian u16 token ids.
+    let shard = |name: &str, n: u32| {
+        let mut bytes: Vec<u8> = [20240520i32, 1, n as i32]
+            .into_iter()
+            .chain(std::iter::repeat_n(0, 253))
+            .flat_map(i32::to_le_bytes)
+            .collect();
+        bytes.extend((0..n).flat_map(|i| ((i * 7919 % 50257) as u16).to_le_bytes()));
+        std::fs::write(data.join(name), bytes).unwrap();
+    };
+    shard("fineweb_train_000001.bin", 200);
+    shard("fineweb_val_000000.bin", 81);
+    let gpt2 = Tokenizer::for_text(&lockstep_common::spec::TokenizerSpec::Gpt2, "").unwrap();
+    let ckpt = tiny_checkpoint(&root.path().join("gpt2"), &gpt2);
+    let d = data.to_str().unwrap();
+    let out = ok(lockstep(&[
+        "eval",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--data",
+        d,
+        "--json",
+    ]));
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    // 81 tokens in windows of the block size 8 + 1: (81 − 1) / 8 = 10 windows.
+    assert_eq!(
+        (r["split"].as_str(), r["windows"].as_u64(), r["tokens"].as_u64()),
+        (Some("val"), Some(10), Some(80))
+    );
+    let (loss, ppl) = (r["loss"].as_f64().unwrap(), r["perplexity"].as_f64().unwrap());
+    assert!(loss.is_finite() && (ppl - loss.exp()).abs() <= 1e-9 * ppl, "{r}");
+
+    let chars = Tokenizer::for_text(&lockstep_common::spec::TokenizerSpec::Char, CORPUS).unwrap();
+    let other = tiny_checkpoint(&root.path().join("char"), &chars);
+    let out = lockstep(&["eval", "--checkpoint", other.to_str().unwrap(), "--data", d]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("llm.c shards are read as GPT-2's"), "{stderr}");
+}

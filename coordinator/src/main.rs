@@ -149,6 +149,18 @@ fn prepare(cli: &Cli) -> anyhow::Result<(RunSpec, ServeOptions)> {
         secs = checking.elapsed().as_secs_f64(),
         "data checked"
     );
+    if let Some(sft) = &corpus.sft {
+        info!(
+            train_conversations = sft.examples.0,
+            val_conversations = sft.examples.1,
+            answer_tokens = corpus.train.tokens(),
+            vocab_with_template = sft.template.vocab_size(),
+            "fine-tuning data"
+        );
+        if let Some(warning) = sft.warning(spec.train.seq_len) {
+            warn!("{warning}");
+        }
+    }
     info!(
         train_windows = windows,
         seq_len = spec.train.seq_len,

@@ -176,6 +176,9 @@ impl Trainer {
         collective: Box<dyn Collective>,
         device: Device,
     ) -> Result<Self> {
+        if let Some(warning) = corpus.sft.as_ref().and_then(|s| s.warning(spec.train.seq_len)) {
+            tracing::warn!("{warning}");
+        }
         let plan = DataPlan::new(
             spec.run.seed,
             corpus.num_windows(Split::Train),

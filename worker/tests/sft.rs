@@ -321,3 +321,39 @@ fn init_from_a_smaller_vocabulary_grows_the_embedding() {
     }
     assert!(tuned.train_step().unwrap().loss.is_finite());
 }
+
+/// Fine-tuning a Hugging Face GPT-2 directory, its shape taken from its config.json as a spec file would.
+#[test]
+fn fine_tunes_from_a_hugging_face_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let jsonl = write_examples(dir.path(), "sft.jsonl", 30);
+    let hf = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf-gpt2-tiny");
+    let load = |tokenizer: Option<&str>| {
+        let mut env = vec![
+            ("LOCKSTEP_MODEL__INIT_FROM".to_string(), format!("hf:{}", hf.display())),
+            ("LOCKSTEP_DATA__SOURCE".into(), "sft".into()),
+            ("LOCKSTEP_DATA__PATH".into(), jsonl.display().to_string()),
+            ("LOCKSTEP_TRAIN__SEQ_LEN".into(), "32".into()),
+            ("LOCKSTEP_TRAIN__GLOBAL_BATCH".into(), "4".into()),
+            ("LOCKSTEP_CHECKPOINT__DIR".into(), dir.path().join("ck").display().to_string()),
+        ];
+        if let Some(t) = tokenizer {
+            env.push(("LOCKSTEP_DATA__TOKENIZER".into(), t.into()));
+        }
+        RunSpec::load_with_env(None, env).unwrap()
+    };
+    // The directory has no tokenizer.json, so GPT-2's is used, whose 50,257 ids (+ 4) the 97-row fixture cannot
+    // hold: the error says what to set.
+    let err = Trainer::new(load(None), Box::new(Local), Device::Cpu).err().unwrap().to_string();
+    assert!(err.contains("model.vocab_size = 97") && err.contains("at least 50261"), "{err}");
+    // With a character vocabulary that fits, it trains from the fixture's weights.
+    let spec = load(Some("char"));
+    assert_eq!((spec.model.n_embd, spec.model.vocab_size), (48, 97));
+    let mut t = Trainer::new(spec, Box::new(Local), Device::Cpu).unwrap();
+    let want = candle_core::safetensors::load(hf.join("model.safetensors"), &Device::Cpu).unwrap();
+    let wpe = t.params().names().iter().position(|n| n == "transformer.wpe.weight").unwrap();
+    let got: Vec<f32> = t.params().vars()[wpe].as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(got, want["transformer.wpe.weight"].flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    let losses: Vec<f64> = (0..3).map(|_| t.train_step().unwrap().loss).collect();
+    assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+}

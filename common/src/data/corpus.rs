@@ -47,6 +47,25 @@ pub struct SftInfo {
     pub examples: (usize, usize),
 }
 
+impl SftInfo {
+    /// What fitting the examples into windows of `seq_len + 1` tokens cost, for a warning; `None` when nothing.
+    pub fn warning(&self, seq_len: usize) -> Option<String> {
+        let (cut, left_out) = (
+            self.train.truncated + self.val.truncated,
+            self.train.dropped + self.val.dropped,
+        );
+        (cut + left_out > 0).then(|| {
+            format!(
+                "{cut} of {} conversations are longer than train.seq_len + 1 = {} tokens and were cut there (their \
+                 tails are not trained on); {left_out} were left out because no answer token remained; raise \
+                 train.seq_len (and model.block_size) to keep them",
+                self.examples.0 + self.examples.1,
+                seq_len + 1
+            )
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Split {
     Train,
@@ -343,5 +362,47 @@ mod tests {
         spec.data.path = Some(dir.path().join("missing.txt"));
         let err = Corpus::load(&spec).unwrap_err().to_string();
         assert!(err.contains("missing.txt"), "{err}");
+    }
+
+    #[test]
+    fn sft_corpus_masks_prompts_holds_out_the_last_examples_and_warns_about_cuts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.jsonl");
+        let mut lines: Vec<String> = (0..9)
+            .map(|i| format!("{{\"prompt\": \"say {i}\", \"response\": \"{i}{i}\"}}"))
+            .collect();
+        lines.push(format!(
+            "{{\"prompt\": \"{}\", \"response\": \"late\"}}",
+            "long ".repeat(20)
+        ));
+        std::fs::write(&path, lines.join("\n")).unwrap();
+        let mut spec = RunSpec::default();
+        spec.data.source = DataSource::Sft;
+        spec.data.path = Some(path);
+        spec.data.val_fraction = 0.2;
+        spec.train.seq_len = 16;
+        let corpus = Corpus::load(&spec).unwrap();
+        let info = corpus.sft.as_ref().unwrap();
+        // 2 of 10 held out; the long one (last) is in validation and cut before its answer: left out.
+        assert_eq!(info.examples, (8, 2));
+        assert_eq!(
+            (corpus.num_windows(Split::Train), corpus.num_windows(Split::Val)),
+            (8, 1)
+        );
+        assert_eq!(corpus.vocab_needed(), corpus.tokenizer.vocab_size() + 4);
+        // "say 0" → answer "00" and <|end|>: 3 counted targets per training window.
+        assert_eq!(corpus.counted(Split::Train, 0), 3);
+        let warning = info.warning(16).unwrap();
+        assert!(
+            warning.contains("1 of 10") && warning.contains("1 were left out"),
+            "{warning}"
+        );
+        // A model vocabulary without room for the template's tokens is refused, naming the key.
+        spec.model.vocab_size = corpus.tokenizer.vocab_size();
+        let err = Corpus::load(&spec).unwrap_err().to_string();
+        assert!(
+            err.contains("model.vocab_size") && err.contains("4 special tokens"),
+            "{err}"
+        );
     }
 }
