@@ -48,6 +48,17 @@ pub enum Error {
 
     #[error("{0}")]
     Usage(String),
+
+    #[error(
+        "{}: the model has no chat tokens (model.vocab_size {vocab_size}, the chat template needs {needed}); \
+         fine-tune it with data.source = \"sft\" first (see README \"Fine-tuning\")",
+        checkpoint.display()
+    )]
+    NotChatModel {
+        checkpoint: PathBuf,
+        vocab_size: usize,
+        needed: usize,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -116,7 +116,11 @@ pub fn run(args: &GenerateArgs, out: &mut impl Write) -> Result<Summary> {
     let loaded = checkpoint::load(&dir, &device)?;
     let prompt = encode_prompt(&loaded.tokenizer, &args.prompt)?;
     let model = loaded.model()?;
-    let mut sink = Sink { out, closed: false };
+    let mut sink = Sink {
+        out,
+        closed: false,
+        what: "the generated text",
+    };
     sink.write(&args.prompt)?;
 
     let started = Instant::now();
@@ -142,14 +146,16 @@ pub fn run(args: &GenerateArgs, out: &mut impl Write) -> Result<Summary> {
     })
 }
 
-/// `out`, flushed after every write; remembers a closed pipe instead of failing on it.
-struct Sink<'a, W: Write> {
-    out: &'a mut W,
-    closed: bool,
+/// `out`, flushed after every write; remembers a closed pipe (e.g. `| head`) instead of failing on it. `what` names
+/// the text in an error ("the generated text").
+pub(crate) struct Sink<'a, W: Write> {
+    pub out: &'a mut W,
+    pub closed: bool,
+    pub what: &'static str,
 }
 
 impl<W: Write> Sink<'_, W> {
-    fn write(&mut self, text: &str) -> lockstep_worker::error::Result<()> {
+    pub fn write(&mut self, text: &str) -> lockstep_worker::error::Result<()> {
         if self.closed || text.is_empty() {
             return Ok(());
         }
@@ -160,14 +166,15 @@ impl<W: Write> Sink<'_, W> {
                 Ok(())
             }
             Err(source) => Err(lockstep_worker::Error::Io {
-                context: "write the generated text to stdout".into(),
+                context: format!("write {} to stdout", self.what),
                 source,
             }),
         }
     }
 }
 
-fn clock_seed() -> u64 {
+/// A sampling seed from the clock, for runs without `--seed` (which print it, so they can be repeated).
+pub(crate) fn clock_seed() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)

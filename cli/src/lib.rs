@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod bench_coordinator;
 pub mod bench_score;
+pub mod chat;
 pub mod demo;
 pub mod error;
 pub mod eval;
@@ -13,6 +14,7 @@ pub mod prepare;
 pub mod procs;
 pub mod run;
 pub mod score;
+pub mod sft_demo;
 pub mod status_view;
 
 pub use error::Error;

@@ -7,10 +7,12 @@
 //!   (status and stop need the run token: LOCKSTEP_TOKEN or --token-file; TLS: --tls-ca, --tls-cert, --tls-key)
 //! lockstep bench train|allreduce|data|coordinator|score
 //! lockstep generate --checkpoint DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
+//! lockstep chat --checkpoint DIR [--system TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
 //! lockstep prepare --input PATH... --tokenizer SPEC --out DIR [--format text|jsonl] [--field NAME] [--val-fraction F]
 //!                  [--shard-tokens N] [--threads N] [--invalid-utf8 fail|skip] [--force]
 //! lockstep score --hyp FILE --ref FILE [--ref FILE2 ...] [--metrics bleu,chrf,rouge,meteor] [--json]
 //!                [--wordnet DIR | --no-wordnet] [--rouge-stem true|false]
+//! lockstep demo-sft [--workers 2] [--out runs/sft-demo] [--quick] [--json]
 //! lockstep eval --checkpoint DIR --data PATH [--task lm|summarize|translate|chat] [--json] [--max-new-tokens N]
 //!               [--temperature T --top-k K --top-p P --seed S] [--batch-size B] [--limit N] [--wordnet DIR]
 //! ```
@@ -20,7 +22,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use lockstep_cli::{bench, bench_coordinator, bench_score, demo, eval, generate, prepare, run, score, status_view};
+use lockstep_cli::{
+    bench, bench_coordinator, bench_score, chat, demo, eval, generate, prepare, run, score, sft_demo, status_view,
+};
 use lockstep_common::RunSpec;
 use lockstep_common::data::corpus::Split;
 use lockstep_common::proto::{GetStatusRequest, RunState, StopRunRequest, WatchStatusRequest};
@@ -54,6 +58,9 @@ enum Command {
     Bench(BenchCommand),
     /// Continue a prompt with a checkpoint, streaming the text as it is sampled (KV-cached decoding).
     Generate(generate::GenerateArgs),
+    /// Talk to a fine-tuned checkpoint: each stdin line is a user message, each reply is streamed through the chat
+    /// template (/reset forgets the conversation, /quit leaves).
+    Chat(chat::ChatArgs),
     /// Tokenise text or JSONL files into llm.c token shards plus tokenizer.json and manifest.json, for training.
     Prepare(prepare::PrepareArgs),
     /// BLEU, chrF, ROUGE and METEOR of outputs against references, one segment per line (as sacrebleu, rouge-score
@@ -62,6 +69,9 @@ enum Command {
     /// Evaluate a checkpoint: perplexity on prepared token data (--task lm), or generation from a JSONL of
     /// sources/prompts scored with BLEU, chrF, ROUGE and METEOR against its references.
     Eval(eval::EvalArgs),
+    /// The fine-tuning demo, no download: pretrain on generated text, fine-tune on a generated instruction set
+    /// (translation, summaries), and print held-out BLEU/chrF/ROUGE/METEOR before → after.
+    DemoSft(sft_demo::DemoSftArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -245,10 +255,15 @@ fn main() -> ExitCode {
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run(args) => run_cmd(args).await,
+        Command::DemoSft(args) => demo_sft_cmd(args).await,
         Command::Status(args) => status_cmd(args).await,
         Command::Stop(args) => stop_cmd(args).await,
         Command::Generate(args) => {
             tokio::task::spawn_blocking(move || generate::command(&args)).await??;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Chat(args) => {
+            tokio::task::spawn_blocking(move || chat::command(&args)).await??;
             Ok(ExitCode::SUCCESS)
         }
         Command::Score(args) => {
@@ -498,6 +513,16 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<ExitCode> {
                 }
             );
         }
+    } else if spec.data.source == DataSource::Sft {
+        if let Some(line) = status_view::metrics_line(s) {
+            println!("{line}");
+        }
+        let spec2 = spec.clone();
+        let samples = tokio::task::spawn_blocking(move || demo::chat_samples(&ckpt, &spec2, 3)).await??;
+        println!("held-out examples (greedy):");
+        for (said, answer, reference) in samples {
+            println!("  user: {said}\n  model: {answer}\n  reference: {reference}");
+        }
     } else {
         let corpus = lockstep_common::data::Corpus::load(&spec)?;
         let (prompt, _) = corpus.window(Split::Val, 0)?;
@@ -507,6 +532,24 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<ExitCode> {
         println!("sample (greedy):\n{}", text.trim_end());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn demo_sft_cmd(args: sft_demo::DemoSftArgs) -> anyhow::Result<ExitCode> {
+    match sft_demo::run(&args, interrupted).await? {
+        sft_demo::Outcome::Interrupted => {
+            eprintln!("interrupted: every process was stopped");
+            Ok(ExitCode::from(130))
+        }
+        sft_demo::Outcome::Done(report) if args.json => {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        sft_demo::Outcome::Done(report) => {
+            print!("{}", report.render());
+            println!("demo finished in {:.0} s", report.secs);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 /// One attempt to reach the coordinator at `url` (a person is waiting), with the token and TLS of `security`.

@@ -335,7 +335,10 @@ fn fine_tunes_from_a_hugging_face_directory() {
             ("LOCKSTEP_DATA__PATH".into(), jsonl.display().to_string()),
             ("LOCKSTEP_TRAIN__SEQ_LEN".into(), "32".into()),
             ("LOCKSTEP_TRAIN__GLOBAL_BATCH".into(), "4".into()),
-            ("LOCKSTEP_CHECKPOINT__DIR".into(), dir.path().join("ck").display().to_string()),
+            (
+                "LOCKSTEP_CHECKPOINT__DIR".into(),
+                dir.path().join("ck").display().to_string(),
+            ),
         ];
         if let Some(t) = tokenizer {
             env.push(("LOCKSTEP_DATA__TOKENIZER".into(), t.into()));
@@ -344,16 +347,39 @@ fn fine_tunes_from_a_hugging_face_directory() {
     };
     // The directory has no tokenizer.json, so GPT-2's is used, whose 50,257 ids (+ 4) the 97-row fixture cannot
     // hold: the error says what to set.
-    let err = Trainer::new(load(None), Box::new(Local), Device::Cpu).err().unwrap().to_string();
-    assert!(err.contains("model.vocab_size = 97") && err.contains("at least 50261"), "{err}");
+    let err = Trainer::new(load(None), Box::new(Local), Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("model.vocab_size = 97") && err.contains("at least 50261"),
+        "{err}"
+    );
     // With a character vocabulary that fits, it trains from the fixture's weights.
     let spec = load(Some("char"));
     assert_eq!((spec.model.n_embd, spec.model.vocab_size), (48, 97));
     let mut t = Trainer::new(spec, Box::new(Local), Device::Cpu).unwrap();
     let want = candle_core::safetensors::load(hf.join("model.safetensors"), &Device::Cpu).unwrap();
-    let wpe = t.params().names().iter().position(|n| n == "transformer.wpe.weight").unwrap();
-    let got: Vec<f32> = t.params().vars()[wpe].as_tensor().flatten_all().unwrap().to_vec1().unwrap();
-    assert_eq!(got, want["transformer.wpe.weight"].flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    let wpe = t
+        .params()
+        .names()
+        .iter()
+        .position(|n| n == "transformer.wpe.weight")
+        .unwrap();
+    let got: Vec<f32> = t.params().vars()[wpe]
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(
+        got,
+        want["transformer.wpe.weight"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    );
     let losses: Vec<f64> = (0..3).map(|_| t.train_step().unwrap().loss).collect();
     assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
 }
