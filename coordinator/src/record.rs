@@ -404,6 +404,44 @@ mod tests {
         assert!(saved.evals.is_empty());
     }
 
+    /// Generation metrics survive a restart (the newest set), and go with the timeline they belong to.
+    #[test]
+    fn the_newest_generation_metrics_are_kept_and_rolled_back_with_their_timeline() {
+        let eval = |step, bleu: f64| Record::Eval {
+            step,
+            val_loss: 1.0,
+            metrics: [("bleu".to_string(), bleu)].into(),
+        };
+        let plain = Record::Eval {
+            step: 3,
+            val_loss: 1.0,
+            metrics: BTreeMap::new(),
+        };
+        let saved = fold([
+            step(1, 5.0),
+            eval(1, 10.0),
+            step(2, 4.0),
+            eval(2, 20.0),
+            step(3, 3.0),
+            plain.clone(),
+        ]);
+        assert_eq!(saved.eval_metrics, Some((2, [("bleu".to_string(), 20.0)].into())));
+        // A re-run of step 2 abandons its metrics; only the newest set is kept, so none remain until the next
+        // evaluation.
+        let saved = fold([step(1, 5.0), eval(1, 10.0), step(2, 4.0), eval(2, 20.0), step(2, 4.5)]);
+        assert_eq!(saved.eval_metrics, None);
+        // Records written before metrics existed still parse.
+        let old: Record = serde_json::from_str(r#"{"Eval":{"step":1,"val_loss":2.0}}"#).unwrap();
+        assert_eq!(
+            old,
+            Record::Eval {
+                step: 1,
+                val_loss: 2.0,
+                metrics: BTreeMap::new()
+            }
+        );
+    }
+
     #[test]
     fn a_repeated_eval_replaces_the_older_one() {
         let saved = fold([
