@@ -49,6 +49,14 @@ pub enum Error {
     #[error("{0}")]
     Usage(String),
 
+    /// A part of `bench train --profile` failed (e.g. its shape did not fit in device memory).
+    #[error("profile part {part}: {source}")]
+    Profile {
+        part: String,
+        #[source]
+        source: Box<Error>,
+    },
+
     #[error(
         "{}: the model has no chat tokens (model.vocab_size {vocab_size}, the chat template needs {needed}); \
          fine-tune it with data.source = \"sft\" first (see README \"Fine-tuning\")",

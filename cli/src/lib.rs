@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod bench_coordinator;
+pub mod bench_profile;
 pub mod bench_score;
 pub mod chat;
 pub mod demo;

@@ -5,7 +5,7 @@
 //! lockstep status --coordinator http://HOST:7070 [--json] [--watch]
 //! lockstep stop --coordinator http://HOST:7070 [--reason TEXT]
 //!   (status and stop need the run token: LOCKSTEP_TOKEN or --token-file; TLS: --tls-ca, --tls-cert, --tls-key)
-//! lockstep bench train|allreduce|data|coordinator|score
+//! lockstep bench train|allreduce|data|coordinator|score   (bench train --profile [--json]: where a step's ms go)
 //! lockstep generate --checkpoint DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
 //! lockstep chat --checkpoint DIR [--system TEXT] [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
 //! lockstep prepare --input PATH... --tokenizer SPEC --out DIR [--format text|jsonl] [--field NAME] [--val-fraction F]
@@ -23,7 +23,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use lockstep_cli::{
-    bench, bench_coordinator, bench_score, chat, demo, eval, generate, prepare, run, score, sft_demo, status_view,
+    bench, bench_coordinator, bench_profile, bench_score, chat, demo, eval, generate, prepare, run, score, sft_demo,
+    status_view,
 };
 use lockstep_common::RunSpec;
 use lockstep_common::data::corpus::Split;
@@ -163,6 +164,14 @@ enum BenchCommand {
         /// per process, so more than 1 only makes sense with --workers 1.
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        /// Where each millisecond of the step goes: every op category (matmuls, attention, LayerNorm, GELU, loss,
+        /// casts, copies, optimizer, ...) timed alone, forward and backward, at the model's shapes, against the
+        /// measured step. One rank; --steps is the measured repetitions (median), --warmup the unmeasured ones.
+        #[arg(long, conflicts_with = "workers")]
+        profile: bool,
+        /// With --profile: print JSON instead of a table.
+        #[arg(long, requires = "profile")]
+        json: bool,
     },
     /// How many simulated workers (heartbeat every second, a report every step) one real coordinator serves:
     /// GetStatus and Join latency, lag, CPU and memory per worker count.
@@ -300,9 +309,13 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             config,
             device,
             peak_tflops,
+            profile,
+            json,
             ..
         }) => {
-            let (device, device_name) = lockstep_worker::device::parse(&device)?;
+            let (device, _label) = lockstep_worker::device::parse(&device)?;
+            // The driver's name (e.g. "NVIDIA H200") is what the table of device peaks knows, not "cuda:0".
+            let device_name = lockstep_worker::device::hardware_name(&device);
             let (spec, _generated) = match config {
                 Some(path) => (RunSpec::load(Some(&path))?, None),
                 None => {
@@ -317,6 +330,24 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     (spec, Some(dir))
                 }
             };
+            if profile {
+                let peak = peak_tflops.map(|t| t * 1e12);
+                let opts = bench_profile::Options {
+                    warmup,
+                    reps: steps,
+                    device_resident: None,
+                    peak_flops: peak
+                        .or_else(|| lockstep_worker::hardware::peak_flops(&device_name, spec.train.compute_dtype)),
+                };
+                let p = tokio::task::spawn_blocking(move || bench_profile::profile(&spec, &device, &device_name, opts))
+                    .await??;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&p)?);
+                } else {
+                    print!("{}", p.render());
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             let dtype = spec.train.compute_dtype;
             let b = tokio::task::spawn_blocking(move || bench::train(&spec, &device, workers, warmup, steps)).await??;
             println!(

@@ -16,6 +16,19 @@ pub fn parse(flag: &str) -> Result<(Device, String)> {
     }
 }
 
+/// The hardware's own name, for the table of device peaks ([`crate::hardware::peak_flops`]): the CUDA driver's
+/// name of a GPU (e.g. `NVIDIA H200`), `cpu` otherwise (also when the driver does not answer).
+pub fn hardware_name(device: &Device) -> String {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device
+        && let Ok(name) = d.cuda_stream().context().name()
+    {
+        return name;
+    }
+    let _ = device;
+    "cpu".into()
+}
+
 /// The N of `cuda:N`.
 fn ordinal(flag: &str) -> Result<usize> {
     let n = match flag.strip_prefix("cuda") {

@@ -266,7 +266,7 @@ impl DropoutRng {
     }
 
     /// Inverted dropout: zero with probability `p`, scale survivors by 1/(1-p) so eval needs no rescaling.
-    fn apply(&mut self, x: &Tensor, p: f64) -> Result<Tensor> {
+    pub fn apply(&mut self, x: &Tensor, p: f64) -> Result<Tensor> {
         let n = x.elem_count();
         let scale = (1.0 / (1.0 - p)) as f32;
         let p = p as f32;
@@ -377,12 +377,18 @@ impl CausalSelfAttention {
         let (b, t, c) = x.dims3()?;
         let hd = c / self.n_head;
         let (q, k, v) = self.qkv_heads(x)?;
-        // softmax(QKᵀ/√hd + mask), the scale and mask fused into the softmax: [B, nh, T, T]
-        // In f32 whatever the compute dtype: `mask` is f32 and the softmax's sums need the precision.
-        let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
-        let att = crate::ops::masked_softmax_last_dim(&scores, mask, 1.0 / (hd as f64).sqrt())?.to_dtype(q.dtype())?;
-        let att = dropout(att, self.dropout, rng)?;
-        let y = att.matmul(&v)?; // [B, nh, T, hd]
+        let scale = 1.0 / (hd as f64).sqrt();
+        let y = if self.dropout > 0.0 && rng.is_some() {
+            // Dropout on the attention probabilities needs them in memory: softmax(QKᵀ/√hd + mask), the scale and
+            // mask fused into the softmax, [B, nh, T, T], in f32 whatever the compute dtype (`mask` is f32 and the
+            // softmax's sums need the precision).
+            let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
+            let att = crate::ops::masked_softmax_last_dim(&scores, mask, scale)?.to_dtype(q.dtype())?;
+            dropout(att, self.dropout, rng)?.matmul(&v)?
+        } else {
+            // Flash-style: the T×T probabilities never exist (ops::causal_attention).
+            crate::ops::causal_attention(&q, &k, &v, scale)?
+        }; // [B, nh, T, hd]
         let y = y.transpose(1, 2)?.reshape((b, t, c))?; // re-assemble all head outputs side by side
         dropout(self.c_proj.forward(&y)?, self.dropout, rng)
     }
@@ -695,7 +701,7 @@ impl Gpt {
 }
 
 /// [T, T]: 0 where a position may attend (itself and earlier), -inf where it may not; added before the softmax.
-fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+pub fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     let mask: Vec<f32> = (0..t)
         .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
         .collect();

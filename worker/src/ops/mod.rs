@@ -17,6 +17,9 @@ use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
 
 use crate::error::{Error, Result};
 
+mod attention;
+#[cfg(feature = "cuda")]
+mod attention_cuda;
 mod bias;
 mod cross_entropy;
 mod gelu;
@@ -84,6 +87,52 @@ pub fn masked_softmax_last_dim(x: &Tensor, mask: &Tensor, scale: f64) -> Result<
     }
 }
 
+/// Causal self-attention, softmax(scale·QKᵀ + causal mask)·V, for `q`, `k`, `v` `[B, H, T, D]` of one dtype; the
+/// output has q's dtype. On a GPU (a `cuda` build, head sizes and dtypes its kernels cover) it is [`flash_attention`]:
+/// the T×T probabilities never exist. On the CPU it is the composed matmul-softmax-matmul
+/// ([`composed::causal_attention`]), which candle's multithreaded matmuls make faster there than the fused kernel
+/// (measured in docs/BENCHMARKS.md), at the cost of B·H·T² floats per layer.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() && attention_cuda::supports(q.dim(candle_core::D::Minus1)?, q.dtype()) {
+        return flash_attention(q, k, v, scale);
+    }
+    composed::causal_attention(q, k, v, scale)
+}
+
+/// [`causal_attention`] as one fused op with its own backward (see [`attention`]): an online softmax over key blocks
+/// forward, the probabilities recomputed from the saved row log-sum-exp backward. f32 on the CPU; on a GPU, what the
+/// kernels cover (`attention_cuda::supports`). Errors on anything else.
+pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    if k.dtype() != q.dtype() || v.dtype() != q.dtype() || q.rank() != 4 {
+        return Err(Error::Model(format!(
+            "flash attention: q {:?} {:?}, k {:?}, v {:?}: needs three [B, H, T, D] tensors of one dtype",
+            q.dims(),
+            q.dtype(),
+            k.dtype(),
+            v.dtype()
+        )));
+    }
+    #[cfg(feature = "cuda")]
+    let gpu = q.device().is_cuda() && attention_cuda::supports(q.dim(candle_core::D::Minus1)?, q.dtype());
+    #[cfg(not(feature = "cuda"))]
+    let gpu = false;
+    if !(gpu || fused(q)) {
+        return Err(Error::Model(format!(
+            "flash attention runs on f32 CPU tensors{}, not {:?} on {:?}",
+            if cfg!(feature = "cuda") {
+                " and the GPU kernels' head sizes and dtypes"
+            } else {
+                ""
+            },
+            q.dtype(),
+            q.device().location()
+        )));
+    }
+    let op = attention::FlashAttention::new(scale as f32);
+    Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+}
+
 /// The sum over rows of the cross-entropy of `logits` `[N, vocab]` against `targets` `[N]` (integer ids), as a scalar
 /// f32 tensor. The targets get no gradient.
 pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
@@ -136,6 +185,24 @@ pub mod composed {
 
     pub fn masked_softmax_last_dim(x: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
         softmax_last_dim(&(x * scale)?.broadcast_add(mask)?)
+    }
+
+    /// softmax(scale·QKᵀ + causal mask)·V with the scores materialised: `[B, H, T, T]` in f32 at least (the
+    /// softmax's sums need the precision; f64 inputs stay f64), the mask a constant (no gradient).
+    pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+        let t = q.dim(D::Minus2)?;
+        let acc = if q.dtype() == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, t), q.device())?.to_dtype(acc)?;
+        let scores = q.matmul(&k.t()?)?.to_dtype(acc)?;
+        let att = super::masked_softmax_last_dim(&scores, &mask, scale)?.to_dtype(q.dtype())?;
+        Ok(att.matmul(&v.contiguous()?)?)
     }
 
     /// log-sum-exp minus the target's logit, summed over the rows whose target is not `IGNORE`; `logits`
