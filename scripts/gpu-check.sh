@@ -9,6 +9,9 @@
 # Checks, each PASS / FAIL / SKIP in the summary (exit status 1 if any failed):
 #   1. --device: an absent GPU is refused in one line; cuda:0 opens.
 #   2. the golden fixture tests (worker/tests/golden.rs) on the GPU, f32;
+#   2b. the fused causal attention kernels (worker/tests/attention_gpu.rs) against the composed attention, f32 and
+#      bf16, with the default kernels and with LOCKSTEP_ATTENTION_KERNELS=simt; then the fwd+bwd time of the GPT-2
+#      shape (B=16, H=12, T=1024, D=64, bf16) beside PyTorch's flash attention (scripts/torch_attention.py);
 #   3. NCCL, world size 1 (worker/tests/nccl.rs): exact round trips, abort, deadline;
 #   4. the demo for GPU_CHECK_STEPS (200) steps on the GPU and on the CPU, same seed, f32: the loss curves must agree
 #      within |gpu - cpu| <= 0.02 + 0.02 * cpu at every step (GPU and CPU sum in different orders, so the curves
@@ -71,6 +74,32 @@ if [[ -x $BIN/test-golden ]]; then
   fi
 else
   result SKIP "2 golden tests (no $BIN/test-golden)"
+fi
+
+section "2b. fused causal attention on $DEVICE: kernels against the composed attention, and their speed"
+if [[ $DEVICE == cpu ]]; then
+  result SKIP "2b attention kernels (a GPU check)"
+elif [[ -x $BIN/test-attention_gpu ]]; then
+  ok=1
+  # The default picks the tensor cores for bf16; simt is the plain-FMA fallback (and the f32 path either way).
+  for kernels in mma simt; do
+    echo "\$ LOCKSTEP_ATTENTION_KERNELS=$kernels test-attention_gpu --test-threads=1 --nocapture"
+    LOCKSTEP_ATTENTION_KERNELS=$kernels LOCKSTEP_TEST_DEVICE=$DEVICE "$BIN/test-attention_gpu" --test-threads=1 \
+      --nocapture || ok=0
+  done
+  for kernels in mma simt; do
+    echo "\$ LOCKSTEP_ATTENTION_KERNELS=$kernels test-attention_gpu --ignored --nocapture time_gpt2_shape_bf16"
+    LOCKSTEP_ATTENTION_KERNELS=$kernels LOCKSTEP_TEST_DEVICE=$DEVICE "$BIN/test-attention_gpu" --ignored \
+      --nocapture time_gpt2_shape_bf16 || ok=0
+  done
+  if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    python3 scripts/torch_attention.py || ok=0
+  else
+    echo "(no PyTorch with CUDA here: no flash-attention time to compare with)"
+  fi
+  ((ok)) && result PASS "2b attention kernels on $DEVICE" || result FAIL "2b attention kernels on $DEVICE"
+else
+  result SKIP "2b attention kernels (no $BIN/test-attention_gpu)"
 fi
 
 section "3. NCCL all-reduce, world size 1, on $DEVICE"

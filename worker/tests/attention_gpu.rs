@@ -1,0 +1,237 @@
+//! The fused causal attention on a GPU (worker/kernels/attention.cu, through `ops::flash_attention`, which errors
+//! rather than fall back) against the composed matmul-softmax-matmul attention: the output and the gradients of q, k and v, in f32 and bf16, for head sizes 16 to 128 and sequence
+//! lengths that are not multiples of the kernels' 64- and 32-row tiles. Only in a `cuda` build, which cannot start
+//! without the NVIDIA driver, so never part of the default suite: scripts/gpu-check.sh runs it, once with the
+//! default kernels (tensor cores for bf16) and once with LOCKSTEP_ATTENTION_KERNELS=simt.
+//!
+//! Tolerances, on every element, relative to the largest magnitude in the reference tensor (at least 1):
+//! f32 1e-4 (both sides f32; they differ in summation order); bf16 2e-2 (the reference runs in f32 on the same
+//! bf16-rounded inputs and upstream gradient; the fused op rounds its output and gradients to bf16, ~4e-3, and
+//! feeds the probabilities to the tensor cores as bf16).
+//!
+//! `cargo test --release --features cuda -p lockstep-worker --test attention_gpu -- --ignored --nocapture` also
+//! prints the fwd+bwd time of the GPT-2 shape (B=16, H=12, T=1024, D=64, bf16); scripts/torch_attention.py gives
+//! PyTorch's flash-attention time for the same.
+#![cfg(feature = "cuda")]
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use lockstep_worker::ops::{composed, flash_attention};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// `LOCKSTEP_TEST_DEVICE`, default `cuda:0`; no GPU is a failure, not a skip.
+fn gpu() -> Device {
+    let flag = std::env::var("LOCKSTEP_TEST_DEVICE").unwrap_or_else(|_| "cuda:0".into());
+    match lockstep_worker::device::parse(&flag) {
+        Ok((device, _)) if device.is_cuda() => device,
+        Ok(_) => panic!("LOCKSTEP_TEST_DEVICE={flag}: these tests need a GPU (cuda:N)"),
+        Err(e) => panic!("no GPU for the attention tests ({e}); they run on a GPU host: bash scripts/gpu-check.sh"),
+    }
+}
+
+/// Roughly normal values (a sum of uniforms), seeded, as f32 on `device`.
+fn randn(seed: u64, dims: &[usize], std: f32, device: &Device) -> Tensor {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = dims.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| (0..4).map(|_| rng.random::<f32>() - 0.5).sum::<f32>() * std * 1.7)
+        .collect();
+    Tensor::from_vec(v, dims, device).unwrap()
+}
+
+type AttentionFn = fn(&Tensor, &Tensor, &Tensor, f64) -> lockstep_worker::error::Result<Tensor>;
+
+/// The output and the gradients of q, k, v of Σ attention(q, k, v)·w, all as f32 on the CPU.
+fn forward_backward(f: AttentionFn, q: &Tensor, k: &Tensor, v: &Tensor, w: &Tensor, scale: f64) -> [Tensor; 4] {
+    let vars = [q, k, v].map(|t| Var::from_tensor(t).unwrap());
+    let out = f(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor(), scale).unwrap();
+    assert_eq!(out.dims(), q.dims());
+    assert_eq!(out.dtype(), q.dtype());
+    let loss = (out.to_dtype(DType::F32).unwrap() * w).unwrap().sum_all().unwrap();
+    let grads = loss.backward().unwrap();
+    let grad = |v: &Var| grads.get(v.as_tensor()).expect("a gradient for each input").clone();
+    [out, grad(&vars[0]), grad(&vars[1]), grad(&vars[2])]
+        .map(|t| t.to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap())
+}
+
+/// |got − want| ≤ tol·max(max|want|, 1) on every element, else a panic naming the worst one.
+fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f64) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shapes");
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let (got, want) = (flat(got), flat(want));
+    let scale = want.iter().fold(1f32, |m, x| m.max(x.abs())) as f64;
+    let (mut worst, mut at) = (0f64, 0);
+    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert!(a.is_finite(), "{what}: element {i} is {a} (reference {b})");
+        let err = (a - b).abs() as f64;
+        if err > worst {
+            (worst, at) = (err, i);
+        }
+    }
+    println!(
+        "  {what}: max error {worst:.2e} = {:.2e} of scale {scale:.3} (tolerance {tol:.0e})",
+        worst / scale
+    );
+    assert!(
+        worst <= tol * scale,
+        "{what}: element {at}: {} vs reference {} (|error| {worst:.3e} > {tol:.0e} x {scale:.3})",
+        got[at],
+        want[at]
+    );
+}
+
+/// The fused op against the composed one for `[B, H, T, D]` = `dims`, inputs of standard deviation `std`.
+fn check(dims: [usize; 4], dtype: DType, std: f32, seed: u64) {
+    let device = gpu();
+    let scale = 1.0 / (dims[3] as f64).sqrt();
+    let round = |t: Tensor| t.to_dtype(dtype).unwrap();
+    let [q, k, v] = [0, 1, 2].map(|i| round(randn(seed + i, &dims, std, &device)));
+    // The upstream gradient, the same for both sides: through the f32 loss it reaches the fused op as bf16.
+    let w = round(randn(seed + 3, &dims, 1.0, &device))
+        .to_dtype(DType::F32)
+        .unwrap();
+    let (tol, reference_inputs) = match dtype {
+        DType::F32 => (1e-4, [q.clone(), k.clone(), v.clone()]),
+        _ => (2e-2, [&q, &k, &v].map(|t| t.to_dtype(DType::F32).unwrap())),
+    };
+    println!("{dims:?} {dtype:?} std {std}");
+    let fused = forward_backward(flash_attention, &q, &k, &v, &w, scale);
+    let [rq, rk, rv] = &reference_inputs;
+    let reference = forward_backward(composed::causal_attention, rq, rk, rv, &w, scale);
+    for ((name, got), want) in ["output", "dq", "dk", "dv"].iter().zip(&fused).zip(&reference) {
+        assert_close(&format!("{dims:?} {dtype:?} {name}"), got, want, tol);
+    }
+}
+
+const SHAPES: [[usize; 4]; 6] = [
+    [2, 3, 1, 64],
+    [2, 3, 37, 64],
+    [1, 2, 130, 32],
+    [2, 4, 257, 16],
+    [1, 2, 64, 128],
+    [1, 1, 200, 128],
+];
+
+#[test]
+fn f32_matches_the_composed_attention() {
+    for (i, dims) in SHAPES.into_iter().enumerate() {
+        check(dims, DType::F32, 1.0, 10 * i as u64);
+    }
+}
+
+#[test]
+fn bf16_matches_the_composed_attention() {
+    for (i, dims) in SHAPES.into_iter().enumerate() {
+        check(dims, DType::BF16, 1.0, 100 + 10 * i as u64);
+    }
+}
+
+/// Scores spread over tens of units: the running maximum changes between key tiles and the rescaling matters.
+#[test]
+fn large_scores_match_the_composed_attention() {
+    check([2, 2, 300, 64], DType::F32, 3.0, 200);
+    check([2, 2, 300, 64], DType::BF16, 3.0, 210);
+}
+
+#[test]
+fn gpt2_shape_matches_the_composed_attention() {
+    check([16, 12, 1024, 64], DType::F32, 1.0, 300);
+    check([16, 12, 1024, 64], DType::BF16, 1.0, 310);
+}
+
+/// A contiguous input that starts at an odd element of its buffer (a view of a larger one): the tensor-core
+/// kernels' 16-byte copies need it moved first.
+#[test]
+fn inputs_at_an_odd_offset_match() {
+    let device = gpu();
+    let dims = [2, 2, 70, 64];
+    let n: usize = dims.iter().product();
+    let offset_view = |seed| {
+        randn(seed, &[n + 3], 1.0, &device)
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .narrow(0, 3, n)
+            .unwrap()
+            .reshape(&dims[..])
+            .unwrap()
+    };
+    let [q, k, v] = [400, 401, 402].map(offset_view);
+    let w = randn(403, &dims, 1.0, &device)
+        .to_dtype(DType::BF16)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let fresh = |t: &Tensor| t.copy().unwrap();
+    let shifted = forward_backward(flash_attention, &q, &k, &v, &w, 0.125);
+    let aligned = forward_backward(flash_attention, &fresh(&q), &fresh(&k), &fresh(&v), &w, 0.125);
+    for ((name, a), b) in ["output", "dq", "dk", "dv"].iter().zip(&shifted).zip(&aligned) {
+        assert_close(&format!("odd offset {name}"), a, b, 0.0);
+    }
+}
+
+/// DESIGN.md §3: a run is bitwise reproducible, so the kernels may not depend on timing (no atomics).
+#[test]
+fn results_are_bitwise_reproducible() {
+    let device = gpu();
+    for dtype in [DType::F32, DType::BF16] {
+        let dims = [2, 3, 333, 64];
+        let [q, k, v] = [500, 501, 502].map(|s| randn(s, &dims, 1.0, &device).to_dtype(dtype).unwrap());
+        let w = randn(503, &dims, 1.0, &device);
+        let bits = |ts: [Tensor; 4]| ts.map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let first = bits(forward_backward(flash_attention, &q, &k, &v, &w, 0.125));
+        let second = bits(forward_backward(flash_attention, &q, &k, &v, &w, 0.125));
+        for (i, (a, b)) in first.iter().zip(&second).enumerate() {
+            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(
+                same,
+                "{dtype:?}: result {i} (output, dq, dk, dv) differs between two identical runs"
+            );
+        }
+    }
+}
+
+/// Milliseconds per call of `f` (median of 10 after 3 warm-up calls), the device synchronised around each.
+fn time_ms(device: &Device, mut f: impl FnMut()) -> f64 {
+    for _ in 0..3 {
+        f();
+    }
+    let mut ms: Vec<f64> = (0..10)
+        .map(|_| {
+            device.synchronize().unwrap();
+            let start = Instant::now();
+            f();
+            device.synchronize().unwrap();
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    ms[ms.len() / 2]
+}
+
+/// Issue 8's speed bar: fwd+bwd of B=16, H=12, T=1024, D=64 in bf16 within 2x of PyTorch's flash attention
+/// (scripts/torch_attention.py prints that). Prints, asserts nothing about time.
+#[test]
+#[ignore = "a timing for the GPU check's report, not a test"]
+fn time_gpt2_shape_bf16() {
+    let device = gpu();
+    let dims = [16, 12, 1024, 64];
+    let [q, k, v] = [600, 601, 602].map(|s| randn(s, &dims, 1.0, &device).to_dtype(DType::BF16).unwrap());
+    let w = randn(603, &dims, 1.0, &device).to_dtype(DType::BF16).unwrap();
+    let vars = [&q, &k, &v].map(|t| Var::from_tensor(t).unwrap());
+    let [qv, kv, vv] = vars.each_ref().map(|v| v.as_tensor());
+    for (name, f) in [
+        ("fused", flash_attention as AttentionFn),
+        ("composed", composed::causal_attention),
+    ] {
+        let fwd = time_ms(&device, || {
+            f(qv, kv, vv, 0.125).unwrap();
+        });
+        let fwd_bwd = time_ms(&device, || {
+            let out = f(qv, kv, vv, 0.125).unwrap();
+            (out * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        });
+        println!("attention {name} {dims:?} bf16: forward {fwd:.3} ms, forward+backward {fwd_bwd:.3} ms");
+    }
+}
