@@ -108,9 +108,10 @@ pub fn chat_samples(dir: &Path, spec: &RunSpec, limit: usize) -> Result<Vec<(Str
     })?;
     let model = loaded.model()?;
     let path = spec.data.path.clone().unwrap_or_default();
-    let conversations = lockstep_common::data::sft::read_conversations(&path)?;
-    let n_val = ((conversations.len() as f64 * spec.data.val_fraction).round() as usize).max(1);
-    let items: Vec<_> = conversations[conversations.len().saturating_sub(n_val)..]
+    let mut conversations = lockstep_common::data::sft::read_conversations(&path)?;
+    // The corpus's own rule, so these are the validation conversations the run held out.
+    let val = lockstep_common::data::sft::split_val(&mut conversations, spec.data.val_fraction);
+    let items: Vec<_> = val
         .iter()
         .filter_map(|c| lockstep_common::data::sft::split_reply(c))
         .take(limit)

@@ -157,9 +157,7 @@ impl Corpus {
                 message: "needs at least 2 examples: one to train on and one held out for validation".into(),
             });
         }
-        let n_val =
-            (((conversations.len() as f64) * d.val_fraction).round() as usize).clamp(1, conversations.len() - 1);
-        let val = conversations.split_off(conversations.len() - n_val);
+        let val = sft::split_val(&mut conversations, d.val_fraction);
         let tokenizer = match (&d.tokenizer, spec.model.init_source()?) {
             (Some(tok), _) => Tokenizer::for_text(tok, &sft::all_text(&conversations))?,
             (None, InitFrom::Lockstep(dir)) => Tokenizer::load(&dir.join("tokenizer.json"))?,

@@ -144,6 +144,14 @@ pub fn build_rows(
     Ok((rows, stats))
 }
 
+/// Splits off the validation conversations: the last `val_fraction` of them, at least one, and at least one left to
+/// train on (`conversations` needs two or more). Returns the validation part; `conversations` keeps the rest.
+pub fn split_val(conversations: &mut Vec<Conversation>, val_fraction: f64) -> Vec<Conversation> {
+    let n = conversations.len();
+    let n_val = (((n as f64) * val_fraction).round() as usize).clamp(1, n.saturating_sub(1).max(1));
+    conversations.split_off(n - n_val.min(n))
+}
+
 /// A held-out item for generation metrics: the conversation before its last assistant turn, and that turn's text
 /// as the reference. `None` when the conversation does not end with an assistant turn.
 pub fn split_reply(conversation: &[Message]) -> Option<(&[Message], &str)> {
