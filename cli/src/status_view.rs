@@ -110,19 +110,22 @@ pub fn val(loss: Option<f64>) -> String {
     loss.map_or_else(|| "-".into(), |l| format!("{l:.4} (ppl {:.2})", l.exp()))
 }
 
+/// The generation metrics' keys (`RunStatus.eval_metrics`) and how they are shown, in display order.
+pub const METRIC_LABELS: [(&str, &str); 6] = [
+    ("bleu", "BLEU"),
+    ("chrf", "chrF"),
+    ("rouge1", "ROUGE-1"),
+    ("rouge2", "ROUGE-2"),
+    ("rougeL", "ROUGE-L"),
+    ("meteor", "METEOR"),
+];
+
 /// The newest generation metrics, `generation @ step 200: BLEU 41.2  chrF 60.1  ...`; `None` when there are none.
 pub fn metrics_line(s: &RunStatus) -> Option<String> {
     if s.eval_metrics.is_empty() {
         return None;
     }
-    let names = [
-        ("bleu", "BLEU"),
-        ("chrf", "chrF"),
-        ("rouge1", "ROUGE-1"),
-        ("rouge2", "ROUGE-2"),
-        ("rougeL", "ROUGE-L"),
-        ("meteor", "METEOR"),
-    ];
+    let names = METRIC_LABELS;
     let mut parts: Vec<String> = names
         .iter()
         .filter_map(|(key, name)| s.eval_metrics.get(*key).map(|v| format!("{name} {v:.1}")))

@@ -94,17 +94,10 @@ impl Report {
         }
         if let Some(step) = self.finetune.eval_metrics_step {
             let m = &self.finetune.eval_metrics;
-            let figures: Vec<String> = [
-                ("bleu", "BLEU"),
-                ("chrf", "chrF"),
-                ("rouge1", "ROUGE-1"),
-                ("rouge2", "ROUGE-2"),
-                ("rougeL", "ROUGE-L"),
-                ("meteor", "METEOR"),
-            ]
-            .iter()
-            .filter_map(|(key, label)| m.get(*key).map(|v| format!("{label} {v:.1}")))
-            .collect();
+            let figures: Vec<String> = crate::status_view::METRIC_LABELS
+                .iter()
+                .filter_map(|(key, label)| m.get(*key).map(|v| format!("{label} {v:.1}")))
+                .collect();
             let _ = writeln!(
                 s,
                 "the fine-tuning run's own evaluation at step {step} (sft.eval_data, METEOR exact and stem): {}",
