@@ -274,12 +274,9 @@ impl Trainer {
     }
 
     /// Counted target tokens in the global batch of `step`: the loss denominator (DESIGN §3), the same for every
-    /// world size. Every target counts in pretraining data; fine-tuning data masks all but the assistant's words,
-    /// so every rank counts the whole batch's (from the plan, without a collective).
+    /// world size. Every target counts in pretraining data (`seq_len` per window); fine-tuning data masks all but
+    /// the assistant's words, so every rank counts the whole batch's (from the plan, without a collective).
     fn global_tokens(&self, step: u64) -> f64 {
-        if self.corpus.sft.is_none() {
-            return (self.spec.train.global_batch * self.spec.train.seq_len) as f64;
-        }
         let counted: u64 = self
             .plan
             .rank_windows(step, 0, 1)
@@ -449,15 +446,13 @@ impl Trainer {
         let (Some(path), Some(info)) = (&sft.eval_data, &self.corpus.sft) else {
             return Ok(None);
         };
-        if self.held_out.is_none() {
-            self.held_out = Some(HeldOut::read(path, sft.eval_items)?);
-        }
-        let held_out = self
-            .held_out
-            .as_ref()
-            .map(|h| (h.histories.as_slice(), h.references.as_slice()));
-        let (histories, references) = held_out.unwrap_or_default();
-        let mine = rank_share(histories.len() as u64, self.world_size(), self.rank());
+        let (world, rank) = (self.world_size(), self.rank());
+        let held_out = match &mut self.held_out {
+            Some(held_out) => held_out,
+            slot => slot.insert(HeldOut::read(path, sft.eval_items)?),
+        };
+        let (histories, references) = (&held_out.histories, &held_out.references);
+        let mine = rank_share(histories.len() as u64, world, rank);
         let mine = mine.start as usize..mine.end as usize;
         let answers = sft_eval::answer(
             &self.model,
