@@ -12,6 +12,8 @@
 #   2b. the fused causal attention kernels (worker/tests/attention_gpu.rs) against the composed attention, f32 and
 #      bf16, with the default kernels and with LOCKSTEP_ATTENTION_KERNELS=simt; then the fwd+bwd time of the GPT-2
 #      shape (B=16, H=12, T=1024, D=64, bf16) beside PyTorch's flash attention (scripts/torch_attention.py);
+#   2c. the fused LayerNorm, GELU, bias-add, cross-entropy and AdamW kernels (worker/tests/kernels_gpu/) against the
+#      composed candle ops, forward and gradients, f32 and bf16;
 #   3. NCCL, world size 1 (worker/tests/nccl.rs): exact round trips, abort, deadline;
 #   4. the demo for GPU_CHECK_STEPS (200) steps on the GPU and on the CPU, same seed, f32: the loss curves must agree
 #      within |gpu - cpu| <= 0.02 + 0.02 * cpu at every step (GPU and CPU sum in different orders, so the curves
@@ -19,8 +21,8 @@
 #   5. a short `lockstep bench train` on the GPU, f32 and bf16 (a smoke run);
 #   6. issue 5's figures, side by side: `lockstep bench train` and scripts/torch_reference.py (when python3 has
 #      torch) for GPT-2 124M (ctx 1024, micro-batch 16, vocab 50304) and the shakespeare-char shape (ctx 256,
-#      batch 64), f32 and bf16, GPU_CHECK_FIGURE_STEPS (10) steps after 3 warm-up steps. Copy them into
-#      docs/BENCHMARKS.md with the date and the GPU.
+#      batch 64), f32 and bf16, GPU_CHECK_FIGURE_STEPS (10) steps after 3 warm-up steps, then the GPT-2 bf16
+#      step's profile (`lockstep bench train --profile`). Copy them into docs/BENCHMARKS.md with the date and the GPU.
 # Environment: GPU_CHECK_DEVICE (cuda:0), GPU_CHECK_STEPS (200), GPU_CHECK_BIN (.device/cuda/bin; point it at
 # target/debug with GPU_CHECK_DEVICE=cpu to rehearse sections 1 and 4 on a machine without a GPU).
 set -uo pipefail
@@ -100,6 +102,20 @@ elif [[ -x $BIN/test-attention_gpu ]]; then
   ((ok)) && result PASS "2b attention kernels on $DEVICE" || result FAIL "2b attention kernels on $DEVICE"
 else
   result SKIP "2b attention kernels (no $BIN/test-attention_gpu)"
+fi
+
+section "2c. fused LayerNorm, GELU, bias, cross-entropy and AdamW kernels on $DEVICE, against the composed ops"
+if [[ $DEVICE == cpu ]]; then
+  result SKIP "2c fused kernels (a GPU check)"
+elif [[ -x $BIN/test-kernels_gpu ]]; then
+  echo "\$ test-kernels_gpu --test-threads=1 --nocapture"
+  if LOCKSTEP_TEST_DEVICE=$DEVICE "$BIN/test-kernels_gpu" --test-threads=1 --nocapture; then
+    result PASS "2c fused kernels on $DEVICE"
+  else
+    result FAIL "2c fused kernels on $DEVICE"
+  fi
+else
+  result SKIP "2c fused kernels (no $BIN/test-kernels_gpu)"
 fi
 
 section "3. NCCL all-reduce, world size 1, on $DEVICE"
@@ -233,6 +249,10 @@ elif [[ -x $BIN/lockstep ]]; then
     done
   done
   ((have_torch)) || echo "(no PyTorch with CUDA here: the reference figures are missing)"
+  # Where the GPT-2 bf16 step's milliseconds go, part by part (issue 8's profile, rerun after every change).
+  echo "\$ lockstep bench train --profile --device $DEVICE --preset gpt2 --seq-len 1024 --micro-batch 16 --vocab-size 50304 --dtype bf16 --warmup 3 --steps $FSTEPS"
+  "$BIN/lockstep" bench train --profile --device "$DEVICE" --preset gpt2 --seq-len 1024 --micro-batch 16 \
+    --vocab-size 50304 --dtype bf16 --warmup 3 --steps "$FSTEPS" || ok=0
   ((ok)) && result PASS "6 figures printed" || result FAIL "6 figures"
 else
   result SKIP "6 figures (no $BIN/lockstep)"

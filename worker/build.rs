@@ -12,6 +12,8 @@ const KERNELS: &str = "kernels";
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    // The folder too: a new kernel file must rebuild the PTX (a listed file only reports its own changes).
+    println!("cargo:rerun-if-changed={KERNELS}");
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }

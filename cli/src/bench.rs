@@ -14,7 +14,7 @@ use lockstep_common::spec::{ComputeDtype, DataSource};
 use lockstep_worker::collective::{Collective, Local};
 use lockstep_worker::collective::{Ring, RingConfig, RingListener};
 use lockstep_worker::flops::{self, flops_per_token};
-use lockstep_worker::hardware::peak_rss_bytes;
+use lockstep_worker::hardware::{device_peak_bytes, peak_rss_bytes, reset_device_peak};
 use lockstep_worker::loader::{Loader, Share};
 use lockstep_worker::trainer::{StepOutcome, Trainer};
 use rand::{Rng, SeedableRng};
@@ -118,6 +118,8 @@ pub struct TrainBench {
     pub flops_per_token: f64,
     /// The process's peak resident memory (every rank is a thread of it), if known.
     pub peak_rss_bytes: Option<u64>,
+    /// The most GPU memory the measured steps held at once (all ranks on the device), if on a GPU.
+    pub peak_device_bytes: Option<u64>,
 }
 
 impl TrainBench {
@@ -175,6 +177,10 @@ pub fn train(spec: &RunSpec, device: &Device, workers: u32, warmup: u64, steps: 
                     for _ in 0..warmup {
                         trainer.train_step()?;
                     }
+                    // The measured steps' peak, not the first steps' (which also fill allocator caches).
+                    if rank == 0 {
+                        reset_device_peak(device);
+                    }
                     let start = Instant::now();
                     let outs = (0..steps)
                         .map(|_| trainer.train_step())
@@ -224,6 +230,7 @@ pub fn train(spec: &RunSpec, device: &Device, workers: u32, warmup: u64, steps: 
         }
     }
     bench.peak_rss_bytes = peak_rss_bytes();
+    bench.peak_device_bytes = device_peak_bytes(device);
     Ok(bench)
 }
 

@@ -379,8 +379,11 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let memory = b.peak_rss_bytes.map_or("n/a".to_string(), |m| {
                 format!("{:.2} GiB", m as f64 / (1u64 << 30) as f64)
             });
+            let device_memory = b.peak_device_bytes.map_or(String::new(), |m| {
+                format!(", {:.2} GiB on the GPU", m as f64 / (1u64 << 30) as f64)
+            });
             println!(
-                "{:.3} GFLOP/token  {mfu}  peak memory {memory} (process resident)",
+                "{:.3} GFLOP/token  {mfu}  peak memory {memory} (process resident){device_memory}",
                 b.flops_per_token / 1e9
             );
             Ok(ExitCode::SUCCESS)

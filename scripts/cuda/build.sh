@@ -6,8 +6,8 @@
 #   2. `cargo build --release --features cuda` of lockstep and lockstep-worker, and lockstep-coordinator (which has
 #      no GPU code), in target-cuda/ so that the CPU build in target/ stays as it is,
 #   3. stripped copies in .device/cuda/bin/ (git-ignored): what a GPU host or deploy/Containerfile.gpu needs.
-# --tests  also builds the GPU test binaries (worker/tests/golden.rs, nccl.rs and attention_gpu.rs) as
-#          .device/cuda/bin/test-golden, test-nccl and test-attention_gpu, for scripts/gpu-check.sh.
+# --tests  also builds the GPU test binaries (worker/tests/golden.rs, nccl.rs, attention_gpu.rs, kernels_gpu/) as
+#          .device/cuda/bin/test-golden, test-nccl, test-attention_gpu and test-kernels_gpu, for scripts/gpu-check.sh.
 # --pack   also writes .device/cuda.tar.xz: the same files, small enough to carry to a GPU host (gpu-check unpacks it).
 # Environment: LOCKSTEP_CUDA_PREFIX (toolchain, default ~/.cache/lockstep-cuda), CUDA_COMPUTE_CAP (default 90 =
 # H100/H200), CARGO_TARGET_DIR (default target-cuda).
@@ -37,7 +37,8 @@ done
 if ((tests)); then
   log "building the GPU test binaries"
   # The executables' paths come from cargo's JSON messages (their names carry a hash).
-  cargo test --release --features cuda -p lockstep-worker --test golden --test nccl --test attention_gpu --no-run \
+  cargo test --release --features cuda -p lockstep-worker --test golden --test nccl --test attention_gpu --test kernels_gpu \
+    --no-run \
     --message-format=json \
     | python3 -c '
 import json, sys
@@ -46,7 +47,7 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
         print(m["target"]["name"], m["executable"])' \
     | while read -r name exe; do strip -o "$out/test-$name" "$exe"; done
-  [[ -x $out/test-golden && -x $out/test-nccl && -x $out/test-attention_gpu ]] \
+  [[ -x $out/test-golden && -x $out/test-nccl && -x $out/test-attention_gpu && -x $out/test-kernels_gpu ]] \
     || { log "the test binaries were not found"; exit 1; }
 fi
 ls -l "$out" >&2

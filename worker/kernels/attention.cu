@@ -30,7 +30,7 @@
 // Without a GPU, emulate/attention_emu.cpp runs every kernel here on the CPU (fibers for threads, the documented
 // mma/ldmatrix fragment layouts, poisoned cp.async destinations, warps racing each other) against a float64
 // reference; the command is in its header. worker/tests/attention_gpu.rs is the test on the GPU.
-#include "attention_prims.cuh"
+#include "prims.cuh"
 
 namespace {
 

@@ -79,6 +79,52 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// The most GPU memory this process's tensors have held at once since [`reset_device_peak`] (the high-water mark
+/// of the GPU's stream-ordered memory pool, where candle allocates: PyTorch's `max_memory_allocated`, less the
+/// cuBLAS workspace, which cuBLAS allocates itself), in bytes. `None` on a CPU or where the driver does not say.
+pub fn device_peak_bytes(device: &candle_core::Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(d) = device {
+        use cudarc::driver::{result, sys};
+        let dev = d.cuda_stream().context().cu_device();
+        let mut high = 0u64;
+        // SAFETY: `dev` is a device of an open context; the used-memory high watermark attribute is a u64.
+        let got = unsafe {
+            result::device::get_mem_pool(dev).and_then(|pool| {
+                result::mem_pool::get_attribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                    (&mut high as *mut u64).cast(),
+                )
+            })
+        };
+        return got.ok().map(|()| high);
+    }
+    let _ = device;
+    None
+}
+
+/// Starts [`device_peak_bytes`] afresh from what is in use now (e.g. after a benchmark's warm-up steps).
+pub fn reset_device_peak(device: &candle_core::Device) {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(d) = device {
+        use cudarc::driver::{result, sys};
+        let dev = d.cuda_stream().context().cu_device();
+        let mut zero = 0u64;
+        // SAFETY: as above; the driver accepts only 0 for this attribute, meaning "reset to the current use".
+        let _ = unsafe {
+            result::device::get_mem_pool(dev).and_then(|pool| {
+                result::mem_pool::set_attribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                    (&mut zero as *mut u64).cast(),
+                )
+            })
+        };
+    }
+    let _ = device;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,6 +140,12 @@ mod tests {
         assert_eq!(peak_flops("NVIDIA A100-SXM4-80GB", ComputeDtype::F32), Some(19.5 * T));
         assert_eq!(peak_for("NVIDIA A10G").map(|p| p.name), Some("A10 / A10G"));
         assert_eq!(peak_flops("cpu", ComputeDtype::F32), None);
+    }
+
+    #[test]
+    fn a_cpu_has_no_device_peak() {
+        reset_device_peak(&candle_core::Device::Cpu);
+        assert_eq!(device_peak_bytes(&candle_core::Device::Cpu), None);
     }
 
     #[test]

@@ -19,6 +19,8 @@ pub mod loader;
 pub mod model;
 pub mod ops;
 pub mod optim;
+#[cfg(feature = "cuda")]
+mod optim_cuda;
 pub mod params;
 pub mod sampling;
 pub mod session;

@@ -285,7 +285,7 @@ fn dropout(x: Tensor, p: f64, rng: &mut Option<&mut DropoutRng>) -> Result<Tenso
     }
 }
 
-/// LayerNorm (biased variance, as torch), always computed in f32 and returned in the input's dtype.
+/// LayerNorm (biased variance, as torch), computed in f32 and returned in the input's dtype.
 struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
@@ -303,9 +303,8 @@ impl LayerNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // Fused with its own backward on the CPU, composed elsewhere (ops::composed::layer_norm).
-        let y = crate::ops::layer_norm(&x.to_dtype(DType::F32)?, &self.weight, &self.bias, self.eps)?;
-        Ok(y.to_dtype(x.dtype())?)
+        // Fused with its own backward on the CPU and the GPU (f32 inside whatever x's dtype), composed elsewhere.
+        crate::ops::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -356,7 +355,8 @@ impl CausalSelfAttention {
         })
     }
 
-    /// `mask`: [T, T], 0 on and below the diagonal, -inf above.
+    /// `mask`: [T, T], 0 on and below the diagonal, -inf above; needed only with attention dropout in training
+    /// (else the fused attention masks itself).
     /// Queries, keys and values of `x` [B, T, C], each split into heads: [B, nh, T, hd].
     fn qkv_heads(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, c) = x.dims3()?;
@@ -373,12 +373,12 @@ impl CausalSelfAttention {
         Ok((heads(0)?, heads(1)?, heads(2)?))
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor, rng: &mut Option<&mut DropoutRng>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, mask: Option<&Tensor>, rng: &mut Option<&mut DropoutRng>) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?;
         let hd = c / self.n_head;
         let (q, k, v) = self.qkv_heads(x)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let y = if self.dropout > 0.0 && rng.is_some() {
+        let y = if let (true, Some(mask)) = (self.dropout > 0.0 && rng.is_some(), mask) {
             // Dropout on the attention probabilities needs them in memory: softmax(QKᵀ/√hd + mask), the scale and
             // mask fused into the softmax, [B, nh, T, T], in f32 whatever the compute dtype (`mask` is f32 and the
             // softmax's sums need the precision).
@@ -461,7 +461,7 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor, rng: &mut Option<&mut DropoutRng>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, mask: Option<&Tensor>, rng: &mut Option<&mut DropoutRng>) -> Result<Tensor> {
         let x = (x + self.attn.forward(&self.ln_1.forward(x)?, mask, rng)?)?;
         Ok((&x + self.mlp.forward(&self.ln_2.forward(&x)?, rng)?)?)
     }
@@ -607,15 +607,22 @@ impl Gpt {
         Ok(tok_emb.broadcast_add(&pos_emb)?.to_dtype(self.compute_dtype)?)
     }
 
-    /// The LM head, tied to the token embedding: logits = h · wteᵀ, returned in f32 for the loss and sampling.
+    /// The LM head, tied to the token embedding: logits = h · wteᵀ, in the compute dtype.
     fn lm_head(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.wte.to_dtype(x.dtype())?;
-        Ok(x.matmul(&w.t()?)?.to_dtype(DType::F32)?)
+        Ok(x.matmul(&w.t()?)?)
     }
 
-    /// Logits [B, T, vocab] for token ids `idx` [B, T] (any integer dtype). `dropout`: `None` = eval mode;
-    /// `Some(rng)` = training, with masks drawn from `rng` (skipped anyway when the config's dropout is 0).
-    pub fn forward(&self, idx: &Tensor, mut dropout_rng: Option<&mut DropoutRng>) -> Result<Tensor> {
+    /// Logits [B, T, vocab] in f32 for token ids `idx` [B, T] (any integer dtype), for sampling and scoring.
+    /// `dropout`: `None` = eval mode; `Some(rng)` = training, with masks drawn from `rng` (skipped anyway when the
+    /// config's dropout is 0).
+    pub fn forward(&self, idx: &Tensor, dropout_rng: Option<&mut DropoutRng>) -> Result<Tensor> {
+        Ok(self.forward_logits(idx, dropout_rng)?.to_dtype(DType::F32)?)
+    }
+
+    /// [`Gpt::forward`] with the logits left in the compute dtype, for the loss: the fused cross-entropy reads bf16
+    /// logits on a GPU, where an f32 copy of [B·T, vocab] would be the largest tensor of the step.
+    pub fn forward_logits(&self, idx: &Tensor, mut dropout_rng: Option<&mut DropoutRng>) -> Result<Tensor> {
         let (b, t) = idx.dims2()?;
         if t > self.cfg.block_size {
             return Err(Error::Model(format!(
@@ -625,16 +632,20 @@ impl Gpt {
         }
         let c = self.cfg.n_embd;
         let mut x = dropout(self.embed(idx, 0)?, self.cfg.dropout, &mut dropout_rng)?; // [B, T, C]
-        let mask = causal_mask(t, DType::F32, x.device())?;
+        // Only attention dropout materialises the probabilities and needs the mask (a T×T upload per forward).
+        let mask = match (self.cfg.dropout > 0.0, &dropout_rng) {
+            (true, Some(_)) => Some(causal_mask(t, DType::F32, x.device())?),
+            _ => None,
+        };
         for block in &self.h {
-            x = block.forward(&x, &mask, &mut dropout_rng)?;
+            x = block.forward(&x, mask.as_ref(), &mut dropout_rng)?;
         }
         let x = self.ln_f.forward(&x)?;
         let logits = self.lm_head(&x.reshape((b * t, c))?)?; // [B*T, vocab]
         Ok(logits.reshape((b, t, self.cfg.vocab_size))?)
     }
 
-    /// Logits [B, T_new, vocab] for `idx_new` [B, T_new], the tokens that follow the `cache.len()` positions already
+    /// Logits [B, T_new, vocab] (f32) for `idx_new` [B, T_new], the tokens that follow the `cache.len()` positions already
     /// in `cache`, which then holds them too. Eval mode (no dropout). Feeding a sequence in chunks gives the logits
     /// `forward` gives for the whole of it (within float rounding). Fails, leaving `cache` unchanged, if the cache
     /// would exceed `block_size` positions: the caller then clears it and re-feeds the last `block_size` tokens.
@@ -642,16 +653,16 @@ impl Gpt {
         let (b, t) = idx_new.dims2()?;
         let x = self.ln_f.forward(&self.cached_hidden(idx_new, cache)?)?; // [B, T_new, C]
         let logits = self.lm_head(&x.reshape((b * t, self.cfg.n_embd))?)?; // [B*T_new, vocab]
-        Ok(logits.reshape((b, t, self.cfg.vocab_size))?)
+        Ok(logits.reshape((b, t, self.cfg.vocab_size))?.to_dtype(DType::F32)?)
     }
 
-    /// `forward_cached`, but only the last new position's logits [B, vocab]: what decoding needs, without the LM
+    /// `forward_cached`, but only the last new position's logits [B, vocab] (f32): what decoding needs, without the LM
     /// head's work for the rest of a multi-token chunk.
     pub fn forward_cached_last(&self, idx_new: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (b, t) = idx_new.dims2()?;
         let x = self.cached_hidden(idx_new, cache)?; // [B, T_new, C]
         let x = self.ln_f.forward(&x.narrow(1, t - 1, 1)?)?; // [B, 1, C]
-        self.lm_head(&x.reshape((b, self.cfg.n_embd))?) // [B, vocab]
+        Ok(self.lm_head(&x.reshape((b, self.cfg.n_embd))?)?.to_dtype(DType::F32)?) // [B, vocab]
     }
 
     /// The residual stream [B, T_new, C] after the last block for the new positions; appends their keys and values
@@ -730,7 +741,8 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
             targets.dims()
         )));
     }
-    // Softmax and the target pick fused with their backward on the CPU (ops::composed::cross_entropy_sum elsewhere).
+    // Softmax and the target pick fused with their backward on the CPU (f32) and the GPU (f32 or bf16 logits as they
+    // are); composed elsewhere. The loss is f32 either way.
     crate::ops::cross_entropy_sum(&logits.reshape((n, vocab))?, &targets.reshape(n)?)
 }
 

@@ -30,13 +30,46 @@ impl AdamWConfig {
 
 pub struct AdamW {
     cfg: AdamWConfig,
-    /// First and second moments, one per parameter in canonical order, f32 on the parameter's device.
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
+    moments: Moments,
     step: u64,
 }
 
+/// Where the first and second moments live (f32, on the parameters' device).
+enum Moments {
+    /// One tensor per parameter in canonical order, replaced at every step: the composed step's layout.
+    PerTensor { m: Vec<Tensor>, v: Vec<Tensor> },
+    /// Every parameter's moments in one buffer, updated in place: the fused kernel's layout.
+    Flat(Box<Flat>),
+}
+
+struct Flat {
+    /// [2, n]: row 0 exp_avg, row 1 exp_avg_sq, each the parameters' moments flattened in canonical order.
+    mv: Tensor,
+    /// Each parameter's offset in a row.
+    offsets: Vec<usize>,
+    /// Per parameter, views of `mv` shaped like it (exp_avg, exp_avg_sq): they share its storage, so they always
+    /// show the current values ([`AdamW::state`] hands them out).
+    views: Vec<(Tensor, Tensor)>,
+    /// The fused step's device state (optim_cuda.rs), made at the first [`AdamW::fused_step`].
+    #[cfg(feature = "cuda")]
+    kernels: Option<crate::optim_cuda::FusedAdamW>,
+}
+
+/// What a fused step found in the reduced gradients, read back once after the update was queued.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// The loss summed over micro-batches and ranks.
+    pub loss: f64,
+    /// The ranks' stop votes, summed.
+    pub stop_votes: f64,
+    /// The global L2 norm of the gradients before clipping.
+    pub grad_norm: f64,
+    /// The loss or the norm was not finite: nothing was changed and the step count did not advance.
+    pub skipped: bool,
+}
+
 impl AdamW {
+    /// Per-tensor moments and the composed step ([`AdamW::step`]), on any device.
     pub fn new(params: &Params, cfg: AdamWConfig) -> Result<Self> {
         let zeros = || -> Result<Vec<Tensor>> {
             params
@@ -47,10 +80,80 @@ impl AdamW {
         };
         Ok(Self {
             cfg,
-            m: zeros()?,
-            v: zeros()?,
+            moments: Moments::PerTensor {
+                m: zeros()?,
+                v: zeros()?,
+            },
             step: 0,
         })
+    }
+
+    /// Both moments of every parameter in one flat [2, n] buffer on the parameters' device, the layout of the fused
+    /// step ([`AdamW::fused_step`], CUDA in a `cuda` build); [`AdamW::step`] works on it too (the same composed math,
+    /// written back into the buffer). Checkpoints are the same either way.
+    pub fn flat(params: &Params, cfg: AdamWConfig) -> Result<Self> {
+        let device = params
+            .vars()
+            .first()
+            .map(|v| v.device().clone())
+            .ok_or_else(|| Error::Model("an optimizer for no parameters".into()))?;
+        let n = params.num_elements();
+        let mv = Tensor::zeros((2, n), DType::F32, &device)?;
+        let (m_row, v_row) = (mv.get(0)?, mv.get(1)?);
+        let mut offsets = Vec::with_capacity(params.len());
+        let mut views = Vec::with_capacity(params.len());
+        let mut off = 0;
+        for var in params.vars() {
+            let len = var.elem_count();
+            offsets.push(off);
+            views.push((
+                m_row.narrow(0, off, len)?.reshape(var.shape())?,
+                v_row.narrow(0, off, len)?.reshape(var.shape())?,
+            ));
+            off += len;
+        }
+        Ok(Self {
+            cfg,
+            moments: Moments::Flat(Box::new(Flat {
+                mv,
+                offsets,
+                views,
+                #[cfg(feature = "cuda")]
+                kernels: None,
+            })),
+            step: 0,
+        })
+    }
+
+    /// The optimizer a trainer uses for `params`: [`AdamW::flat`] where the fused kernels run (a `cuda` build, the
+    /// parameters on a CUDA device) unless `LOCKSTEP_ADAMW=composed` asks for the composed step there too (a
+    /// fallback, and a second implementation to compare against); [`AdamW::new`] everywhere else.
+    pub fn for_params(params: &Params, cfg: AdamWConfig) -> Result<Self> {
+        let on_cuda = params.vars().first().is_some_and(|v| v.device().is_cuda());
+        let fused = match std::env::var("LOCKSTEP_ADAMW") {
+            Err(_) => true,
+            Ok(v) if v.is_empty() || v == "fused" => true,
+            Ok(v) if v == "composed" => false,
+            Ok(v) => {
+                return Err(Error::Usage(format!(
+                    "LOCKSTEP_ADAMW={v}: expected `fused` (the default: the fused kernel on CUDA devices) or \
+                     `composed`"
+                )));
+            }
+        };
+        if cfg!(feature = "cuda") && on_cuda && fused {
+            Self::flat(params, cfg)
+        } else {
+            Self::new(params, cfg)
+        }
+    }
+
+    /// Whether [`AdamW::fused_step`] can run: flat moments on a CUDA device, in a `cuda` build.
+    pub fn runs_fused(&self) -> bool {
+        match &self.moments {
+            Moments::Flat(f) => cfg!(feature = "cuda") && f.mv.device().is_cuda(),
+            Moments::PerTensor { .. } => false,
+        }
     }
 
     pub fn steps_taken(&self) -> u64 {
@@ -61,11 +164,15 @@ impl AdamW {
     /// `torch.optim.AdamW`: p ← p·(1 − lr·wd); m ← β₁m + (1−β₁)g; v ← β₂v + (1−β₂)g²;
     /// p ← p − (lr / (1−β₁ᵗ)) · m / (√v / √(1−β₂ᵗ) + ε).
     pub fn step(&mut self, params: &Params, grads: &[Tensor], lr: f64) -> Result<()> {
-        if grads.len() != params.len() || self.m.len() != params.len() {
+        let moments = match &self.moments {
+            Moments::PerTensor { m, .. } => m.len(),
+            Moments::Flat(f) => f.offsets.len(),
+        };
+        if grads.len() != params.len() || moments != params.len() {
             return Err(Error::Model(format!(
                 "optimizer step: {} gradients and {} moment tensors for {} parameters",
                 grads.len(),
-                self.m.len(),
+                moments,
                 params.len()
             )));
         }
@@ -88,27 +195,83 @@ impl AdamW {
                     var.dims()
                 )));
             }
+            let (m_old, v_old) = match &self.moments {
+                Moments::PerTensor { m, v } => (m[i].clone(), v[i].clone()),
+                Moments::Flat(f) => f.views[i].clone(),
+            };
             let g = g.to_dtype(DType::F32)?;
-            let m = ((&self.m[i] * beta1)? + (&g * (1.0 - beta1))?)?;
-            let v = ((&self.v[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+            let m = ((&m_old * beta1)? + (&g * (1.0 - beta1))?)?;
+            let v = ((&v_old * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
             let decay = if var.rank() >= 2 { 1.0 - lr * weight_decay } else { 1.0 };
             let p = var.as_tensor().to_dtype(DType::F32)?.affine(decay, 0.0)?;
             let denom = v.sqrt()?.affine(1.0 / bias2_sqrt, eps)?;
             let update = (m.div(&denom)? * step_size)?;
             var.set(&(p - update)?.to_dtype(var.dtype())?)?;
-            self.m[i] = m;
-            self.v[i] = v;
+            match &mut self.moments {
+                Moments::PerTensor { m: ms, v: vs } => (ms[i], vs[i]) = (m, v),
+                Moments::Flat(f) => {
+                    let both = Tensor::stack(&[m.flatten_all()?, v.flatten_all()?], 0)?;
+                    f.mv.slice_set(&both, 1, f.offsets[i])?;
+                }
+            }
         }
         self.step = t;
         Ok(())
     }
 
+    /// The step after the all-reduce, fused (CUDA, [`AdamW::flat`] moments): the global gradient norm, clipping to
+    /// `max_norm` (0: off; [`clip_scale`]) and the AdamW update of [`AdamW::step`], in three kernel launches, then
+    /// ONE read of [loss, votes, norm²] back to the host. `reduced` is the all-reduced flat f32 buffer as
+    /// [`crate::device_grads::FlatGrads::reduce`] returns it: every parameter's gradient in canonical order, then
+    /// the summed loss and the summed stop votes ([`crate::device_grads::EXTRA_SLOTS`]). A non-finite loss or norm
+    /// skips the step on the device (nothing changes) and does not advance the step count, as the composed path.
+    pub fn fused_step(&mut self, params: &Params, reduced: &Tensor, lr: f64, max_norm: f64) -> Result<StepStats> {
+        #[cfg(feature = "cuda")]
+        if let Moments::Flat(f) = &mut self.moments {
+            let kernels = match &mut f.kernels {
+                Some(k) => k,
+                slot => slot.insert(crate::optim_cuda::FusedAdamW::new(params)?),
+            };
+            let hyper = crate::optim_cuda::Hyper {
+                lr,
+                beta1: self.cfg.beta1,
+                beta2: self.cfg.beta2,
+                eps: self.cfg.eps,
+                weight_decay: self.cfg.weight_decay,
+                max_norm,
+                t: self.step + 1,
+            };
+            let [loss, votes, norm2] = kernels.step(params, &f.mv, reduced, &hyper)?;
+            // The kernel made the same decision from the same f32 values.
+            let skipped = !loss.is_finite() || !norm2.is_finite();
+            if !skipped {
+                self.step += 1;
+            }
+            return Ok(StepStats {
+                loss: f64::from(loss),
+                stop_votes: f64::from(votes),
+                grad_norm: f64::from(norm2).sqrt(),
+                skipped,
+            });
+        }
+        let _ = (params, reduced, lr, max_norm);
+        Err(Error::Model(
+            "the fused AdamW step needs flat moments (AdamW::flat) on a CUDA device, in a build with the `cuda` \
+             feature"
+                .into(),
+        ))
+    }
+
     /// The moments as named tensors (`<param>.exp_avg`, `<param>.exp_avg_sq`, torch's names) for the checkpoint.
     pub fn state(&self, params: &Params) -> Vec<(String, Tensor)> {
+        let pairs: Vec<(&Tensor, &Tensor)> = match &self.moments {
+            Moments::PerTensor { m, v } => m.iter().zip(v).collect(),
+            Moments::Flat(f) => f.views.iter().map(|(m, v)| (m, v)).collect(),
+        };
         params
             .names()
             .iter()
-            .zip(self.m.iter().zip(&self.v))
+            .zip(pairs)
             .flat_map(|(name, (m, v))| {
                 [
                     (format!("{name}.exp_avg"), m.clone()),
@@ -141,7 +304,30 @@ impl AdamW {
             m.push(fetch(name, var, "exp_avg")?);
             v.push(fetch(name, var, "exp_avg_sq")?);
         }
-        (self.m, self.v, self.step) = (m, v, steps_taken);
+        match &mut self.moments {
+            Moments::PerTensor { m: ms, v: vs } => (*ms, *vs) = (m, v),
+            Moments::Flat(f) => {
+                if params.len() != f.offsets.len() || params.num_elements() != f.mv.dim(1)? {
+                    return Err(Error::Model(format!(
+                        "optimizer state for {} parameters of {} elements, the optimizer has {} of {}",
+                        params.len(),
+                        params.num_elements(),
+                        f.offsets.len(),
+                        f.mv.dim(1)?
+                    )));
+                }
+                let row = |ts: Vec<Tensor>| -> Result<Tensor> {
+                    let flat = ts
+                        .iter()
+                        .map(|t| t.flatten_all())
+                        .collect::<candle_core::Result<Vec<_>>>()?;
+                    Ok(Tensor::cat(&flat, 0)?)
+                };
+                let both = Tensor::stack(&[row(m)?, row(v)?], 0)?;
+                f.mv.slice_set(&both, 1, 0)?;
+            }
+        }
+        self.step = steps_taken;
         Ok(())
     }
 }
@@ -323,5 +509,59 @@ mod tests {
                 .to_string()
                 .contains("b.exp_avg")
         );
+    }
+    /// The flat layout (the fused kernel's) under the composed step: bitwise the per-tensor optimizer's parameters
+    /// and moments, the same checkpoint names and values, and a state round trip either way.
+    #[test]
+    fn flat_moments_match_per_tensor_moments() {
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let (p, q) = (params(), params());
+        let mut per_tensor = AdamW::new(&p, cfg).unwrap();
+        let mut flat = AdamW::flat(&q, cfg).unwrap();
+        assert!(!flat.runs_fused() && !per_tensor.runs_fused());
+        for g in [[0.1f32, -0.2, 0.3, 0.0, -0.5, 1.0], [-0.1, 0.4, 0.2, 0.1, 0.5, -1.0]] {
+            per_tensor.step(&p, &p.unflatten(&g).unwrap(), 0.01).unwrap();
+            flat.step(&q, &q.unflatten(&g).unwrap(), 0.01).unwrap();
+        }
+        let values = |ps: &Params| -> Vec<f32> {
+            ps.vars()
+                .iter()
+                .flat_map(|v| v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                .collect()
+        };
+        assert_eq!(values(&p), values(&q));
+        assert_eq!(flat.steps_taken(), 2);
+        let state = |opt: &AdamW, ps: &Params| -> Vec<(String, Vec<usize>, Vec<f32>)> {
+            opt.state(ps)
+                .into_iter()
+                .map(|(n, t)| (n, t.dims().to_vec(), t.flatten_all().unwrap().to_vec1().unwrap()))
+                .collect()
+        };
+        let want = state(&per_tensor, &p);
+        assert_eq!(state(&flat, &q), want);
+        assert!(want.iter().all(|(_, _, v)| v.iter().any(|x| *x != 0.0)));
+
+        let saved: HashMap<String, Tensor> = per_tensor.state(&p).into_iter().collect();
+        let mut loaded = AdamW::flat(&q, cfg).unwrap();
+        loaded.load_state(&q, &saved, 2).unwrap();
+        assert_eq!((state(&loaded, &q), loaded.steps_taken()), (want.clone(), 2));
+        let mut missing = saved;
+        missing.remove("b.exp_avg");
+        assert!(loaded.load_state(&q, &missing, 5).is_err());
+        assert_eq!(
+            (state(&loaded, &q), loaded.steps_taken()),
+            (want, 2),
+            "a failed load changed nothing"
+        );
+
+        // The fused step needs a CUDA device.
+        let reduced = Tensor::zeros(q.num_elements() + 2, DType::F32, &Device::Cpu).unwrap();
+        assert!(flat.fused_step(&q, &reduced, 0.01, 1.0).is_err());
+        assert!(!AdamW::for_params(&p, cfg).unwrap().runs_fused());
     }
 }

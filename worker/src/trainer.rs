@@ -26,7 +26,7 @@ use tracing::info;
 
 use crate::checkpoint::{self, TrainerState};
 use crate::collective::Collective;
-use crate::device_grads::DeviceGrads;
+use crate::device_grads::{DeviceGrads, FlatGrads};
 use crate::error::{Error, Result};
 use crate::loader::{Loader, Share, StepBatch};
 use crate::model::{DropoutRng, Gpt, GptConfig, cross_entropy_sum, init_varmap};
@@ -74,12 +74,34 @@ pub struct Trainer {
     flat: Vec<f32>,
     /// Set (by another thread) to vote for stopping after the current step; see [`StepOutcome::stop`].
     stop_vote: Arc<AtomicBool>,
-    /// Sum, reduce and clip gradients on the device ([`DeviceGrads`]) instead of in `flat`: on for accelerators.
+    /// Sum, reduce and clip gradients on the device ([`FlatGrads`] and the fused optimizer where it runs, else
+    /// [`DeviceGrads`]) instead of in `flat`: on for accelerators.
     device_resident: bool,
+    /// The fused path's persistent gradient buffer, made at its first step (and dropped when the path is left).
+    flat_grads: Option<FlatGrads>,
     /// Updates taken so far.
     step: u64,
     /// `sft.eval_data`, read at the first evaluation that needs it.
     held_out: Option<HeldOut>,
+}
+
+/// Where one step's gradients add up ([`Trainer::train_step`]).
+enum Accumulator {
+    /// `Trainer::flat`, on the host.
+    Host,
+    /// Per-parameter sums on the device, for the composed optimizer.
+    Device(DeviceGrads),
+    /// The persistent flat device buffer, for the fused optimizer.
+    Flat(FlatGrads),
+}
+
+/// The same, all-reduced.
+enum Reduced {
+    /// In `Trainer::flat`.
+    Host,
+    Device(crate::device_grads::Reduced),
+    /// The reduced flat buffer [gradients | loss | votes], still on the device.
+    Flat(Tensor),
 }
 
 impl Trainer {
@@ -191,7 +213,7 @@ impl Trainer {
         // The parameters stay f32 whatever the compute dtype: the optimizer updates master weights.
         let model = Gpt::new(VarBuilder::from_varmap(&varmap, DType::F32, &device), &cfg)?.with_compute_dtype(compute);
         let params = Params::from_varmap(&varmap)?;
-        let opt = AdamW::new(&params, AdamWConfig::from_spec(&spec.train))?;
+        let opt = AdamW::for_params(&params, AdamWConfig::from_spec(&spec.train))?;
         let device_resident = !device.is_cpu();
         let flat = if device_resident {
             Vec::new()
@@ -212,6 +234,7 @@ impl Trainer {
             flat,
             stop_vote: Arc::new(AtomicBool::new(false)),
             device_resident,
+            flat_grads: None,
             step: 0,
             held_out: None,
         })
@@ -228,11 +251,13 @@ impl Trainer {
         self.stop_vote = flag;
     }
 
-    /// Whether gradients are summed, reduced and clipped on the device ([`DeviceGrads`]; the default on
-    /// accelerators) or in a flat host buffer (the default on the CPU). Both give the same math; switching lets the
-    /// device path be tested and measured on a CPU.
+    /// Whether gradients are summed, reduced and clipped on the device (the default on accelerators: [`FlatGrads`]
+    /// and the fused AdamW on CUDA, [`DeviceGrads`] and the composed AdamW elsewhere) or in a flat host buffer (the
+    /// default on the CPU; the composed AdamW). All give the same math; switching lets the device path be tested and
+    /// measured on a CPU, and the fused one be compared with the host path on a GPU.
     pub fn set_device_resident(&mut self, on: bool) {
         self.device_resident = on;
+        self.flat_grads = None;
         let len = if on {
             0
         } else {
@@ -345,9 +370,19 @@ impl Trainer {
             ..Default::default()
         };
 
-        // On an accelerator the gradients stay on it (one host synchronisation per step, for the loss and the norm);
-        // on the CPU the flat host buffer is the same memory, and measured faster.
-        let mut on_device = self.device_resident.then(|| DeviceGrads::new(&self.params));
+        // On an accelerator the gradients stay on it; on the CPU the flat host buffer is the same memory, and
+        // measured faster. Where the fused optimizer runs (CUDA) the step has no host synchronisation until its end:
+        // the gradients accumulate into a persistent device buffer, and the norm, the clipping and AdamW are queued
+        // behind the all-reduce before the loss, the votes and the norm come back in one read. Elsewhere on a device,
+        // the loss and the norm are read back after the all-reduce, then the composed AdamW runs.
+        let mut acc = match (self.device_resident, self.opt.runs_fused()) {
+            (false, _) => Accumulator::Host,
+            (true, true) => Accumulator::Flat(match self.flat_grads.take() {
+                Some(flat) => flat,
+                None => FlatGrads::new(&self.params)?,
+            }),
+            (true, false) => Accumulator::Device(DeviceGrads::new(&self.params)),
+        };
         for micro in batch.micro {
             let t0 = Instant::now();
             let sequences = micro.windows.len();
@@ -355,17 +390,18 @@ impl Trainer {
             // Dropout masks are seeded by where the micro-batch sits in the global batch, not by rank.
             let mut rng = DropoutRng::new(mix(self.spec.run.seed, micro.first));
             let dropout = (self.spec.model.dropout > 0.0).then_some(&mut rng);
-            let logits = self.model.forward(&x, dropout)?;
+            let logits = self.model.forward_logits(&x, dropout)?;
             let loss_sum = cross_entropy_sum(&logits, &y)?;
             let loss = (&loss_sum * scale)?;
             let t1 = Instant::now();
             let grads = loss.backward()?;
-            match on_device.as_mut() {
-                Some(acc) => acc.add(&self.params, &grads, &loss)?,
-                None => {
+            match &mut acc {
+                Accumulator::Host => {
                     self.params.accumulate_grads(&grads, &mut self.flat[..n])?;
                     self.flat[n] += loss.to_scalar::<f32>()?;
                 }
+                Accumulator::Device(acc) => acc.add(&self.params, &grads, &loss)?,
+                Accumulator::Flat(acc) => acc.add(&self.params, &grads, &loss)?,
             }
             out.tokens += (sequences * train.seq_len) as u64;
             out.forward_ms += ms(t1 - t0);
@@ -379,40 +415,54 @@ impl Trainer {
         } else {
             0.0
         };
-        let reduced = match on_device {
-            Some(acc) => Some(acc.reduce(&self.params, self.collective.as_mut(), vote)?),
-            None => {
+        let reduced = match acc {
+            Accumulator::Host => {
                 self.flat[n + 1] = vote;
                 self.collective.all_reduce_sum(&mut self.flat)?;
-                None
+                Reduced::Host
+            }
+            Accumulator::Device(acc) => Reduced::Device(acc.reduce(&self.params, self.collective.as_mut(), vote)?),
+            Accumulator::Flat(mut acc) => {
+                let reduced = acc.reduce(self.collective.as_mut(), vote);
+                self.flat_grads = Some(acc);
+                Reduced::Flat(reduced?)
             }
         };
         out.allreduce_ms = ms(t2.elapsed());
 
+        // Every rank sees the same reduced values, so every rank skips together. On the fused path the host waits
+        // for the device only here (the one read-back), so optimizer_ms includes whatever GPU work was still queued.
         let t3 = Instant::now();
-        (out.loss, out.grad_norm, out.stop) = match &reduced {
-            Some(r) => (r.loss, r.grad_norm, r.stop_votes > 0.5),
-            None => (
-                f64::from(self.flat[n]),
-                global_norm(&self.flat[..n]),
-                self.flat[n + 1] > 0.5,
-            ),
-        };
-        // Every rank sees the same reduced values, so every rank skips together.
-        out.skipped = !out.loss.is_finite() || !out.grad_norm.is_finite();
-        if !out.skipped {
-            let clip = clip_scale(out.grad_norm, train.grad_clip);
-            let grads = match &reduced {
-                Some(r) => r.grads(&self.params, clip)?,
-                None => {
-                    let clip = clip as f32;
+        match reduced {
+            Reduced::Flat(flat) => {
+                let stats = self.opt.fused_step(&self.params, &flat, lr, train.grad_clip)?;
+                (out.loss, out.grad_norm, out.stop, out.skipped) =
+                    (stats.loss, stats.grad_norm, stats.stop_votes > 0.5, stats.skipped);
+            }
+            Reduced::Device(r) => {
+                (out.loss, out.grad_norm, out.stop) = (r.loss, r.grad_norm, r.stop_votes > 0.5);
+                out.skipped = !out.loss.is_finite() || !out.grad_norm.is_finite();
+                if !out.skipped {
+                    let grads = r.grads(&self.params, clip_scale(out.grad_norm, train.grad_clip))?;
+                    self.opt.step(&self.params, &grads, lr)?;
+                }
+            }
+            Reduced::Host => {
+                (out.loss, out.grad_norm, out.stop) = (
+                    f64::from(self.flat[n]),
+                    global_norm(&self.flat[..n]),
+                    self.flat[n + 1] > 0.5,
+                );
+                out.skipped = !out.loss.is_finite() || !out.grad_norm.is_finite();
+                if !out.skipped {
+                    let clip = clip_scale(out.grad_norm, train.grad_clip) as f32;
                     if clip != 1.0 {
                         self.flat[..n].iter_mut().for_each(|g| *g *= clip);
                     }
-                    self.params.unflatten(&self.flat[..n])?
+                    let grads = self.params.unflatten(&self.flat[..n])?;
+                    self.opt.step(&self.params, &grads, lr)?;
                 }
-            };
-            self.opt.step(&self.params, &grads, lr)?;
+            }
         }
         self.step += 1;
         out.optimizer_ms = ms(t3.elapsed());
@@ -430,7 +480,7 @@ impl Trainer {
         let mut sums = [0f32; 2];
         for chunk in share.chunks(self.spec.train.micro_batch) {
             let (x, y) = self.batch(Split::Val, chunk)?;
-            let logits = self.model.forward(&x, None)?;
+            let logits = self.model.forward_logits(&x, None)?;
             sums[0] += cross_entropy_sum(&logits, &y)?.to_scalar::<f32>()?;
             sums[1] += chunk.iter().map(|&w| self.corpus.counted(Split::Val, w)).sum::<u64>() as f32;
         }

@@ -185,8 +185,10 @@ fn elementwise(s: &Shapes, timer: &Timer) -> Result<Vec<Part>> {
     let mb = s.micro_batches;
     let stream = [b, t, c];
     let layer_norm = || -> Result<Part> {
+        // The residual stream in the compute dtype, the parameters f32, as the model calls it: on a GPU the kernel
+        // reads and writes bf16 itself; elsewhere the casts into and out of f32 are part of the op.
         let (x, w, bias) = (
-            s.leaf(&stream, DType::F32)?,
+            s.leaf(&stream, s.dt)?,
             s.leaf(&[c], DType::F32)?,
             s.leaf(&[c], DType::F32)?,
         );
@@ -195,7 +197,7 @@ fn elementwise(s: &Shapes, timer: &Timer) -> Result<Vec<Part>> {
         let count = (2.0 * l + 1.0) * mb;
         Ok(Part::differentiated(
             Category::Normalisation,
-            "LayerNorm (f32) ×(2L+1)",
+            "LayerNorm (f32 inside) ×(2L+1)",
             dims(&stream),
             count,
             tm,
@@ -243,12 +245,14 @@ fn elementwise(s: &Shapes, timer: &Timer) -> Result<Vec<Part>> {
         ))
     };
     let loss = || -> Result<Part> {
-        let logits = s.leaf(&[b, t, v], DType::F32)?;
+        // The logits in the compute dtype, as the trainer hands them over (`Gpt::forward_logits`): read as they are
+        // on a GPU, cast to f32 inside the op elsewhere.
+        let logits = s.leaf(&[b, t, v], s.dt)?;
         let targets = s.ids(b * t, 2)?.reshape((b, t))?;
         let tm = timer.fwd_bwd(|| Ok(cross_entropy_sum(&logits, &targets)?))?;
         Ok(Part::differentiated(
             Category::Loss,
-            "cross-entropy (f32)",
+            "cross-entropy (f32 inside)",
             dims(&[b * t, v]),
             mb,
             tm,
@@ -263,8 +267,9 @@ fn elementwise(s: &Shapes, timer: &Timer) -> Result<Vec<Part>> {
     ])
 }
 
-/// The casts a bf16 step makes: each f32 master weight at its use (its backward casts the gradient back), and the
-/// activations around the f32 islands (LayerNorm, the attention softmax, the logits). In f32 every cast is a no-op.
+/// The casts a bf16 step makes outside the fused ops: each f32 master weight at its use (its backward casts the
+/// gradient back), the embedding into the compute dtype, and the attention scores around the composed softmax. The
+/// casts into and out of LayerNorm and the loss (CPU only) are timed with those ops. In f32 every cast is a no-op.
 fn casts(s: &Shapes, timer: &Timer) -> Result<Vec<Part>> {
     let (c, l, b, t, v, nh) = (
         s.cfg.n_embd,
@@ -308,16 +313,6 @@ fn casts(s: &Shapes, timer: &Timer) -> Result<Vec<Part>> {
             tm,
         ))
     };
-    let ln = || -> Result<Part> {
-        let tm = round_trip(&[b, t, c])?;
-        Ok(Part::differentiated(
-            Category::Casts,
-            format!("LayerNorm in {to}→f32, out f32→{to}"),
-            dims(&[b, t, c]),
-            (2.0 * l + 1.0) * mb,
-            tm,
-        ))
-    };
     let scores = || -> Result<Part> {
         let tm = round_trip(&[b, nh, t, t])?;
         Ok(Part::differentiated(
@@ -328,12 +323,12 @@ fn casts(s: &Shapes, timer: &Timer) -> Result<Vec<Part>> {
             tm,
         ))
     };
-    let ends = || -> Result<Part> {
-        let tm = cast(&[b, t, c], DType::F32, dt)? + cast(&[b * t, v], dt, DType::F32)?;
+    let embedding = || -> Result<Part> {
+        let tm = cast(&[b, t, c], DType::F32, dt)?;
         Ok(Part::differentiated(
             Category::Casts,
-            format!("embedding f32→{to}, logits {to}→f32"),
-            format!("{} + {}", dims(&[b, t, c]), dims(&[b * t, v])),
+            format!("embedding f32→{to}"),
+            dims(&[b, t, c]),
             mb,
             tm,
         ))
@@ -341,13 +336,12 @@ fn casts(s: &Shapes, timer: &Timer) -> Result<Vec<Part>> {
     let mut parts = vec![
         Part::labelled("cast block weights", layer_weights())?,
         Part::labelled("cast wte", wte())?,
-        Part::labelled("cast LayerNorm", ln())?,
     ];
     // Only the composed attention (dropout on) has probabilities to cast; the fused op takes q, k, v as they are.
     if s.cfg.dropout > 0.0 {
         parts.push(Part::labelled("cast attention", scores())?);
     }
-    parts.push(Part::labelled("cast embedding and logits", ends())?);
+    parts.push(Part::labelled("cast embedding", embedding())?);
     if dt == DType::F32 {
         parts.iter_mut().for_each(|p| p.name += " (no-op in f32)");
     }

@@ -1,10 +1,11 @@
 //! What a step does besides the model's forward and backward, on the path `Trainer::train_step` takes on this
-//! device: the batch's upload, the gradients' accumulation, the all-reduce (world size 1), clipping and AdamW — on the
-//! trainer's own parameters and a real step's gradients.
+//! device (the host buffer on a CPU; on CUDA the flat device buffer and the fused optimizer; elsewhere per-tensor
+//! device sums and the composed AdamW): the batch's upload, the gradients' accumulation, the all-reduce (world size
+//! 1), clipping and AdamW — on the trainer's own parameters and a real step's gradients.
 use candle_core::Tensor;
 use lockstep_common::RunSpec;
 use lockstep_worker::collective::{Collective, Local};
-use lockstep_worker::device_grads::DeviceGrads;
+use lockstep_worker::device_grads::{DeviceGrads, FlatGrads};
 use lockstep_worker::model::{Gpt, cross_entropy_sum};
 use lockstep_worker::optim::{AdamW, AdamWConfig, global_norm};
 use lockstep_worker::params::Params;
@@ -56,22 +57,25 @@ pub fn measure(
             ms,
         ))
     })?];
-    parts.push(Part::labelled("causal mask", {
-        let ms = timer.op(|| Ok(()), |()| causal_mask(t, device))?;
-        Ok(Part::update(
-            Category::Copies,
-            "causal mask built and uploaded",
-            dims(&[t, t]),
-            micro_batches,
-            ms,
-        ))
-    })?);
+    // The model builds the mask only for attention dropout (the fused attention masks itself).
+    if model.config().dropout > 0.0 {
+        parts.push(Part::labelled("causal mask", {
+            let ms = timer.op(|| Ok(()), |()| causal_mask(t, device))?;
+            Ok(Part::update(
+                Category::Copies,
+                "causal mask built and uploaded",
+                dims(&[t, t]),
+                micro_batches,
+                ms,
+            ))
+        })?);
+    }
 
     // One real micro-batch's gradients and loss, as the trainer computes them.
     let x = Tensor::from_vec(xs, (b, t), device)?;
     let y = Tensor::from_vec(ys, (b, t), device)?;
     let scale = 1.0 / (spec.train.global_batch * t) as f64;
-    let loss = (cross_entropy_sum(&model.forward(&x, None)?, &y)? * scale)?;
+    let loss = (cross_entropy_sum(&model.forward_logits(&x, None)?, &y)? * scale)?;
     let grads = loss.backward()?;
     let n = params.num_elements();
     let values = format!("{n} f32 values");
@@ -138,6 +142,45 @@ pub fn measure(
         ));
         let grads = params.unflatten(&flat[..n])?;
         parts.push(adamw(params, cfg, &grads, lr, &values, timer)?);
+    } else if AdamW::for_params(params, cfg)?.runs_fused() {
+        // The fused path (CUDA): gradients copied into the persistent flat buffer, reduced in place, then the norm,
+        // clipping and AdamW in three launches and the step's one read-back.
+        let fresh = || -> Result<FlatGrads> { Ok(FlatGrads::new(params)?) };
+        let first = timer.op(&fresh, |mut acc| Ok(acc.add(params, &grads, &loss)?))?;
+        parts.push(Part::update(
+            Category::Copies,
+            "FlatGrads::add (into the persistent flat buffer)",
+            values.clone(),
+            micro_batches,
+            first,
+        ));
+        let filled = || -> Result<FlatGrads> {
+            let mut acc = FlatGrads::new(params)?;
+            acc.add(params, &grads, &loss)?;
+            Ok(acc)
+        };
+        let reduce = timer.op(&filled, |mut acc| Ok(acc.reduce(&mut Local, 0.0)?))?;
+        parts.push(Part::update(
+            Category::AllReduce,
+            "FlatGrads::reduce: the stop vote, all-reduce (world size 1: none)",
+            values.clone(),
+            1.0,
+            reduce,
+        ));
+        let reduced = filled()?.reduce(&mut Local, 0.0)?;
+        let mut opt = AdamW::for_params(params, cfg)?;
+        // Clipping active (a max norm far below any real one), as in a step that clips.
+        let ms = timer.op(|| Ok(()), |()| Ok(opt.fused_step(params, &reduced, lr, 1e-6)?))?;
+        parts.push(Part::update(
+            Category::Optimizer,
+            format!(
+                "fused norm + clip + AdamW over {} tensors, and the one read-back",
+                params.len()
+            ),
+            values.clone(),
+            1.0,
+            ms,
+        ));
     } else {
         // The device path: gradients summed as tensors where they live, one concatenation all-reduced.
         let fresh = || -> Result<DeviceGrads> {

@@ -1,4 +1,4 @@
-// A host emulation of the GPU primitives in attention_prims.cuh, for running the attention kernels on a CPU:
+// A host emulation of the GPU primitives in prims.cuh, for running the attention kernels on a CPU:
 // every CUDA thread of a block is a fiber (ucontext) on one OS thread, and the blocks of a grid run one after
 // another. Block and warp synchronisation are scheduler barriers; warp-collective operations (shuffles, ldmatrix,
 // mma) exchange their operands through per-warp scratch between two warp barriers, implementing the fragment
@@ -259,6 +259,11 @@ inline float shfl_xor(float v, int lane_mask) {
 }
 
 inline void block_sync() { emu::yield(emu::AT_BLOCK); }
+
+#define blockDim (emu::Dim3{unsigned(emu::st().fibers.size()), 1, 1})
+// Device math the host lacks.
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+using std::isfinite;
 
 inline unsigned char *dynamic_smem() { return emu::st().smem.data(); }
 inline uint32_t dynamic_smem_size() { return uint32_t(emu::st().smem.size()); }

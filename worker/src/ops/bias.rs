@@ -1,6 +1,8 @@
 //! y = x + b with b broadcast over the rows of x [.., C]. Backward: dx = dy (the same tensor, no copy) and
 //! db = Σ_rows dy, summed a row at a time. candle's `broadcast_add` gets the same forward, but its backward
-//! reduces over the leading dimension element by element, with two integer divisions per element.
+//! reduces over the leading dimension element by element, with two integer divisions per element. On a GPU (f32 or
+//! bf16) the forward and db are kernels of worker/kernels/elementwise.cu (`elementwise_cuda`), db summed in f32 in
+//! a fixed order.
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
 use super::math::simd_kernel;
@@ -53,6 +55,18 @@ impl CustomOp2 for BiasAdd {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let y = super::elementwise_cuda::bias_add_forward((s1, l1), (s2, l2))?;
+        Ok((y, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         _x: &Tensor,
@@ -60,6 +74,11 @@ impl CustomOp2 for BiasAdd {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if grad.device().is_cuda() {
+            let db = super::elementwise_cuda::bias_grad(grad, b)?;
+            return Ok((Some(grad.clone()), Some(db)));
+        }
         let gt = grad.contiguous()?;
         let (gs, gl) = gt.storage_and_layout();
         let dy = storage_f32(&gs, gl, self.name())?;

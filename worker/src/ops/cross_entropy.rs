@@ -2,6 +2,8 @@
 //! Backward: dx[r, j] = g·(exp(x[r, j] − lse_r) − [j = t_r]) for the scalar upstream gradient g. The forward keeps
 //! each row's lse (N floats) for the backward, which then needs one pass over the logits instead of three.
 //! A row whose target is [`IGNORE`] is skipped: it adds nothing to the loss and its gradient row is exactly zero.
+//! On a CUDA device the same op runs worker/kernels/cross_entropy.cu (cross_entropy_cuda.rs) on f32 or bf16 logits,
+//! where a target out of range makes the loss NaN instead of an error (refusing it would be a host sync).
 use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
@@ -13,7 +15,14 @@ use super::{cpu_f32, rows_and_len, storage_f32};
 
 #[derive(Default)]
 pub(super) struct CrossEntropySum {
-    lse: OnceLock<Vec<f32>>,
+    lse: OnceLock<Saved>,
+}
+
+/// The forward's row log-sum-exps, `[N]` f32, where the forward ran.
+enum Saved {
+    Cpu(Vec<f32>),
+    #[cfg(feature = "cuda")]
+    Cuda(cudarc::driver::CudaSlice<f32>),
 }
 
 /// log Σ exp(row), stable: max + log Σ exp(row − max).
@@ -92,8 +101,23 @@ impl CustomOp2 for CrossEntropySum {
             .sum();
         // A second forward through the same op value (not done by candle) would keep the first lse: recomputed
         // in the backward if absent, so only the cache is lost, never correctness.
-        let _ = self.lse.set(lse);
+        let _ = self.lse.set(Saved::Cpu(lse));
         Ok((CpuStorage::F32(vec![loss as f32]), Shape::from(())))
+    }
+
+    /// f32 or bf16 logits as they are; a target out of range makes the loss NaN instead of an error (see
+    /// cross_entropy_cuda.rs: refusing it would need the targets on the host).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (loss, lse) = super::cross_entropy_cuda::forward((s1, l1), (s2, l2))?;
+        let _ = self.lse.set(Saved::Cuda(lse));
+        Ok((loss, Shape::from(())))
     }
 
     fn bwd(
@@ -103,6 +127,15 @@ impl CustomOp2 for CrossEntropySum {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if logits.device().is_cuda() {
+            let lse = match self.lse.get() {
+                Some(Saved::Cuda(lse)) => Some(lse),
+                _ => None,
+            };
+            let dx = super::cross_entropy_cuda::backward(logits, targets_t, lse, grad)?;
+            return Ok((Some(dx), None));
+        }
         let name = self.name();
         let g = grad.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
         let (xt, tt) = (logits.contiguous()?, targets_t.to_dtype(DType::U32)?.contiguous()?);
@@ -122,7 +155,7 @@ impl CustomOp2 for CrossEntropySum {
             );
         }
         let lse = match self.lse.get() {
-            Some(lse) if lse.len() == rows => std::borrow::Cow::Borrowed(lse),
+            Some(Saved::Cpu(lse)) if lse.len() == rows => std::borrow::Cow::Borrowed(lse.as_slice()),
             _ => {
                 let mut lse = vec![0f32; rows];
                 row_lse(x, &mut lse);

@@ -1,7 +1,8 @@
 //! The tanh GELU. With u = √(2/π)·(x + 0.044715·x³) and s = σ(2u) = (1 + tanh u)/2:
 //! gelu(x) = x·s, and gelu'(x) = s + 2·x·s·(1 − s)·u'(x), u'(x) = √(2/π)·(1 + 3·0.044715·x²)
 //! (as 1 − tanh²u = 4·s·(1 − s)). One `exp` per element each way, where candle's composed backward takes two
-//! `powf`s and a `tanh` and a dozen temporaries.
+//! `powf`s and a `tanh` and a dozen temporaries. On a GPU (f32 or bf16) both passes are kernels of
+//! worker/kernels/elementwise.cu, the same formulas in f32 (`elementwise_cuda`).
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
 use super::math::{exp, simd_kernel};
@@ -53,7 +54,20 @@ impl CustomOp1 for GeluTanh {
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        Ok((super::elementwise_cuda::gelu_forward(s, l)?, l.shape().clone()))
+    }
+
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        if arg.device().is_cuda() {
+            return Ok(Some(super::elementwise_cuda::gelu_backward(arg, grad)?));
+        }
         let (arg, grad) = (arg.contiguous()?, grad.contiguous()?);
         let (xs, xl) = arg.storage_and_layout();
         let (gs, gl) = grad.storage_and_layout();

@@ -1,6 +1,8 @@
 //! LayerNorm over the last dimension. Per row of C values: x̂ = (x − μ)·r with r = 1/√(σ² + eps), y = x̂·w + b.
 //! Backward, with g = dy·w: dx = r·(g − mean(g) − x̂·mean(g·x̂)), dw = Σ_rows dy·x̂, db = Σ_rows dy. μ and r are
-//! recomputed in the backward (two passes over C values) rather than saved.
+//! recomputed in the backward (two passes over C values) rather than saved on the CPU; the GPU kernels
+//! (`layer_norm_cuda`, built from `worker/kernels/layer_norm.cu` with the `cuda` feature) save them in the op value
+//! instead, as f32 per row, for a backward that reads x and dy once each.
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use super::math::{dot, simd_kernel, sum};
@@ -49,6 +51,19 @@ simd_kernel! {
 
 pub(super) struct LayerNorm {
     pub eps: f32,
+    /// The GPU forward's per-row mean and 1/std, for its backward.
+    #[cfg(feature = "cuda")]
+    stats: std::sync::OnceLock<super::layer_norm_cuda::Stats>,
+}
+
+impl LayerNorm {
+    pub fn new(eps: f32) -> Self {
+        Self {
+            eps,
+            #[cfg(feature = "cuda")]
+            stats: std::sync::OnceLock::new(),
+        }
+    }
 }
 
 /// Writes x − μ into `out` and returns r = 1/√(σ² + eps).
@@ -96,6 +111,25 @@ impl CustomOp3 for LayerNorm {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (y, stats) = super::layer_norm_cuda::forward((s1, l1), (s2, l2), (s3, l3), self.eps)?;
+        // A second forward through one op value would pair the first forward's statistics with the second's
+        // backward: refuse it (ops::layer_norm makes a new op per call, and candle runs a forward once).
+        if self.stats.set(stats).is_err() {
+            candle_core::bail!("layer-norm (CUDA): this op value already ran a forward; make a new LayerNorm per call");
+        }
+        Ok((y, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -104,6 +138,17 @@ impl CustomOp3 for LayerNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let Some(stats) = self.stats.get() else {
+                candle_core::bail!(
+                    "layer-norm (CUDA): backward for input {:?} without the forward's saved statistics",
+                    x.dims()
+                )
+            };
+            let (dx, dw, db) = super::layer_norm_cuda::backward(x, w, grad, stats)?;
+            return Ok((Some(dx), Some(dw), Some(db)));
+        }
         let name = self.name();
         let (xt, wt, gt) = (x.contiguous()?, w.contiguous()?, grad.contiguous()?);
         let (xs, xl) = xt.storage_and_layout();

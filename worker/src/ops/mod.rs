@@ -1,18 +1,22 @@
 //! Fused tensor ops with hand-written forward AND backward passes, for the ops whose composed candle versions
-//! dominated a CPU training step: the tanh GELU, LayerNorm, the (masked, scaled) softmax of attention, softmax
-//! cross-entropy, and a linear layer's bias add. Composed, each is a chain of broadcasts and reductions whose
-//! backward allocates a tensor per node and reduces over leading dimensions element by element (two integer
-//! divisions per element in candle 0.11); fused, it is one pass forward and one back.
+//! dominated a training step: the tanh GELU, LayerNorm, the (masked, scaled) softmax of attention, causal attention,
+//! softmax cross-entropy, and a linear layer's bias add. Composed, each is a chain of broadcasts and reductions whose
+//! backward allocates a tensor per node (and, on a GPU, launches a kernel per node); fused, it is one pass forward
+//! and one back.
 //!
-//! Every public function dispatches on the device and dtype: f32 on the CPU takes the fused kernel (a candle
-//! `CustomOp` whose `bwd` is itself a fused kernel, so no second-order gradients); anything else takes the
-//! composed version in [`composed`], which has candle's autograd and runs on every device (the CUDA path until it
-//! has kernels of its own). The two agree to float rounding: the tests beside each kernel check the outputs and
-//! the gradients against the composed version, and the gradients against central finite differences in f64.
+//! Every public function dispatches on the device and dtype: f32 on the CPU and f32/bf16 on a GPU (a `cuda` build)
+//! take the fused kernels (a candle `CustomOp` whose `bwd` is itself a fused kernel, so no second-order gradients);
+//! anything else takes the composed version in [`composed`], which has candle's autograd and runs on every device.
+//! The two agree to float rounding: the tests beside each CPU kernel check the outputs and the gradients against the
+//! composed version, and the gradients against central finite differences in f64; the GPU kernels are checked
+//! against the composed version on a GPU host (worker/tests/kernels_gpu.rs, attention_gpu.rs) and, without one,
+//! under the emulator in worker/kernels/emulate/ (worker/tests/kernels_emulated.rs).
 //!
-//! The kernels are plain loops over contiguous rows that LLVM vectorises (no libm call per element:
+//! The CPU kernels are plain loops over contiguous rows that LLVM vectorises (no libm call per element:
 //! `math::exp` is branch-free), compiled for the baseline x86-64 and for AVX2 with a run-time pick
-//! (`math::simd_kernel!`, bitwise the same results), and single-threaded: they are a few percent of a step.
+//! (`math::simd_kernel!`, bitwise the same results), and single-threaded: they are a few percent of a step. The GPU
+//! kernels are CUDA C in worker/kernels/, compiled to PTX by worker/build.rs; they read bf16 or f32 and accumulate
+//! in f32.
 use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
 
 use crate::error::{Error, Result};
@@ -22,8 +26,14 @@ mod attention;
 mod attention_cuda;
 mod bias;
 mod cross_entropy;
+#[cfg(feature = "cuda")]
+mod cross_entropy_cuda;
+#[cfg(feature = "cuda")]
+mod elementwise_cuda;
 mod gelu;
 mod layer_norm;
+#[cfg(feature = "cuda")]
+mod layer_norm_cuda;
 pub(crate) mod math;
 mod softmax;
 
@@ -32,10 +42,15 @@ fn fused(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
 }
 
+/// Whether `t` takes the fused GPU kernels (worker/kernels/*.cu): f32 or bf16 on a CUDA device.
+fn fused_gpu(t: &Tensor) -> bool {
+    cfg!(feature = "cuda") && t.device().is_cuda() && matches!(t.dtype(), DType::F32 | DType::BF16)
+}
+
 /// GPT-2's GELU, the tanh approximation (Hugging Face "gelu_new"):
 /// 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    if fused(x) {
+    if fused(x) || fused_gpu(x) {
         Ok(x.contiguous()?.apply_op1(gelu::GeluTanh)?)
     } else {
         composed::gelu(x)
@@ -43,22 +58,40 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
 }
 
 /// LayerNorm over the last dimension (biased variance, as torch): (x − mean) / √(var + eps) · weight + bias, with
-/// `weight` and `bias` of the last dimension's size.
+/// `weight` and `bias` of the last dimension's size. Computed in f32 (at least) whatever x's dtype, returned in x's
+/// dtype; on a GPU the kernel reads and writes x's dtype itself, so a bf16 x costs no f32 copy.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let c = x.dim(candle_core::D::Minus1)?;
-    if fused(x) && fused(weight) && fused(bias) && weight.dims() == [c] && bias.dims() == [c] {
-        let op = layer_norm::LayerNorm { eps: eps as f32 };
-        Ok(x.contiguous()?
-            .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?)
-    } else {
-        composed::layer_norm(x, weight, bias, eps)
+    let f32_params = weight.dtype() == DType::F32 && bias.dtype() == DType::F32;
+    let shapes = weight.dims() == [c] && bias.dims() == [c];
+    let same_device = weight.device().same_device(x.device()) && bias.device().same_device(x.device());
+    if fused_gpu(x) && f32_params && shapes && same_device {
+        let op = layer_norm::LayerNorm::new(eps as f32);
+        return Ok(x
+            .contiguous()?
+            .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?);
     }
+    let dtype = x.dtype();
+    let x = match dtype {
+        DType::F64 => x.clone(),
+        _ => x.to_dtype(DType::F32)?,
+    };
+    let y = if fused(&x) && fused(weight) && fused(bias) && shapes {
+        let op = layer_norm::LayerNorm::new(eps as f32);
+        x.contiguous()?
+            .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?
+    } else {
+        composed::layer_norm(&x, &weight.to_dtype(x.dtype())?, &bias.to_dtype(x.dtype())?, eps)?
+    };
+    Ok(y.to_dtype(dtype)?)
 }
 
 /// x + bias, the bias `[C]` broadcast over the rows of x `[.., C]` (a linear layer's bias).
 pub fn bias_add(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let c = x.dim(candle_core::D::Minus1)?;
-    if fused(x) && fused(bias) && bias.dims() == [c] {
+    let pair = (fused(x) && fused(bias))
+        || (fused_gpu(x) && bias.dtype() == x.dtype() && bias.device().same_device(x.device()));
+    if pair && bias.dims() == [c] {
         Ok(x.contiguous()?.apply_op2(&bias.contiguous()?, bias::BiasAdd)?)
     } else {
         Ok(x.broadcast_add(bias)?)
@@ -144,8 +177,14 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
             targets.dims()
         )));
     }
-    let logits = logits.to_dtype(DType::F32)?;
-    if fused(&logits) {
+    // On a GPU the kernel reads bf16 logits as they are: a [B·T, 50k] f32 copy would be the step's largest tensor.
+    let gpu = fused_gpu(logits) && targets.device().same_device(logits.device());
+    let logits = if gpu {
+        logits.clone()
+    } else {
+        logits.to_dtype(DType::F32)?
+    };
+    if gpu || fused(&logits) {
         let targets = targets.to_dtype(DType::U32)?.contiguous()?;
         Ok(logits
             .contiguous()?

@@ -1,7 +1,9 @@
-// The few GPU primitives the attention kernels use, in one place: on the GPU they are CUDA intrinsics and inline
-// PTX (sm_80+ for the tensor-core ones); with LOCKSTEP_EMULATE defined they come from emulate/emu.h, a host
-// implementation of the same documented semantics, so that the kernels' index arithmetic can be run and checked on a
-// machine without a GPU (emulate/attention_emu.cpp).
+// The few GPU primitives the kernels (attention, normalisation, loss, optimizer) use, in one place: on the GPU they
+// are CUDA intrinsics and inline PTX (sm_80+ for the tensor-core ones); with LOCKSTEP_EMULATE defined they come from
+// emulate/emu.h, a host implementation of the same documented semantics, so that the kernels' index arithmetic can be
+// run and checked on a machine without a GPU (emulate/*_emu.cpp). Kernels use only what is declared here, plus
+// threadIdx/blockIdx/gridDim/blockDim, __shared__ arrays and the float functions expf, logf, tanhf, sqrtf, rsqrtf,
+// fabsf, fmaxf, isfinite.
 #pragma once
 
 #include <stdint.h>
@@ -88,3 +90,16 @@ DEV void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory
 template <int N> DEV void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
 #endif
+
+// Reductions over the 32 lanes of a warp (every lane gets the result); the butterfly order is fixed, so the result
+// does not depend on scheduling.
+DEV float warp_sum(float v) {
+    for (int m = 16; m > 0; m >>= 1) v += shfl_xor(v, m);
+    return v;
+}
+
+DEV float warp_max(float v) {
+    for (int m = 16; m > 0; m >>= 1) v = fmaxf(v, shfl_xor(v, m));
+    return v;
+}
+
