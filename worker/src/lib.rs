@@ -26,5 +26,6 @@ pub mod sampling;
 pub mod session;
 pub mod sft_eval;
 pub mod trainer;
+pub mod weight_casts;
 
 pub use error::Error;

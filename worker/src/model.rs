@@ -7,8 +7,11 @@
 //! are our own ops with hand-written backward passes (`crate::ops`; composed candle ops on other devices).
 //!
 //! Precision: parameters are f32 ("master weights"). With a bf16 compute dtype ([`Gpt::with_compute_dtype`]) the
-//! residual stream, matmuls and activations are bf16 and each weight is cast where it is used (the cast's backward
-//! returns f32 gradients); LayerNorm, the attention softmax and the logits are computed in f32.
+//! residual stream, matmuls and activations are bf16 and each weight is cast where it is used, once per step inside
+//! [`Gpt::weight_cast_scope`] (the cast's backward returns f32 gradients); LayerNorm, the attention softmax and the
+//! loss compute in f32 inside their ops, and [`Gpt::forward`] returns f32 logits.
+use std::sync::Arc;
+
 use candle_core::{D, DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use lockstep_common::data::plan::mix;
@@ -18,6 +21,7 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::{Value, json};
 
 use crate::error::{Error, Result};
+use crate::weight_casts::{CastScope, WeightCasts};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct GptConfig {
@@ -312,20 +316,25 @@ impl LayerNorm {
 struct Conv1D {
     weight: Tensor,
     bias: Tensor,
+    casts: Arc<WeightCasts>,
 }
 
 impl Conv1D {
-    fn new(vb: VarBuilder, n_in: usize, n_out: usize) -> Result<Self> {
+    fn new(vb: VarBuilder, n_in: usize, n_out: usize, casts: &Arc<WeightCasts>) -> Result<Self> {
         Ok(Self {
             weight: param(&vb, &[n_in, n_out], "weight")?,
             bias: param(&vb, &[n_out], "bias")?,
+            casts: Arc::clone(casts),
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, t, n_in) = x.dims3()?;
-        // A no-op cast in f32; in bf16 the f32 master weight is cast at its use.
-        let (w, bias) = (self.weight.to_dtype(x.dtype())?, self.bias.to_dtype(x.dtype())?);
+        // A no-op in f32; in bf16 the f32 master weights' casts, made once per step (see `weight_casts`).
+        let (w, bias) = (
+            self.casts.get(&self.weight, x.dtype())?,
+            self.casts.get(&self.bias, x.dtype())?,
+        );
         let y = crate::ops::bias_add(&x.reshape((b * t, n_in))?.matmul(&w)?, &bias)?; // [B*T, out]
         Ok(y.reshape((b, t, ()))?)
     }
@@ -345,11 +354,11 @@ struct CausalSelfAttention {
 }
 
 impl CausalSelfAttention {
-    fn new(vb: VarBuilder, cfg: &GptConfig) -> Result<Self> {
+    fn new(vb: VarBuilder, cfg: &GptConfig, casts: &Arc<WeightCasts>) -> Result<Self> {
         let c = cfg.n_embd;
         Ok(Self {
-            c_attn: Conv1D::new(vb.pp("c_attn"), c, 3 * c)?,
-            c_proj: Conv1D::new(vb.pp("c_proj"), c, c)?,
+            c_attn: Conv1D::new(vb.pp("c_attn"), c, 3 * c, casts)?,
+            c_proj: Conv1D::new(vb.pp("c_proj"), c, c, casts)?,
             n_head: cfg.n_head,
             dropout: cfg.dropout,
         })
@@ -428,11 +437,11 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(vb: VarBuilder, cfg: &GptConfig) -> Result<Self> {
+    fn new(vb: VarBuilder, cfg: &GptConfig, casts: &Arc<WeightCasts>) -> Result<Self> {
         let c = cfg.n_embd;
         Ok(Self {
-            c_fc: Conv1D::new(vb.pp("c_fc"), c, 4 * c)?,
-            c_proj: Conv1D::new(vb.pp("c_proj"), 4 * c, c)?,
+            c_fc: Conv1D::new(vb.pp("c_fc"), c, 4 * c, casts)?,
+            c_proj: Conv1D::new(vb.pp("c_proj"), 4 * c, c, casts)?,
             dropout: cfg.dropout,
         })
     }
@@ -452,12 +461,12 @@ struct Block {
 }
 
 impl Block {
-    fn new(vb: VarBuilder, cfg: &GptConfig) -> Result<Self> {
+    fn new(vb: VarBuilder, cfg: &GptConfig, casts: &Arc<WeightCasts>) -> Result<Self> {
         Ok(Self {
             ln_1: LayerNorm::new(vb.pp("ln_1"), cfg)?,
-            attn: CausalSelfAttention::new(vb.pp("attn"), cfg)?,
+            attn: CausalSelfAttention::new(vb.pp("attn"), cfg, casts)?,
             ln_2: LayerNorm::new(vb.pp("ln_2"), cfg)?,
-            mlp: Mlp::new(vb.pp("mlp"), cfg)?,
+            mlp: Mlp::new(vb.pp("mlp"), cfg, casts)?,
         })
     }
 
@@ -551,12 +560,15 @@ pub struct Gpt {
     cfg: GptConfig,
     /// The dtype of the residual stream and the matmuls; the parameters stay f32.
     compute_dtype: DType,
+    /// The weights' compute-dtype casts, shared by the layers (one per weight and step; `weight_casts`).
+    casts: Arc<WeightCasts>,
 }
 
 impl Gpt {
     pub fn new(vb: VarBuilder, cfg: &GptConfig) -> Result<Self> {
         cfg.validate()?;
         let vb = vb.pp("transformer");
+        let casts = Arc::new(WeightCasts::default());
         let wte = param(&vb.pp("wte"), &[cfg.vocab_size, cfg.n_embd], "weight")?;
         let wpe = match cfg.positions {
             Positions::Learned => {
@@ -567,7 +579,7 @@ impl Gpt {
             ),
         };
         let h = (0..cfg.n_layer)
-            .map(|i| Block::new(vb.pp(format!("h.{i}")), cfg))
+            .map(|i| Block::new(vb.pp(format!("h.{i}")), cfg, &casts))
             .collect::<Result<Vec<_>>>()?;
         let ln_f = LayerNorm::new(vb.pp("ln_f"), cfg)?;
         Ok(Self {
@@ -577,7 +589,14 @@ impl Gpt {
             ln_f,
             cfg: cfg.clone(),
             compute_dtype: DType::F32,
+            casts,
         })
+    }
+
+    /// Until the scope is dropped, each weight is cast to the compute dtype once and shared by every forward: the
+    /// trainer holds one over a step's micro-batches (the weights change only in the optimizer step after it).
+    pub fn weight_cast_scope(&self) -> CastScope {
+        self.casts.scope()
     }
 
     /// The same model computing in `dtype` (f32 or bf16); gradients still reach the f32 parameters.
@@ -609,7 +628,7 @@ impl Gpt {
 
     /// The LM head, tied to the token embedding: logits = h · wteᵀ, in the compute dtype.
     fn lm_head(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.wte.to_dtype(x.dtype())?;
+        let w = self.casts.get(&self.wte, x.dtype())?;
         Ok(x.matmul(&w.t()?)?)
     }
 

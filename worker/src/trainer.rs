@@ -383,6 +383,8 @@ impl Trainer {
             }),
             (true, false) => Accumulator::Device(DeviceGrads::new(&self.params)),
         };
+        // One compute-dtype cast of each weight for all the micro-batches; gone before the optimizer moves them.
+        let casts = self.model.weight_cast_scope();
         for micro in batch.micro {
             let t0 = Instant::now();
             let sequences = micro.windows.len();
@@ -407,6 +409,7 @@ impl Trainer {
             out.forward_ms += ms(t1 - t0);
             out.backward_ms += ms(t1.elapsed());
         }
+        drop(casts);
 
         let t2 = Instant::now();
         // Read as late as possible, so a request that arrived during the step still stops after it.
