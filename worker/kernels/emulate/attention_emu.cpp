@@ -9,6 +9,7 @@
 // cannot: anything about speed, and PTX-level mistakes in the inline assembly (the GPU tests cover those).
 #define LOCKSTEP_EMULATE
 #include "../attention.cu"
+#include "check.h"
 
 #include <random>
 #include <string>
@@ -18,17 +19,6 @@ namespace {
 struct Case {
     int bh, t, d;
 };
-
-// Rounds through bf16 when `bf16_inputs`: both sides then see the same inputs.
-std::vector<float> randn(std::mt19937 &rng, size_t n, float std, bool bf16_inputs) {
-    std::normal_distribution<float> dist(0.f, std);
-    std::vector<float> v(n);
-    for (float &x : v) {
-        x = dist(rng);
-        if (bf16_inputs) x = bf16_bits_to_f32(f32_to_bf16_bits(x));
-    }
-    return v;
-}
 
 struct Reference {
     std::vector<double> o, lse, dq, dk, dv;
@@ -77,27 +67,6 @@ Reference reference(const Case &c, const std::vector<float> &q, const std::vecto
         }
     }
     return r;
-}
-
-int failures = 0;
-
-// max |got − want| ≤ tol·max(max|want|, 1) (and no NaN), reported with the worst element. The floor matters
-// where the exact result is 0 (dQ and dK for T = 1) and rounding leaves ~1e-7.
-void compare(const std::string &what, const std::vector<float> &got, const std::vector<double> &want, double tol) {
-    double scale = 0, worst = 0;
-    size_t at = 0;
-    for (double w : want) scale = std::max(scale, std::fabs(w));
-    bool nan = false;
-    for (size_t i = 0; i < got.size(); ++i) {
-        if (std::isnan(got[i])) nan = true;
-        const double e = std::fabs(got[i] - want[i]);
-        if (e > worst || std::isnan(got[i])) worst = e, at = i;
-    }
-    const double rel = worst / std::max(scale, 1.0);
-    const bool ok = !nan && rel <= tol;
-    if (!ok) ++failures;
-    std::printf("  %-4s %-28s max err %.3e of max %.3e (%.2e, tol %.0e) at %zu: %g vs %g\n", ok ? "ok" : "FAIL",
-                what.c_str(), worst, scale, rel, tol, at, double(got[at]), want[at]);
 }
 
 template <typename T> std::vector<T> convert(const std::vector<float> &x) {
@@ -207,10 +176,5 @@ int main(int argc, char **argv) {
     run_all<32>(rng, lengths);
     run_all<64>(rng, lengths);
     run_all<128>(rng, quick ? std::vector<int>{70} : std::vector<int>{1, 33, 70, 130});
-    if (failures) {
-        std::printf("%d comparison(s) FAILED\n", failures);
-        return 1;
-    }
-    std::printf("all comparisons passed\n");
-    return 0;
+    return finish();
 }

@@ -11,43 +11,12 @@
 // (the GPU tests in worker/tests/kernels_gpu/elementwise.rs cover that).
 #define LOCKSTEP_EMULATE
 #include "../elementwise.cu"
+#include "check.h"
 
 #include <random>
 #include <string>
 
 namespace {
-
-int failures = 0;
-
-// Rounds through bf16 when `bf16_inputs`: both sides then see the same inputs.
-std::vector<float> randn(std::mt19937 &rng, size_t n, float std, bool bf16_inputs) {
-    std::normal_distribution<float> dist(0.f, std);
-    std::vector<float> v(n);
-    for (float &x : v) {
-        x = dist(rng);
-        if (bf16_inputs) x = bf16_bits_to_f32(f32_to_bf16_bits(x));
-    }
-    return v;
-}
-
-// max |got − want| ≤ tol·max(max|want|, 1) (and no NaN), reported with the worst element.
-void compare(const std::string &what, const std::vector<float> &got, const std::vector<double> &want, double tol) {
-    double scale = 0, worst = 0;
-    size_t at = 0;
-    bool nan = got.size() != want.size();
-    for (double w : want) scale = std::max(scale, std::fabs(w));
-    for (size_t i = 0; i < got.size() && i < want.size(); ++i) {
-        if (std::isnan(got[i])) nan = true;
-        const double e = std::fabs(got[i] - want[i]);
-        if (e > worst || std::isnan(got[i])) worst = e, at = i;
-    }
-    const double rel = worst / std::max(scale, 1.0);
-    const bool ok = !nan && rel <= tol;
-    if (!ok) ++failures;
-    std::printf("  %-4s %-40s max err %.3e of max %.3e (%.2e, tol %.0e) at %zu: %g vs %g\n", ok ? "ok" : "FAIL",
-                what.c_str(), worst, scale, rel, tol, at, got.empty() ? 0.0 : double(got[at]),
-                want.empty() ? 0.0 : want[at]);
-}
 
 void check(const std::string &what, bool ok) {
     if (!ok) ++failures;
@@ -179,10 +148,5 @@ int main(int argc, char **argv) {
     const bool quick = argc > 1 && std::string(argv[1]) == "--quick";
     run_all<float>(rng, quick);
     run_all<bf16>(rng, quick);
-    if (failures) {
-        std::printf("%d comparison(s) FAILED\n", failures);
-        return 1;
-    }
-    std::printf("all comparisons passed\n");
-    return 0;
+    return finish();
 }

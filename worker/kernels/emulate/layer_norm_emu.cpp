@@ -11,6 +11,7 @@
 // the emulator's warp-by-warp schedules, since its blocks share a reduction buffer across warps.
 #define LOCKSTEP_EMULATE
 #include "../layer_norm.cu"
+#include "check.h"
 
 #include <random>
 #include <string>
@@ -20,17 +21,6 @@ namespace {
 struct Case {
     int rows, c;
 };
-
-// Rounds through bf16 when `bf16_inputs`: both sides then see the same inputs.
-std::vector<float> randn(std::mt19937 &rng, size_t n, float mean, float std, bool bf16_inputs) {
-    std::normal_distribution<float> dist(mean, std);
-    std::vector<float> v(n);
-    for (float &x : v) {
-        x = dist(rng);
-        if (bf16_inputs) x = bf16_bits_to_f32(f32_to_bf16_bits(x));
-    }
-    return v;
-}
 
 struct Reference {
     std::vector<double> y, mean, rstd, dx, dw, db;
@@ -66,27 +56,6 @@ Reference reference(const Case &k, const std::vector<float> &x, const std::vecto
         for (int c = 0; c < C; ++c) r.dx[o + c] = rstd * (g[c] - mg - xh[c] * mgx);
     }
     return r;
-}
-
-int failures = 0;
-
-// max |got − want| ≤ tol·max(max|want|, 1) (and no NaN), reported with the worst element.
-template <typename V> void compare(const std::string &what, const V &got, const std::vector<double> &want, double tol) {
-    double scale = 0, worst = 0;
-    size_t at = 0;
-    for (double w : want) scale = std::max(scale, std::fabs(w));
-    bool nan = got.size() != want.size();
-    for (size_t i = 0; i < got.size() && i < want.size(); ++i) {
-        if (std::isnan(double(got[i]))) nan = true;
-        const double e = std::fabs(double(got[i]) - want[i]);
-        if (e > worst || std::isnan(double(got[i]))) worst = e, at = i;
-    }
-    const double rel = worst / std::max(scale, 1.0);
-    const bool ok = !nan && rel <= tol;
-    if (!ok) ++failures;
-    std::printf("  %-4s %-34s max err %.3e of max %.3e (%.2e, tol %.0e) at %zu: %g vs %g\n", ok ? "ok" : "FAIL",
-                what.c_str(), worst, scale, rel, tol, at, got.empty() ? 0.0 : double(got[at]),
-                want.empty() ? 0.0 : want[at]);
 }
 
 template <typename T> std::vector<T> convert(const std::vector<float> &x) {
@@ -234,10 +203,5 @@ int main(int argc, char **argv) {
         run_case<float>(k, rng, "f32", true);
         run_case<bf16>(k, rng, "bf16", !quick);
     }
-    if (failures) {
-        std::printf("%d comparison(s) FAILED\n", failures);
-        return 1;
-    }
-    std::printf("all comparisons passed\n");
-    return 0;
+    return finish();
 }
