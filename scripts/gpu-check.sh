@@ -24,7 +24,8 @@
 #      batch 64), f32 and bf16, GPU_CHECK_FIGURE_STEPS (10) steps after 3 warm-up steps, then the GPT-2 bf16
 #      step's profile (`lockstep bench train --profile`). Copy them into docs/BENCHMARKS.md with the date and the GPU.
 # Environment: GPU_CHECK_DEVICE (cuda:0), GPU_CHECK_STEPS (200), GPU_CHECK_BIN (.device/cuda/bin; point it at
-# target/debug with GPU_CHECK_DEVICE=cpu to rehearse sections 1 and 4 on a machine without a GPU).
+# target/debug with GPU_CHECK_DEVICE=cpu to rehearse sections 1 and 4 on a machine without a GPU),
+# GPU_CHECK_SECTIONS (all: "1 2 2b 2c 3 4 5 6"; e.g. "2b 2c 6" when device time is short; the rest show as SKIP).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 exec 2>&1
@@ -35,6 +36,11 @@ BIN=${GPU_CHECK_BIN:-.device/cuda/bin}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/lockstep-gpu-check.XXXXXX")
 declare -a RESULTS=()
 section() { echo; echo "==================== $*"; }
+SECTIONS=" ${GPU_CHECK_SECTIONS:-1 2 2b 2c 3 4 5 6} "
+# The coordinators and workers started here share one run token (they refuse to run without one).
+LOCKSTEP_TOKEN=${LOCKSTEP_TOKEN:-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')}
+export LOCKSTEP_TOKEN
+want() { [[ $SECTIONS == *" $1 "* ]]; }
 result() { RESULTS+=("$1  $2"); echo "---- $1: $2"; }
 
 if [[ ! -x $BIN/lockstep-worker && -f .device/cuda.tar.xz && $BIN == "$PWD/.device/cuda/bin" ]]; then
@@ -44,91 +50,6 @@ fi
 if [[ ! -x $BIN/lockstep-worker ]]; then
   echo "no binaries in $BIN: run 'bash scripts/cuda/build.sh --tests --pack' on a build box first (docs/CUDA.md)"
   exit 2
-fi
-
-section "environment"
-if [[ $DEVICE == cuda* ]]; then
-  # shellcheck source=scripts/cuda/cuda-libs.sh
-  . scripts/cuda/cuda-libs.sh
-  nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv 2>/dev/null || echo "(no nvidia-smi)"
-fi
-echo "device $DEVICE, binaries $BIN, scratch $WORK"
-"$BIN/lockstep-worker" --version
-
-section "1. --device"
-out=$("$BIN/lockstep-worker" --device cuda:99 2>&1); rc=$?
-echo "\$ lockstep-worker --device cuda:99   (exit $rc)"; echo "$out"
-ok=1
-[[ $rc -ne 0 && $(grep -c '^error:' <<<"$out") -eq 1 && $out == *"--device cuda:99"* ]] || ok=0
-# The device opens, then the worker fails only on the coordinator that is not there.
-out=$("$BIN/lockstep-worker" --device "$DEVICE" --coordinator http://127.0.0.1:1 --connect-timeout-secs 1 2>&1); rc=$?
-echo "\$ lockstep-worker --device $DEVICE --coordinator http://127.0.0.1:1   (exit $rc)"; echo "$out"
-[[ $rc -ne 0 && $out == *"127.0.0.1:1"* && $out != *"--device"* ]] || ok=0
-((ok)) && result PASS "1 --device" || result FAIL "1 --device"
-
-section "2. golden fixture tests on $DEVICE (f32)"
-if [[ -x $BIN/test-golden ]]; then
-  # The tests find worker/tests/fixtures through CARGO_MANIFEST_DIR, as under cargo.
-  if CARGO_MANIFEST_DIR=$PWD/worker LOCKSTEP_TEST_DEVICE=$DEVICE "$BIN/test-golden" --test-threads=1; then
-    result PASS "2 golden tests on $DEVICE"
-  else
-    result FAIL "2 golden tests on $DEVICE"
-  fi
-else
-  result SKIP "2 golden tests (no $BIN/test-golden)"
-fi
-
-section "2b. fused causal attention on $DEVICE: kernels against the composed attention, and their speed"
-if [[ $DEVICE == cpu ]]; then
-  result SKIP "2b attention kernels (a GPU check)"
-elif [[ -x $BIN/test-attention_gpu ]]; then
-  ok=1
-  # The default picks the tensor cores for bf16; simt is the plain-FMA fallback (and the f32 path either way).
-  for kernels in mma simt; do
-    echo "\$ LOCKSTEP_ATTENTION_KERNELS=$kernels test-attention_gpu --test-threads=1 --nocapture"
-    LOCKSTEP_ATTENTION_KERNELS=$kernels LOCKSTEP_TEST_DEVICE=$DEVICE "$BIN/test-attention_gpu" --test-threads=1 \
-      --nocapture || ok=0
-  done
-  for kernels in mma simt; do
-    echo "\$ LOCKSTEP_ATTENTION_KERNELS=$kernels test-attention_gpu --ignored --nocapture time_gpt2_shape_bf16"
-    LOCKSTEP_ATTENTION_KERNELS=$kernels LOCKSTEP_TEST_DEVICE=$DEVICE "$BIN/test-attention_gpu" --ignored \
-      --nocapture time_gpt2_shape_bf16 || ok=0
-  done
-  if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-    python3 scripts/torch_attention.py || ok=0
-  else
-    echo "(no PyTorch with CUDA here: no flash-attention time to compare with)"
-  fi
-  ((ok)) && result PASS "2b attention kernels on $DEVICE" || result FAIL "2b attention kernels on $DEVICE"
-else
-  result SKIP "2b attention kernels (no $BIN/test-attention_gpu)"
-fi
-
-section "2c. fused LayerNorm, GELU, bias, cross-entropy and AdamW kernels on $DEVICE, against the composed ops"
-if [[ $DEVICE == cpu ]]; then
-  result SKIP "2c fused kernels (a GPU check)"
-elif [[ -x $BIN/test-kernels_gpu ]]; then
-  echo "\$ test-kernels_gpu --test-threads=1 --nocapture"
-  if LOCKSTEP_TEST_DEVICE=$DEVICE "$BIN/test-kernels_gpu" --test-threads=1 --nocapture; then
-    result PASS "2c fused kernels on $DEVICE"
-  else
-    result FAIL "2c fused kernels on $DEVICE"
-  fi
-else
-  result SKIP "2c fused kernels (no $BIN/test-kernels_gpu)"
-fi
-
-section "3. NCCL all-reduce, world size 1, on $DEVICE"
-if [[ $DEVICE == cpu ]]; then
-  result SKIP "3 NCCL (a GPU check)"
-elif [[ -x $BIN/test-nccl ]]; then
-  if NCCL_DEBUG=${NCCL_DEBUG:-WARN} LOCKSTEP_TEST_DEVICE=$DEVICE "$BIN/test-nccl" --test-threads=1; then
-    result PASS "3 NCCL world size 1"
-  else
-    result FAIL "3 NCCL world size 1"
-  fi
-else
-  result SKIP "3 NCCL (no $BIN/test-nccl)"
 fi
 
 # run_demo DEVICE DIR: the built-in demo (spec defaults: 2-digit addition, seed 1337, f32) for $STEPS steps with one
@@ -169,7 +90,118 @@ EOF
   [[ $worker_rc -eq 0 && $coordinator_rc -eq 0 ]] || { tail -5 "$dir/worker.log" "$dir/coordinator.log"; return 1; }
 }
 
+section "environment"
+if [[ $DEVICE == cuda* ]]; then
+  # shellcheck source=scripts/cuda/cuda-libs.sh
+  . scripts/cuda/cuda-libs.sh
+  nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv 2>/dev/null || echo "(no nvidia-smi)"
+fi
+echo "device $DEVICE, binaries $BIN, scratch $WORK"
+"$BIN/lockstep-worker" --version
+
+section "1. --device"
+if want 1; then
+out=$("$BIN/lockstep-worker" --device cuda:99 2>&1); rc=$?
+echo "\$ lockstep-worker --device cuda:99   (exit $rc)"; echo "$out"
+ok=1
+[[ $rc -ne 0 && $(grep -c '^error:' <<<"$out") -eq 1 && $out == *"--device cuda:99"* ]] || ok=0
+# The device opens, then the worker fails only on the coordinator that is not there.
+out=$("$BIN/lockstep-worker" --device "$DEVICE" --coordinator http://127.0.0.1:1 --connect-timeout-secs 1 2>&1); rc=$?
+echo "\$ lockstep-worker --device $DEVICE --coordinator http://127.0.0.1:1   (exit $rc)"; echo "$out"
+[[ $rc -ne 0 && $out == *"127.0.0.1:1"* && $out != *"--device"* ]] || ok=0
+((ok)) && result PASS "1 --device" || result FAIL "1 --device"
+
+else
+  result SKIP "1 (not in GPU_CHECK_SECTIONS)"
+fi
+
+section "2. golden fixture tests on $DEVICE (f32)"
+if want 2; then
+if [[ -x $BIN/test-golden ]]; then
+  # The tests find worker/tests/fixtures through CARGO_MANIFEST_DIR, as under cargo.
+  if CARGO_MANIFEST_DIR=$PWD/worker LOCKSTEP_TEST_DEVICE=$DEVICE "$BIN/test-golden" --test-threads=1; then
+    result PASS "2 golden tests on $DEVICE"
+  else
+    result FAIL "2 golden tests on $DEVICE"
+  fi
+else
+  result SKIP "2 golden tests (no $BIN/test-golden)"
+fi
+
+else
+  result SKIP "2 (not in GPU_CHECK_SECTIONS)"
+fi
+
+section "2b. fused causal attention on $DEVICE: kernels against the composed attention, and their speed"
+if want 2b; then
+if [[ $DEVICE == cpu ]]; then
+  result SKIP "2b attention kernels (a GPU check)"
+elif [[ -x $BIN/test-attention_gpu ]]; then
+  ok=1
+  # The default picks the tensor cores for bf16; simt is the plain-FMA fallback (and the f32 path either way).
+  for kernels in mma simt; do
+    echo "\$ LOCKSTEP_ATTENTION_KERNELS=$kernels test-attention_gpu --test-threads=1 --nocapture"
+    LOCKSTEP_ATTENTION_KERNELS=$kernels LOCKSTEP_TEST_DEVICE=$DEVICE "$BIN/test-attention_gpu" --test-threads=1 \
+      --nocapture || ok=0
+  done
+  for kernels in mma simt; do
+    echo "\$ LOCKSTEP_ATTENTION_KERNELS=$kernels test-attention_gpu --ignored --nocapture time_gpt2_shape_bf16"
+    LOCKSTEP_ATTENTION_KERNELS=$kernels LOCKSTEP_TEST_DEVICE=$DEVICE "$BIN/test-attention_gpu" --ignored \
+      --nocapture time_gpt2_shape_bf16 || ok=0
+  done
+  if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    python3 scripts/torch_attention.py || ok=0
+  else
+    echo "(no PyTorch with CUDA here: no flash-attention time to compare with)"
+  fi
+  ((ok)) && result PASS "2b attention kernels on $DEVICE" || result FAIL "2b attention kernels on $DEVICE"
+else
+  result SKIP "2b attention kernels (no $BIN/test-attention_gpu)"
+fi
+
+else
+  result SKIP "2b (not in GPU_CHECK_SECTIONS)"
+fi
+
+section "2c. fused LayerNorm, GELU, bias, cross-entropy and AdamW kernels on $DEVICE, against the composed ops"
+if want 2c; then
+if [[ $DEVICE == cpu ]]; then
+  result SKIP "2c fused kernels (a GPU check)"
+elif [[ -x $BIN/test-kernels_gpu ]]; then
+  echo "\$ test-kernels_gpu --test-threads=1 --nocapture"
+  if LOCKSTEP_TEST_DEVICE=$DEVICE "$BIN/test-kernels_gpu" --test-threads=1 --nocapture; then
+    result PASS "2c fused kernels on $DEVICE"
+  else
+    result FAIL "2c fused kernels on $DEVICE"
+  fi
+else
+  result SKIP "2c fused kernels (no $BIN/test-kernels_gpu)"
+fi
+
+else
+  result SKIP "2c (not in GPU_CHECK_SECTIONS)"
+fi
+
+section "3. NCCL all-reduce, world size 1, on $DEVICE"
+if want 3; then
+if [[ $DEVICE == cpu ]]; then
+  result SKIP "3 NCCL (a GPU check)"
+elif [[ -x $BIN/test-nccl ]]; then
+  if NCCL_DEBUG=${NCCL_DEBUG:-WARN} LOCKSTEP_TEST_DEVICE=$DEVICE "$BIN/test-nccl" --test-threads=1; then
+    result PASS "3 NCCL world size 1"
+  else
+    result FAIL "3 NCCL world size 1"
+  fi
+else
+  result SKIP "3 NCCL (no $BIN/test-nccl)"
+fi
+
+else
+  result SKIP "3 (not in GPU_CHECK_SECTIONS)"
+fi
+
 section "4. demo, $STEPS steps: $DEVICE against cpu (same seed, f32)"
+if want 4; then
 if run_demo cpu "$WORK/demo-cpu" && run_demo "$DEVICE" "$WORK/demo-gpu"; then
   if python3 - "$WORK/demo-cpu/worker.log" "$WORK/demo-gpu/worker.log" <<'EOF'
 import json, sys
@@ -212,7 +244,12 @@ else
   result FAIL "4 demo runs"
 fi
 
+else
+  result SKIP "4 (not in GPU_CHECK_SECTIONS)"
+fi
+
 section "5. lockstep bench train on $DEVICE (smoke)"
+if want 5; then
 if [[ $DEVICE == cpu ]]; then
   result SKIP "5 bench (a GPU check)"
 elif [[ -x $BIN/lockstep ]]; then
@@ -227,7 +264,12 @@ else
   result SKIP "5 bench (no $BIN/lockstep)"
 fi
 
+else
+  result SKIP "5 (not in GPU_CHECK_SECTIONS)"
+fi
+
 section "6. figures: lockstep bench train vs PyTorch, same GPU, same sitting"
+if want 6; then
 FSTEPS=${GPU_CHECK_FIGURE_STEPS:-10}
 if [[ $DEVICE == cpu ]]; then
   result SKIP "6 figures (a GPU check)"
@@ -256,6 +298,10 @@ elif [[ -x $BIN/lockstep ]]; then
   ((ok)) && result PASS "6 figures printed" || result FAIL "6 figures"
 else
   result SKIP "6 figures (no $BIN/lockstep)"
+fi
+
+else
+  result SKIP "6 (not in GPU_CHECK_SECTIONS)"
 fi
 
 section "summary"
