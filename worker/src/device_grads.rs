@@ -313,8 +313,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn micro_batches_add_up_and_ranks_are_summed_through_the_collective() {
+    /// a.weight [[1, 2], [3, 4]] and a.bias [0.5, −0.5], as parameters.
+    fn two_params() -> (Var, Var, Params) {
         let vm = VarMap::new();
         let (w, b) = (
             Var::from_slice(&[1f32, 2.0, 3.0, 4.0], (2, 2), &Device::Cpu).unwrap(),
@@ -323,6 +323,12 @@ mod tests {
         vm.data().lock().unwrap().insert("a.weight".into(), w.clone());
         vm.data().lock().unwrap().insert("a.bias".into(), b.clone());
         let params = Params::from_varmap(&vm).unwrap();
+        (w, b, params)
+    }
+
+    #[test]
+    fn micro_batches_add_up_and_ranks_are_summed_through_the_collective() {
+        let (w, b, params) = two_params();
         let mut acc = DeviceGrads::new(&params);
         for k in [1f64, 3.0] {
             // loss = k · (Σw² + Σb): d/dw = 2k·w, d/db = k.
@@ -344,18 +350,12 @@ mod tests {
         let norm = (2.0 * 8f64.powi(2) + [16f64, 32.0, 48.0, 64.0].iter().map(|x| x * x).sum::<f64>()).sqrt();
         assert!((r.grad_norm - norm).abs() < 1e-9 * norm, "{} vs {norm}", r.grad_norm);
     }
+
     /// The persistent flat buffer: micro-batches add up, the next step starts afresh (the first micro-batch
     /// overwrites), the vote lands in its slot and ranks are summed through the collective; bf16 gradients widen.
     #[test]
     fn the_flat_buffer_accumulates_and_is_reused() {
-        let vm = VarMap::new();
-        let (w, b) = (
-            Var::from_slice(&[1f32, 2.0, 3.0, 4.0], (2, 2), &Device::Cpu).unwrap(),
-            Var::from_slice(&[0.5f32, -0.5], 2, &Device::Cpu).unwrap(),
-        );
-        vm.data().lock().unwrap().insert("a.weight".into(), w.clone());
-        vm.data().lock().unwrap().insert("a.bias".into(), b.clone());
-        let params = Params::from_varmap(&vm).unwrap();
+        let (w, b, params) = two_params();
         let mut acc = FlatGrads::new(&params).unwrap();
         let micro_batch = |acc: &mut FlatGrads, k: f64| {
             // loss = k · (Σw² + Σb), with w used transposed (its gradient comes back strided): d/dw = 2k·w, d/db = k.

@@ -69,17 +69,6 @@ Reference reference(const Case &c, const std::vector<float> &q, const std::vecto
     return r;
 }
 
-template <typename T> std::vector<T> convert(const std::vector<float> &x) {
-    std::vector<T> out(x.size());
-    for (size_t i = 0; i < x.size(); ++i) out[i] = from_f32<T>(x[i]);
-    return out;
-}
-template <typename T> std::vector<float> widen(const std::vector<T> &x) {
-    std::vector<float> out(x.size());
-    for (size_t i = 0; i < x.size(); ++i) out[i] = to_f32(x[i]);
-    return out;
-}
-
 // The grid and shared memory of each kernel, as attention_cuda.rs launches them.
 unsigned tiles(int t, int rows) { return unsigned((t + rows - 1) / rows); }
 

@@ -27,6 +27,19 @@ inline std::vector<float> randn(std::mt19937 &rng, size_t n, float std, bool bf1
     return randn(rng, n, 0.f, std, bf16_inputs);
 }
 
+// Values as the kernel's element type T (f32 or bf16), and back as floats: the whole vector, or n from a pointer.
+template <typename T> std::vector<T> convert(const std::vector<float> &x) {
+    std::vector<T> out(x.size());
+    for (size_t i = 0; i < x.size(); ++i) out[i] = from_f32<T>(x[i]);
+    return out;
+}
+template <typename T> std::vector<float> widen(const T *x, size_t n) {
+    std::vector<float> out(n);
+    for (size_t i = 0; i < n; ++i) out[i] = to_f32(x[i]);
+    return out;
+}
+template <typename T> std::vector<float> widen(const std::vector<T> &x) { return widen(x.data(), x.size()); }
+
 // max |got − want| ≤ tol·max(max|want|, 1), no NaN and the same length; one line either way, with the worst element.
 template <typename V> void compare(const std::string &what, const V &got, const std::vector<double> &want, double tol) {
     double scale = 0, worst = 0;

@@ -23,17 +23,6 @@ void check(const std::string &what, bool ok) {
     std::printf("  %-4s %s\n", ok ? "ok" : "FAIL", what.c_str());
 }
 
-template <typename T> std::vector<T> convert(const std::vector<float> &x) {
-    std::vector<T> out(x.size());
-    for (size_t i = 0; i < x.size(); ++i) out[i] = from_f32<T>(x[i]);
-    return out;
-}
-template <typename T> std::vector<float> widen(const T *x, size_t n) {
-    std::vector<float> out(n);
-    for (size_t i = 0; i < n; ++i) out[i] = to_f32(x[i]);
-    return out;
-}
-
 double gelu_ref(double x) {
     const double k = std::sqrt(2.0 / M_PI);
     return 0.5 * x * (1.0 + std::tanh(k * (x + 0.044715 * x * x * x)));

@@ -58,17 +58,6 @@ Reference reference(const Case &k, const std::vector<float> &x, const std::vecto
     return r;
 }
 
-template <typename T> std::vector<T> convert(const std::vector<float> &x) {
-    std::vector<T> out(x.size());
-    for (size_t i = 0; i < x.size(); ++i) out[i] = from_f32<T>(x[i]);
-    return out;
-}
-template <typename T> std::vector<float> widen(const std::vector<T> &x) {
-    std::vector<float> out(x.size());
-    for (size_t i = 0; i < x.size(); ++i) out[i] = to_f32(x[i]);
-    return out;
-}
-
 // layer_norm_cuda.rs's choices: the register widths instantiated, the rows per backward block, the partial rows.
 const int FWD_REGS[] = {1, 2, 4, 8, 12, 16, 24, 32, 48, 64};
 const int BWD_REGS[] = {1, 2, 4, 8, 12, 16, 24, 32};
