@@ -25,7 +25,8 @@ use lockstep_worker::model::Gpt;
 use lockstep_worker::sampling::{Sampler, SamplingConfig};
 
 use crate::error::{Error, Result};
-use crate::generate::{GenerateArgs, Sink, clock_seed, resolve_checkpoint};
+use crate::generate::{Sink, clock_seed, resolve_checkpoint};
+use crate::sampling_args::{SamplingArgs, SamplingDefaults};
 
 /// The commands a line starting with `/` may give, for the help line.
 pub const COMMANDS: &str = "/reset (forget the conversation, keep --system), /quit (or end of input), /help";
@@ -42,38 +43,32 @@ pub struct ChatArgs {
     /// Most tokens per reply; a reply also ends at the model's <|end|> or at its context window.
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
-    /// Divides the logits before sampling: < 1 is more conservative, > 1 more varied; 0 = greedy (argmax).
-    #[arg(long, default_value_t = 0.7)]
-    pub temperature: f64,
-    /// Sample only among the K most likely tokens.
-    #[arg(long, value_name = "K")]
-    pub top_k: Option<usize>,
-    /// Nucleus sampling: only among the most likely tokens whose probabilities add up to P, in (0, 1].
-    #[arg(long, value_name = "P")]
-    pub top_p: Option<f64>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs<ChatDefaults>,
     /// Seed of the sampling stream, one for the whole session (default: from the clock; printed to stderr).
     #[arg(long)]
     pub seed: Option<u64>,
 }
 
+/// `lockstep chat` samples at --temperature 0.7, a little more conservatively than `generate`: a reply should
+/// stay on the user's question.
+#[derive(Debug, Clone, Copy)]
+pub struct ChatDefaults;
+
+impl SamplingDefaults for ChatDefaults {
+    const TEMPERATURE: &'static str = "0.7";
+}
+
 impl ChatArgs {
-    /// The sampling settings, checked as `lockstep generate` checks them, with errors that name the flag.
-    pub fn sampling(&self) -> Result<SamplingConfig> {
+    /// The sampling settings, checked as `lockstep generate` checks them, and --max-new-tokens, which a reply
+    /// needs at least 1 of; errors name the flag.
+    pub fn sampling_config(&self) -> Result<SamplingConfig> {
         if self.max_new_tokens == 0 {
             return Err(Error::Usage(
                 "--max-new-tokens 0: a reply needs at least 1 token".into(),
             ));
         }
-        GenerateArgs {
-            checkpoint: self.checkpoint.clone(),
-            prompt: String::new(),
-            max_new_tokens: self.max_new_tokens,
-            temperature: self.temperature,
-            top_k: self.top_k,
-            top_p: self.top_p,
-            seed: self.seed,
-        }
-        .sampling()
+        self.sampling.config()
     }
 }
 
@@ -215,7 +210,7 @@ pub fn command(args: &ChatArgs) -> Result<()> {
 
 /// A chat session over `input`'s lines, replies to `out`; `interactive` prints a `you> ` prompt before each line.
 pub fn run(args: &ChatArgs, input: &mut impl BufRead, out: &mut impl Write, interactive: bool) -> Result<()> {
-    let sampling = args.sampling()?;
+    let sampling = args.sampling_config()?;
     let seed = args.seed.unwrap_or_else(clock_seed);
     let dir = resolve_checkpoint(&args.checkpoint)?;
     let loaded = checkpoint::load(&dir, &Device::Cpu)?;
@@ -500,19 +495,29 @@ mod tests {
 
     #[test]
     fn flags_are_checked_by_name() {
-        let args = |max_new_tokens, temperature| ChatArgs {
-            checkpoint: PathBuf::from("x"),
-            system: None,
-            max_new_tokens,
-            temperature,
-            top_k: None,
-            top_p: None,
-            seed: None,
+        let args = |flags: &[&str]| {
+            let argv = [&["--checkpoint", "x"], flags].concat();
+            crate::sampling_args::test_cli::parse::<ChatArgs>(&argv).unwrap()
         };
-        assert!(args(1, 0.0).sampling().unwrap().is_greedy());
-        let err = args(0, 0.7).sampling().unwrap_err().to_string();
+        assert!(args(&["--temperature", "0"]).sampling_config().unwrap().is_greedy());
+        let err = args(&["--max-new-tokens", "0"])
+            .sampling_config()
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("--max-new-tokens"), "{err}");
-        let err = args(8, -1.0).sampling().unwrap_err().to_string();
+        let err = args(&["--temperature=-1"]).sampling_config().unwrap_err().to_string();
         assert!(err.starts_with("--temperature"), "{err}");
+    }
+
+    #[test]
+    fn temperature_defaults_to_0_7_and_help_says_so() {
+        use crate::sampling_args::test_cli;
+        let args = test_cli::parse::<ChatArgs>(&["--checkpoint", "x"]).unwrap();
+        assert_eq!(args.sampling.temperature, 0.7);
+        assert!(!args.sampling_config().unwrap().is_greedy());
+        let help = test_cli::help::<ChatArgs>();
+        let temperature = test_cli::help_of(&help, "--temperature");
+        assert!(temperature.contains("[default: 0.7]"), "{help}");
+        assert!(temperature.contains("0 = greedy (argmax)"), "{help}");
     }
 }

@@ -15,7 +15,7 @@ use lockstep_common::data::chat::{Message, Role};
 use lockstep_worker::decode::{DecodeOptions, decode_all};
 
 use crate::error::{Error, Result};
-use crate::generate::GenerateArgs;
+use crate::sampling_args::{SamplingArgs, SamplingDefaults};
 use crate::score::{self, Metric, Options, Report};
 
 pub mod generate;
@@ -72,13 +72,8 @@ pub struct EvalArgs {
     /// Most tokens generated per item.
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub max_new_tokens: usize,
-    /// 0 = greedy (argmax); > 0 samples.
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f64,
-    #[arg(long, value_name = "K")]
-    pub top_k: Option<usize>,
-    #[arg(long, value_name = "P")]
-    pub top_p: Option<f64>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs<EvalDefaults>,
     /// Seed of sampling; item i samples from its own stream (seed + i), so the batch size never changes the output.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -94,6 +89,15 @@ pub struct EvalArgs {
     /// METEOR without WordNet (exact and Porter-stem stages only).
     #[arg(long)]
     pub no_wordnet: bool,
+}
+
+/// `lockstep eval` decodes greedily (--temperature 0) unless told otherwise, so the same checkpoint always gets
+/// the same scores.
+#[derive(Debug, Clone, Copy)]
+pub struct EvalDefaults;
+
+impl SamplingDefaults for EvalDefaults {
+    const TEMPERATURE: &'static str = "0";
 }
 
 /// One line of a generation task's JSONL.
@@ -168,16 +172,7 @@ fn to_json(value: &impl Serialize) -> Result<String> {
 
 /// Decodes every item of the JSONL and scores the hypotheses with all four metrics.
 pub fn run_generation(args: &EvalArgs) -> Result<GenerationReport> {
-    let sampling = GenerateArgs {
-        checkpoint: args.checkpoint.clone(),
-        prompt: String::new(),
-        max_new_tokens: args.max_new_tokens,
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        seed: Some(args.seed),
-    }
-    .sampling()?;
+    let sampling = args.sampling.config()?;
     let mut items = read_jsonl(&args.data, args.task.input_field())?;
     if let Some(limit) = args.limit {
         items.truncate(limit);
@@ -350,6 +345,21 @@ pub fn progress_bar(total: u64) -> ProgressBar {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sampling_args::test_cli;
+
+    #[test]
+    fn decoding_is_greedy_by_default_and_help_says_so() {
+        let args = test_cli::parse::<EvalArgs>(&["--checkpoint", "x", "--data", "d.jsonl"]).unwrap();
+        assert_eq!(args.sampling.temperature, 0.0);
+        assert!(args.sampling.config().unwrap().is_greedy());
+        let args = test_cli::parse::<EvalArgs>(&["--checkpoint", "x", "--data", "d", "--top-p", "2"]).unwrap();
+        let err = args.sampling.config().unwrap_err().to_string();
+        assert!(err.starts_with("--top-p"), "{err}");
+        let help = test_cli::help::<EvalArgs>();
+        let temperature = test_cli::help_of(&help, "--temperature");
+        assert!(temperature.contains("[default: 0]"), "{help}");
+        assert!(temperature.contains("0 = greedy (argmax)"), "{help}");
+    }
 
     #[test]
     fn jsonl_errors_name_file_line_and_field() {

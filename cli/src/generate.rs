@@ -18,9 +18,10 @@ use lockstep_common::data::Tokenizer;
 pub use lockstep_common::data::tokenizer::TextStream;
 use lockstep_worker::checkpoint;
 use lockstep_worker::generate::{Generator, generate};
-use lockstep_worker::sampling::{Sampler, SamplingConfig};
+use lockstep_worker::sampling::Sampler;
 
 use crate::error::{Error, Result};
+use crate::sampling_args::{SamplingArgs, SamplingDefaults};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct GenerateArgs {
@@ -34,43 +35,19 @@ pub struct GenerateArgs {
     /// Tokens to generate. Past the model's block size, generation goes on over the last block_size tokens.
     #[arg(long, default_value_t = 200)]
     pub max_new_tokens: usize,
-    /// Divides the logits before sampling: < 1 is more conservative, > 1 more varied; 0 = greedy (argmax).
-    #[arg(long, default_value_t = 0.8)]
-    pub temperature: f64,
-    /// Sample only among the K most likely tokens.
-    #[arg(long, value_name = "K")]
-    pub top_k: Option<usize>,
-    /// Nucleus sampling: only among the most likely tokens whose probabilities add up to P, in (0, 1].
-    #[arg(long, value_name = "P")]
-    pub top_p: Option<f64>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs<GenerateDefaults>,
     /// Seed of the sampling stream (default: from the clock; the summary on stderr prints it).
     #[arg(long)]
     pub seed: Option<u64>,
 }
 
-impl GenerateArgs {
-    /// The sampling settings, checked, with errors that name the flag.
-    pub fn sampling(&self) -> Result<SamplingConfig> {
-        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return Err(Error::Usage(format!(
-                "--temperature {}: must be a number >= 0 (0 = greedy)",
-                self.temperature
-            )));
-        }
-        if self.top_k == Some(0) {
-            return Err(Error::Usage("--top-k 0: must be at least 1".into()));
-        }
-        if let Some(p) = self.top_p
-            && !(p > 0.0 && p <= 1.0)
-        {
-            return Err(Error::Usage(format!("--top-p {p}: must be in (0, 1]")));
-        }
-        Ok(SamplingConfig {
-            temperature: self.temperature,
-            top_k: self.top_k,
-            top_p: self.top_p,
-        })
-    }
+/// `lockstep generate` samples at --temperature 0.8: varied text that still follows the prompt.
+#[derive(Debug, Clone, Copy)]
+pub struct GenerateDefaults;
+
+impl SamplingDefaults for GenerateDefaults {
+    const TEMPERATURE: &'static str = "0.8";
 }
 
 /// What a generation did, for the summary line.
@@ -109,7 +86,7 @@ pub fn command(args: &GenerateArgs) -> Result<()> {
 /// Generates as `args` say, writing the prompt and then each piece of text to `out` as soon as it is known (and
 /// flushing it). A closed `out` (e.g. `| head`) ends the generation quietly.
 pub fn run(args: &GenerateArgs, out: &mut impl Write) -> Result<Summary> {
-    let sampling = args.sampling()?;
+    let sampling = args.sampling.config()?;
     let seed = args.seed.unwrap_or_else(clock_seed);
     let dir = resolve_checkpoint(&args.checkpoint)?;
     let device = Device::Cpu;
@@ -214,6 +191,7 @@ pub fn encode_prompt(tokenizer: &Tokenizer, prompt: &str) -> Result<Vec<u32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sampling_args::test_cli;
     use lockstep_common::spec::TokenizerSpec;
 
     #[test]
@@ -229,31 +207,18 @@ mod tests {
         assert_eq!(encode_prompt(&byte, "é").unwrap(), [0xc3, 0xa9]);
     }
 
-    fn args(temperature: f64, top_k: Option<usize>, top_p: Option<f64>) -> GenerateArgs {
-        GenerateArgs {
-            checkpoint: PathBuf::from("x"),
-            prompt: "a".into(),
-            max_new_tokens: 1,
-            temperature,
-            top_k,
-            top_p,
-            seed: None,
-        }
-    }
-
     #[test]
-    fn sampling_flags_are_checked_by_name() {
-        assert!(args(0.0, Some(3), Some(1.0)).sampling().unwrap().is_greedy());
-        for (a, flag) in [
-            (args(-0.5, None, None), "--temperature"),
-            (args(f64::INFINITY, None, None), "--temperature"),
-            (args(1.0, Some(0), None), "--top-k"),
-            (args(1.0, None, Some(0.0)), "--top-p"),
-            (args(1.0, None, Some(1.01)), "--top-p"),
-        ] {
-            let err = a.sampling().unwrap_err().to_string();
-            assert!(err.starts_with(flag), "{err}");
-        }
+    fn temperature_defaults_to_0_8_and_help_says_so() {
+        let args = test_cli::parse::<GenerateArgs>(&["--checkpoint", "x", "--prompt", "a"]).unwrap();
+        assert_eq!(args.sampling.temperature, 0.8);
+        assert!(!args.sampling.config().unwrap().is_greedy());
+        let args = test_cli::parse::<GenerateArgs>(&["--checkpoint", "x", "--prompt", "a", "--top-k", "0"]).unwrap();
+        let err = args.sampling.config().unwrap_err().to_string();
+        assert!(err.starts_with("--top-k"), "{err}");
+        let help = test_cli::help::<GenerateArgs>();
+        let temperature = test_cli::help_of(&help, "--temperature");
+        assert!(temperature.contains("[default: 0.8]"), "{help}");
+        assert!(temperature.contains("0 = greedy (argmax)"), "{help}");
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod generate;
 pub mod prepare;
 pub mod procs;
 pub mod run;
+pub mod sampling_args;
 pub mod score;
 pub mod sft_demo;
 pub mod status_view;
