@@ -9,8 +9,10 @@
 //! The update reaches the f32 master weights through a device table of their addresses. A `Var` keeps its device
 //! buffer for life (`Var::set` copies into it; candle never swaps a tensor's storage), so the table is uploaded once;
 //! every step still reads each parameter's address on the host (no device round trip) and uploads the table again
-//! should one have moved. The kernel writes the parameters behind candle's back, which is sound because candle runs
-//! everything on one stream in order; a second stream (cudarc's event tracking) would need events here.
+//! should one have moved. The kernel writes the parameters behind candle's back, which is sound because a trainer's
+//! GPU work all runs on one thread, and so on candle's stream for that thread (candle 0.11 gives each thread its own
+//! stream), in order. GPU work from a second thread, or a second stream (cudarc's event tracking), would need events
+//! here.
 //!
 //! Launch shapes and the chunk table's layout mirror adamw.cu.
 use candle_core::backend::BackendStorage;

@@ -42,9 +42,13 @@ fn fused(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
 }
 
-/// Whether `t` takes the fused GPU kernels (worker/kernels/*.cu): f32 or bf16 on a CUDA device.
+/// Whether `t` takes the fused GPU kernels (worker/kernels/*.cu): f32 or bf16 on a CUDA device. Not when empty: the
+/// kernels' launches would allocate empty outputs, which the driver refuses; candle's ops handle that case.
 fn fused_gpu(t: &Tensor) -> bool {
-    cfg!(feature = "cuda") && t.device().is_cuda() && matches!(t.dtype(), DType::F32 | DType::BF16)
+    cfg!(feature = "cuda")
+        && t.device().is_cuda()
+        && matches!(t.dtype(), DType::F32 | DType::BF16)
+        && t.elem_count() > 0
 }
 
 /// GPT-2's GELU, the tanh approximation (Hugging Face "gelu_new"):
