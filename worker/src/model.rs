@@ -616,10 +616,8 @@ impl Gpt {
     /// Token + position embeddings [B, T, C] of `idx` [B, T] at positions `start..start+T`, in the compute dtype.
     fn embed(&self, idx: &Tensor, start: usize) -> Result<Tensor> {
         let (b, t) = idx.dims2()?;
-        let tok_emb = self
-            .wte
-            .index_select(&idx.flatten_all()?, 0)?
-            .reshape((b, t, self.cfg.n_embd))?; // [B, T, C]
+        let tok_emb = crate::ops::embedding(&self.wte, &idx.flatten_all()?)?; // [B·T, C]
+        let tok_emb = tok_emb.reshape((b, t, self.cfg.n_embd))?; // [B, T, C]
         let pos_emb = match &self.wpe {
             PositionEmbedding::Learned(w) | PositionEmbedding::Sinusoidal(w) => w.narrow(0, start, t)?, // [T, C]
         };

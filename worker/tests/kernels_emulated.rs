@@ -1,9 +1,10 @@
 //! The CUDA kernels (`worker/kernels/*.cu`) run on the CPU through the emulator in `worker/kernels/emulate/`: the
 //! same sources, with warps, shared memory, `cp.async`, `ldmatrix` and `mma.sync` emulated (emu.h), each compared by
-//! its `*_emu.cpp` program against a float64 reference over awkward shapes, in f32 and bf16. This checks the
-//! kernels' indexing, tiling, masking, reductions and pipelining where there is no GPU; the GPU host runs them for
-//! real (`worker/tests/kernels_gpu.rs`, `attention_gpu.rs`, `scripts/gpu-check.sh`). Needs a C++20 compiler
-//! (`$CXX`, default `g++`); `.ci/run` installs one when it is missing.
+//! its `*_emu.cpp` program against a float64 reference (the embedding: bitwise against sequential f32 sums) over
+//! awkward shapes, in f32 and bf16. This checks the kernels' indexing, tiling, masking, reductions and pipelining
+//! where there is no GPU; the GPU host runs them for real (`worker/tests/kernels_gpu.rs`, `attention_gpu.rs`,
+//! `scripts/gpu-check.sh`). Needs a C++20 compiler (`$CXX`, default `g++`); `.ci/run` installs one when it is
+//! missing.
 use std::path::Path;
 use std::process::Command;
 
@@ -60,4 +61,9 @@ fn the_cross_entropy_kernels_agree_with_the_reference_under_emulation() {
 #[test]
 fn the_adamw_and_norm_kernels_agree_with_the_reference_under_emulation() {
     emulate("adamw");
+}
+
+#[test]
+fn the_embedding_kernels_agree_with_the_sequential_reference_under_emulation() {
+    emulate("embedding");
 }

@@ -233,7 +233,7 @@ fn elementwise(s: &Shapes, timer: &Timer) -> Result<Vec<Part>> {
         };
         let idx = s.ids(b * t, 1)?;
         let tm = timer.fwd_bwd(|| {
-            let tok = wte.index_select(&idx, 0)?.reshape((b, t, c))?;
+            let tok = ops::embedding(&wte, &idx)?.reshape((b, t, c))?; // as Gpt::embed: the fused op on a GPU
             Ok(tok.broadcast_add(&wpe.narrow(0, 0, t)?)?)
         })?;
         Ok(Part::differentiated(

@@ -30,6 +30,9 @@ mod cross_entropy;
 mod cross_entropy_cuda;
 #[cfg(feature = "cuda")]
 mod elementwise_cuda;
+mod embedding;
+#[cfg(feature = "cuda")]
+mod embedding_cuda;
 mod gelu;
 mod layer_norm;
 #[cfg(feature = "cuda")]
@@ -59,6 +62,26 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
     } else {
         composed::gelu(x)
     }
+}
+
+/// The rows of `weight` `[V, C]` named by `ids` `[N]`: `[N, C]` in the weight's dtype (the token embedding). On a GPU
+/// (f32 or bf16 weight, u32 ids on the same device) the fused op of ops/embedding.rs: a gather forward and a backward
+/// that sums each row's gradient in position order, in parallel and without atomics, instead of candle's
+/// `index_add` (one block looping over every id). Anywhere else candle's `index_select`, so the CPU numerics are
+/// candle's. An id ≥ V is an error on the CPU, a NaN row on a GPU (refusing it there would need a host sync).
+pub fn embedding(weight: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let gpu = fused_gpu(weight)
+        && weight.rank() == 2
+        && ids.rank() == 1
+        && ids.dtype() == DType::U32
+        && ids.elem_count() > 0
+        && ids.device().same_device(weight.device());
+    if gpu {
+        return Ok(weight
+            .contiguous()?
+            .apply_op2(&ids.contiguous()?, embedding::Embedding)?);
+    }
+    Ok(weight.index_select(ids, 0)?)
 }
 
 /// LayerNorm over the last dimension (biased variance, as torch): (x − mean) / √(var + eps) · weight + bias, with

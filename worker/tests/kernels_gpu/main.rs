@@ -10,6 +10,7 @@
 mod adamw;
 mod cross_entropy;
 mod elementwise;
+mod embedding;
 mod layer_norm;
 
 #[path = "../gpu_util/mod.rs"]
