@@ -329,13 +329,24 @@ impl Conv1D {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let n_out = self.weight.dim(1)?;
+        self.forward_cols(x, 0, n_out)
+    }
+
+    /// Output columns `start..start + len` only: x · W[:, cols] + b[cols], [B, T, len].
+    fn forward_cols(&self, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
         let (b, t, n_in) = x.dims3()?;
         // A no-op in f32; in bf16 the f32 master weights' casts, made once per step (see `weight_casts`).
-        let (w, bias) = (
+        let (mut w, mut bias) = (
             self.casts.get(&self.weight, x.dtype())?,
             self.casts.get(&self.bias, x.dtype())?,
         );
-        let y = crate::ops::bias_add(&x.reshape((b * t, n_in))?.matmul(&w)?, &bias)?; // [B*T, out]
+        if len != w.dim(1)? {
+            // The weight's columns are strided; the copy is of [n_in, len] weights, not of activations.
+            w = w.narrow(1, start, len)?.contiguous()?;
+            bias = bias.narrow(0, start, len)?;
+        }
+        let y = crate::ops::bias_add(&x.reshape((b * t, n_in))?.matmul(&w)?, &bias)?; // [B*T, len]
         Ok(y.reshape((b, t, ()))?)
     }
 }
@@ -367,14 +378,19 @@ impl CausalSelfAttention {
     /// `mask`: [T, T], 0 on and below the diagonal, -inf above; needed only with attention dropout in training
     /// (else the fused attention masks itself).
     /// Queries, keys and values of `x` [B, T, C], each split into heads: [B, nh, T, hd].
+    ///
+    /// Each is its own product with a third of c_attn's columns rather than a slice of one [B, T, 3C] product:
+    /// autograd turns a slice of an activation into a full-size [B, T, 3C] gradient (zeros on either side, then
+    /// summed with the other two), some ten passes over 3C-wide activations per layer, where slicing the weight costs
+    /// that on [C, 3C] weights only.
     fn qkv_heads(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, c) = x.dims3()?;
         let hd = c / self.n_head;
-        let qkv = self.c_attn.forward(x)?; // [B, T, 3C]
         let heads = |i: usize| -> Result<Tensor> {
             // [B, T, C] -> [B, nh, T, hd]
-            Ok(qkv
-                .narrow(2, i * c, c)?
+            Ok(self
+                .c_attn
+                .forward_cols(x, i * c, c)?
                 .reshape((b, t, self.n_head, hd))?
                 .transpose(1, 2)?
                 .contiguous()?)
