@@ -35,25 +35,17 @@ pub struct SamplingArgs<D: SamplingDefaults> {
 impl<D: SamplingDefaults> SamplingArgs<D> {
     /// The sampling settings, checked, with errors that name the flag.
     pub fn config(&self) -> Result<SamplingConfig> {
-        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return Err(Error::Usage(format!(
-                "--temperature {}: must be a number >= 0 (0 = greedy)",
-                self.temperature
-            )));
-        }
-        if self.top_k == Some(0) {
-            return Err(Error::Usage("--top-k 0: must be at least 1".into()));
-        }
-        if let Some(p) = self.top_p
-            && !(p > 0.0 && p <= 1.0)
-        {
-            return Err(Error::Usage(format!("--top-p {p}: must be in (0, 1]")));
-        }
-        Ok(SamplingConfig {
+        let config = SamplingConfig {
             temperature: self.temperature,
             top_k: self.top_k,
             top_p: self.top_p,
-        })
+        };
+        // The sampler's own check: its messages start with the setting's name, which here is the flag's.
+        match config.validate() {
+            Ok(()) => Ok(config),
+            Err(lockstep_worker::Error::Usage(message)) => Err(Error::Usage(format!("--{message}"))),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
