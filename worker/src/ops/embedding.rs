@@ -105,11 +105,6 @@ impl CustomOp2 for Embedding {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        #[cfg(feature = "cuda")]
-        if weight.device().is_cuda() {
-            let dw = super::embedding_cuda::backward(weight, ids, grad)?;
-            return Ok((Some(dw), None));
-        }
         let (v, c, n) = shapes(weight.dims(), ids.dims())?;
         if grad.dims() != [n, c] {
             bail!(
@@ -118,6 +113,11 @@ impl CustomOp2 for Embedding {
                 ids.dims(),
                 weight.dims()
             );
+        }
+        #[cfg(feature = "cuda")]
+        if weight.device().is_cuda() {
+            let dw = super::embedding_cuda::backward(weight, ids, grad)?;
+            return Ok((Some(dw), None));
         }
         if ids.dtype() != DType::U32 {
             bail!("{OP}: backward: the ids must be u32, got {:?}", ids.dtype());

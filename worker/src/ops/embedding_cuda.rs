@@ -201,16 +201,9 @@ pub(super) fn backward(weight: &Tensor, ids: &Tensor, grad: &Tensor) -> candle_c
         unsafe { b.launch(config((v.div_ceil(SUM_ROWS), 1), SUM_THREADS)) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(dw, dev.clone()))
     }
+    // The gradient's shape was checked by the op's `bwd`.
     let (v, c, n) = dims(weight.dims(), ids.dims())?;
     let grad = grad.to_dtype(weight.dtype())?.contiguous()?;
-    if grad.dims() != [n, c] {
-        bail!(
-            "{OP}: backward: the gradient {:?} does not match ids {:?} and weight {:?}",
-            grad.dims(),
-            ids.dims(),
-            weight.dims()
-        );
-    }
     let ids = ids.contiguous()?;
     let (is, il) = ids.storage_and_layout();
     let (gs, gl) = grad.storage_and_layout();
