@@ -384,22 +384,16 @@ impl CausalSelfAttention {
     /// summed with the other two), some ten passes over 3C-wide activations per layer, where slicing the weight costs
     /// that on [C, 3C] weights only.
     fn qkv_heads(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let (b, t, c) = x.dims3()?;
-        let hd = c / self.n_head;
+        let (_, _, c) = x.dims3()?;
         let heads = |i: usize| -> Result<Tensor> {
             // [B, T, C] -> [B, nh, T, hd]
-            Ok(self
-                .c_attn
-                .forward_cols(x, i * c, c)?
-                .reshape((b, t, self.n_head, hd))?
-                .transpose(1, 2)?
-                .contiguous()?)
+            crate::ops::split_heads(&self.c_attn.forward_cols(x, i * c, c)?, self.n_head)
         };
         Ok((heads(0)?, heads(1)?, heads(2)?))
     }
 
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>, rng: &mut Option<&mut DropoutRng>) -> Result<Tensor> {
-        let (b, t, c) = x.dims3()?;
+        let (_, _, c) = x.dims3()?;
         let hd = c / self.n_head;
         let (q, k, v) = self.qkv_heads(x)?;
         let scale = 1.0 / (hd as f64).sqrt();
@@ -414,7 +408,7 @@ impl CausalSelfAttention {
             // Flash-style: the T×T probabilities never exist (ops::causal_attention).
             crate::ops::causal_attention(&q, &k, &v, scale)?
         }; // [B, nh, T, hd]
-        let y = y.transpose(1, 2)?.reshape((b, t, c))?; // re-assemble all head outputs side by side
+        let y = crate::ops::merge_heads(&y)?; // re-assemble all head outputs side by side: [B, T, C]
         dropout(self.c_proj.forward(&y)?, self.dropout, rng)
     }
 
@@ -428,7 +422,7 @@ impl CausalSelfAttention {
         mask: Option<&Tensor>,
         past: Option<&(Tensor, Tensor)>,
     ) -> Result<(Tensor, (Tensor, Tensor))> {
-        let (b, t, c) = x.dims3()?;
+        let (_, _, c) = x.dims3()?;
         let hd = c / self.n_head;
         let (q, k, v) = self.qkv_heads(x)?; // [B, nh, T_new, hd] each
         let (k, v) = match past {
@@ -441,7 +435,7 @@ impl CausalSelfAttention {
             None => att,
         };
         let y = softmax_last_dim(&att)?.to_dtype(v.dtype())?.matmul(&v)?; // [B, nh, T_new, hd]
-        let y = y.transpose(1, 2)?.reshape((b, t, c))?;
+        let y = crate::ops::merge_heads(&y)?; // [B, T_new, C]
         Ok((self.c_proj.forward(&y)?, (k, v)))
     }
 }

@@ -67,3 +67,8 @@ fn the_adamw_and_norm_kernels_agree_with_the_reference_under_emulation() {
 fn the_embedding_kernels_agree_with_the_sequential_reference_under_emulation() {
     emulate("embedding");
 }
+
+#[test]
+fn the_head_split_and_merge_kernels_are_the_exact_permutations_under_emulation() {
+    emulate("heads");
+}

@@ -405,8 +405,9 @@ fn dropout(s: &Shapes, timer: &Timer) -> Result<Vec<Part>> {
     ])
 }
 
-/// The layout copies around attention: q, k, v (each its own [B, T, C] product) into heads (a transpose made
-/// contiguous), and the heads put back side by side (a transpose that the reshape must copy).
+/// The layout copies around attention: q, k, v (each its own [B, T, C] product) into heads, and the heads put back
+/// side by side, as the model makes them (`ops::split_heads` / `ops::merge_heads`: a permutation kernel on a GPU,
+/// candle's strided copies elsewhere).
 fn head_copies(s: &Shapes, timer: &Timer) -> Result<Vec<Part>> {
     let (c, nh, b, t) = (s.cfg.n_embd, s.cfg.n_head, s.b, s.t);
     let hd = c / nh;
@@ -415,7 +416,7 @@ fn head_copies(s: &Shapes, timer: &Timer) -> Result<Vec<Part>> {
         let x = s.leaf(&[b, t, c], s.dt)?;
         let mut sum = FwdBwd::default();
         for _ in 0..3 {
-            sum = sum + timer.fwd_bwd(|| Ok(x.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?))?;
+            sum = sum + timer.fwd_bwd(|| Ok(ops::split_heads(&x, nh)?))?;
         }
         Ok(Part::differentiated(
             Category::Copies,
@@ -427,7 +428,7 @@ fn head_copies(s: &Shapes, timer: &Timer) -> Result<Vec<Part>> {
     };
     let merge = || -> Result<Part> {
         let y = s.leaf(&[b, nh, t, hd], s.dt)?;
-        let tm = timer.fwd_bwd(|| Ok(y.transpose(1, 2)?.reshape((b, t, c))?))?;
+        let tm = timer.fwd_bwd(|| Ok(ops::merge_heads(&y)?))?;
         Ok(Part::differentiated(
             Category::Copies,
             "heads back side by side",

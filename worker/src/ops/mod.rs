@@ -34,6 +34,9 @@ mod embedding;
 #[cfg(feature = "cuda")]
 mod embedding_cuda;
 mod gelu;
+mod heads;
+#[cfg(feature = "cuda")]
+mod heads_cuda;
 mod layer_norm;
 #[cfg(feature = "cuda")]
 mod layer_norm_cuda;
@@ -82,6 +85,55 @@ pub fn embedding(weight: &Tensor, ids: &Tensor) -> Result<Tensor> {
             .apply_op2(&ids.contiguous()?, embedding::Embedding)?);
     }
     Ok(weight.index_select(ids, 0)?)
+}
+
+/// Queries, keys or values `x` `[B, T, C]` split into `n_head` heads: `[B, nh, T, hd]` (hd = C / nh), contiguous.
+/// On a GPU (f32 or bf16) the op of ops/heads.rs, a kernel that moves whole 16-byte pieces of head rows, forward and
+/// back; anywhere else candle's `reshape · transpose · contiguous`, so the CPU is unchanged. Exact either way.
+pub fn split_heads(x: &Tensor, n_head: usize) -> Result<Tensor> {
+    let (b, t, c) = match x.dims() {
+        &[b, t, c] => (b, t, c),
+        other => {
+            return Err(Error::Model(format!(
+                "splitting attention heads: x must be [B, T, C], got shape {other:?}"
+            )));
+        }
+    };
+    if n_head == 0 || c % n_head != 0 {
+        return Err(Error::Model(format!(
+            "splitting attention heads: cannot split x {:?} into {n_head} heads (C = {c} is not a multiple)",
+            x.dims()
+        )));
+    }
+    if fused_gpu(x) {
+        let op = heads::Heads {
+            n_head,
+            dir: heads::Direction::Split,
+        };
+        return Ok(x.contiguous()?.apply_op1(op)?);
+    }
+    Ok(x.reshape((b, t, n_head, c / n_head))?.transpose(1, 2)?.contiguous()?)
+}
+
+/// The inverse of [`split_heads`]: heads `y` `[B, nh, T, hd]` side by side again, `[B, T, nh·hd]`, contiguous. The
+/// op of ops/heads.rs on a GPU (f32 or bf16), candle's `transpose · reshape` anywhere else.
+pub fn merge_heads(y: &Tensor) -> Result<Tensor> {
+    let (b, nh, t, hd) = match y.dims() {
+        &[b, nh, t, hd] => (b, nh, t, hd),
+        other => {
+            return Err(Error::Model(format!(
+                "merging attention heads: y must be [B, nh, T, hd], got shape {other:?}"
+            )));
+        }
+    };
+    if fused_gpu(y) {
+        let op = heads::Heads {
+            n_head: nh,
+            dir: heads::Direction::Merge,
+        };
+        return Ok(y.contiguous()?.apply_op1(op)?);
+    }
+    Ok(y.transpose(1, 2)?.reshape((b, t, nh * hd))?)
 }
 
 /// LayerNorm over the last dimension (biased variance, as torch): (x − mean) / √(var + eps) · weight + bias, with
