@@ -25,10 +25,24 @@
 #      step's profile (`lockstep bench train --profile`). Copy them into docs/BENCHMARKS.md with the date and the GPU.
 # Environment: GPU_CHECK_DEVICE (cuda:0), GPU_CHECK_STEPS (200), GPU_CHECK_BIN (.device/cuda/bin; point it at
 # target/debug with GPU_CHECK_DEVICE=cpu to rehearse sections 1 and 4 on a machine without a GPU),
-# GPU_CHECK_SECTIONS (all: "1 2 2b 2c 3 4 5 6"; e.g. "2b 2c 6" when device time is short; the rest show as SKIP).
+# GPU_CHECK_SECTIONS (all: "1 2 2b 2c 3 4 5 6"; e.g. "2b 2c 6" when device time is short; the rest show as SKIP),
+# GPU_CHECK_LIMIT (300: seconds any one test binary or benchmark may run before it is killed and counted as FAIL, so
+# a hung kernel costs one check, not the device time of the rest), GPU_CHECK_LOG (also write everything to this file,
+# e.g. "$OUT/gpu-check.log" on the device tool, whose reply keeps only the output's tail).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 exec 2>&1
+if [[ -n ${GPU_CHECK_LOG:-} ]]; then
+  exec > >(tee "$GPU_CHECK_LOG") 2>&1
+fi
+LIMIT=${GPU_CHECK_LIMIT:-300}
+# limited CMD...: CMD under the time limit; 124 (timeout's status) says it was killed.
+limited() {
+  timeout --kill-after=10 "$LIMIT" "$@"
+  local rc=$?
+  ((rc == 124 || rc == 137)) && echo "(killed after ${LIMIT} s: GPU_CHECK_LIMIT)"
+  return $rc
+}
 DEVICE=${GPU_CHECK_DEVICE:-cuda:0}
 STEPS=${GPU_CHECK_STEPS:-200}
 BIN=${GPU_CHECK_BIN:-.device/cuda/bin}
@@ -119,7 +133,7 @@ section "2. golden fixture tests on $DEVICE (f32)"
 if want 2; then
 if [[ -x $BIN/test-golden ]]; then
   # The tests find worker/tests/fixtures through CARGO_MANIFEST_DIR, as under cargo.
-  if CARGO_MANIFEST_DIR=$PWD/worker LOCKSTEP_TEST_DEVICE=$DEVICE "$BIN/test-golden" --test-threads=1; then
+  if CARGO_MANIFEST_DIR=$PWD/worker LOCKSTEP_TEST_DEVICE=$DEVICE limited "$BIN/test-golden" --test-threads=1; then
     result PASS "2 golden tests on $DEVICE"
   else
     result FAIL "2 golden tests on $DEVICE"
@@ -141,16 +155,16 @@ elif [[ -x $BIN/test-attention_gpu ]]; then
   # The default picks the tensor cores for bf16; simt is the plain-FMA fallback (and the f32 path either way).
   for kernels in mma simt; do
     echo "\$ LOCKSTEP_ATTENTION_KERNELS=$kernels test-attention_gpu --test-threads=1 --nocapture"
-    LOCKSTEP_ATTENTION_KERNELS=$kernels LOCKSTEP_TEST_DEVICE=$DEVICE "$BIN/test-attention_gpu" --test-threads=1 \
-      --nocapture || ok=0
+    LOCKSTEP_ATTENTION_KERNELS=$kernels LOCKSTEP_TEST_DEVICE=$DEVICE limited "$BIN/test-attention_gpu" \
+      --test-threads=1 --nocapture || ok=0
   done
   for kernels in mma simt; do
     echo "\$ LOCKSTEP_ATTENTION_KERNELS=$kernels test-attention_gpu --ignored --nocapture time_gpt2_shape_bf16"
-    LOCKSTEP_ATTENTION_KERNELS=$kernels LOCKSTEP_TEST_DEVICE=$DEVICE "$BIN/test-attention_gpu" --ignored \
-      --nocapture time_gpt2_shape_bf16 || ok=0
+    LOCKSTEP_ATTENTION_KERNELS=$kernels LOCKSTEP_TEST_DEVICE=$DEVICE limited "$BIN/test-attention_gpu" \
+      --ignored --nocapture time_gpt2_shape_bf16 || ok=0
   done
   if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-    python3 scripts/torch_attention.py || ok=0
+    limited python3 scripts/torch_attention.py || ok=0
   else
     echo "(no PyTorch with CUDA here: no flash-attention time to compare with)"
   fi
@@ -163,13 +177,13 @@ else
   result SKIP "2b (not in GPU_CHECK_SECTIONS)"
 fi
 
-section "2c. fused LayerNorm, GELU, bias, cross-entropy and AdamW kernels on $DEVICE, against the composed ops"
+section "2c. fused LayerNorm, GELU, bias, cross-entropy, AdamW, embedding, heads kernels on $DEVICE vs composed ops"
 if want 2c; then
 if [[ $DEVICE == cpu ]]; then
   result SKIP "2c fused kernels (a GPU check)"
 elif [[ -x $BIN/test-kernels_gpu ]]; then
   echo "\$ test-kernels_gpu --test-threads=1 --nocapture"
-  if LOCKSTEP_TEST_DEVICE=$DEVICE "$BIN/test-kernels_gpu" --test-threads=1 --nocapture; then
+  if LOCKSTEP_TEST_DEVICE=$DEVICE limited "$BIN/test-kernels_gpu" --test-threads=1 --nocapture; then
     result PASS "2c fused kernels on $DEVICE"
   else
     result FAIL "2c fused kernels on $DEVICE"
@@ -187,7 +201,7 @@ if want 3; then
 if [[ $DEVICE == cpu ]]; then
   result SKIP "3 NCCL (a GPU check)"
 elif [[ -x $BIN/test-nccl ]]; then
-  if NCCL_DEBUG=${NCCL_DEBUG:-WARN} LOCKSTEP_TEST_DEVICE=$DEVICE "$BIN/test-nccl" --test-threads=1; then
+  if NCCL_DEBUG=${NCCL_DEBUG:-WARN} LOCKSTEP_TEST_DEVICE=$DEVICE limited "$BIN/test-nccl" --test-threads=1; then
     result PASS "3 NCCL world size 1"
   else
     result FAIL "3 NCCL world size 1"
@@ -256,7 +270,7 @@ elif [[ -x $BIN/lockstep ]]; then
   ok=1
   for dtype in f32 bf16; do
     echo "\$ lockstep bench train --device $DEVICE --preset shakespeare-char --micro-batch 64 --dtype $dtype --warmup 2 --steps 5"
-    "$BIN/lockstep" bench train --device "$DEVICE" --preset shakespeare-char --micro-batch 64 --dtype "$dtype" \
+    limited "$BIN/lockstep" bench train --device "$DEVICE" --preset shakespeare-char --micro-batch 64 --dtype "$dtype" \
       --warmup 2 --steps 5 || ok=0
   done
   ((ok)) && result PASS "5 bench smoke" || result FAIL "5 bench smoke"
@@ -281,19 +295,20 @@ elif [[ -x $BIN/lockstep ]]; then
     for dtype in f32 bf16; do
       echo "\$ lockstep bench train --device $DEVICE --preset $shape --dtype $dtype --warmup 3 --steps $FSTEPS"
       # shellcheck disable=SC2086 # $shape is several flags
-      "$BIN/lockstep" bench train --device "$DEVICE" --preset $shape --dtype "$dtype" --warmup 3 --steps "$FSTEPS" \
-        || ok=0
+      limited "$BIN/lockstep" bench train --device "$DEVICE" --preset $shape --dtype "$dtype" --warmup 3 \
+        --steps "$FSTEPS" || ok=0
       if ((have_torch)); then
         echo "\$ python3 scripts/torch_reference.py --preset $shape --dtype $dtype --warmup 3 --steps $FSTEPS"
         # shellcheck disable=SC2086
-        python3 scripts/torch_reference.py --preset $shape --dtype "$dtype" --warmup 3 --steps "$FSTEPS" || ok=0
+        limited python3 scripts/torch_reference.py --preset $shape --dtype "$dtype" --warmup 3 --steps "$FSTEPS" \
+          || ok=0
       fi
     done
   done
   ((have_torch)) || echo "(no PyTorch with CUDA here: the reference figures are missing)"
   # Where the GPT-2 bf16 step's milliseconds go, part by part (issue 8's profile, rerun after every change).
   echo "\$ lockstep bench train --profile --device $DEVICE --preset gpt2 --seq-len 1024 --micro-batch 16 --vocab-size 50304 --dtype bf16 --warmup 3 --steps $FSTEPS"
-  "$BIN/lockstep" bench train --profile --device "$DEVICE" --preset gpt2 --seq-len 1024 --micro-batch 16 \
+  limited "$BIN/lockstep" bench train --profile --device "$DEVICE" --preset gpt2 --seq-len 1024 --micro-batch 16 \
     --vocab-size 50304 --dtype bf16 --warmup 3 --steps "$FSTEPS" || ok=0
   ((ok)) && result PASS "6 figures printed" || result FAIL "6 figures"
 else
