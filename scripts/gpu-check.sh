@@ -12,8 +12,8 @@
 #   2b. the fused causal attention kernels (worker/tests/attention_gpu.rs) against the composed attention, f32 and
 #      bf16, with the default kernels and with LOCKSTEP_ATTENTION_KERNELS=simt; then the fwd+bwd time of the GPT-2
 #      shape (B=16, H=12, T=1024, D=64, bf16) beside PyTorch's flash attention (scripts/torch_attention.py);
-#   2c. the fused LayerNorm, GELU, bias-add, cross-entropy and AdamW kernels (worker/tests/kernels_gpu/) against the
-#      composed candle ops, forward and gradients, f32 and bf16;
+#   2c. the fused LayerNorm, GELU, bias-add, cross-entropy, AdamW, embedding and head split/merge kernels
+#      (worker/tests/kernels_gpu/) against the composed candle ops, forward and gradients, f32 and bf16;
 #   3. NCCL, world size 1 (worker/tests/nccl.rs): exact round trips, abort, deadline;
 #   4. the demo for GPU_CHECK_STEPS (200) steps on the GPU and on the CPU, same seed, f32: the loss curves must agree
 #      within |gpu - cpu| <= 0.02 + 0.02 * cpu at every step (GPU and CPU sum in different orders, so the curves

@@ -228,6 +228,9 @@ pub(super) fn backward(weight: &Tensor, ids: &Tensor, grad: &Tensor) -> candle_c
     ))
 }
 
+// Built only with the `cuda` feature, whose test binaries need the NVIDIA driver to start: these run on a GPU host
+// (`cargo test --release --features cuda -p lockstep-worker --lib -- _cuda::`), not in gpu-check.sh. On every
+// `cargo test` the emulator program launches the kernels with the kernel source's twins of these helpers.
 #[cfg(test)]
 mod tests {
     use super::*;

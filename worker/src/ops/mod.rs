@@ -9,7 +9,7 @@
 //! anything else takes the composed version in [`composed`], which has candle's autograd and runs on every device.
 //! The two agree to float rounding: the tests beside each CPU kernel check the outputs and the gradients against the
 //! composed version, and the gradients against central finite differences in f64; the GPU kernels are checked
-//! against the composed version on a GPU host (worker/tests/kernels_gpu.rs, attention_gpu.rs) and, without one,
+//! against the composed version on a GPU host (worker/tests/kernels_gpu/, attention_gpu.rs) and, without one,
 //! under the emulator in worker/kernels/emulate/ (worker/tests/kernels_emulated.rs).
 //!
 //! The CPU kernels are plain loops over contiguous rows that LLVM vectorises (no libm call per element:
