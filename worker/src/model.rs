@@ -375,8 +375,6 @@ impl CausalSelfAttention {
         })
     }
 
-    /// `mask`: [T, T], 0 on and below the diagonal, -inf above; needed only with attention dropout in training
-    /// (else the fused attention masks itself).
     /// Queries, keys and values of `x` [B, T, C], each split into heads: [B, nh, T, hd].
     ///
     /// Each is its own product with a third of c_attn's columns rather than a slice of one [B, T, 3C] product:
@@ -392,6 +390,18 @@ impl CausalSelfAttention {
         Ok((heads(0)?, heads(1)?, heads(2)?))
     }
 
+    /// The same for inference (`forward_cached`): one product with all of c_attn, sliced. Without a backward the
+    /// slices cost only copies of the new positions, while `qkv_heads` copies a third of c_attn's weights per call,
+    /// which would triple the weight traffic of c_attn in a one-token decoding step.
+    fn qkv_heads_inference(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (_, _, c) = x.dims3()?;
+        let qkv = self.c_attn.forward(x)?; // [B, T, 3C]
+        let heads = |i: usize| crate::ops::split_heads(&qkv.narrow(2, i * c, c)?, self.n_head);
+        Ok((heads(0)?, heads(1)?, heads(2)?))
+    }
+
+    /// `mask`: [T, T], 0 on and below the diagonal, -inf above; needed only with attention dropout in training
+    /// (else the fused attention masks itself).
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>, rng: &mut Option<&mut DropoutRng>) -> Result<Tensor> {
         let (_, _, c) = x.dims3()?;
         let hd = c / self.n_head;
@@ -424,7 +434,7 @@ impl CausalSelfAttention {
     ) -> Result<(Tensor, (Tensor, Tensor))> {
         let (_, _, c) = x.dims3()?;
         let hd = c / self.n_head;
-        let (q, k, v) = self.qkv_heads(x)?; // [B, nh, T_new, hd] each
+        let (q, k, v) = self.qkv_heads_inference(x)?; // [B, nh, T_new, hd] each
         let (k, v) = match past {
             Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?), // [B, nh, T_all, hd]
             None => (k, v),
