@@ -59,6 +59,16 @@ template <typename V> void compare(const std::string &what, const V &got, const 
                 want.empty() ? 0.0 : want[at]);
 }
 
+// An exact check (bitwise comparisons, sort orders): one line either way; `checks` counts them for the summary.
+inline int checks = 0;
+inline void check(const std::string &what, bool ok) {
+    ++checks;
+    if (!ok) ++failures;
+    std::printf("  %-4s %s\n", ok ? "ok" : "FAIL", what.c_str());
+}
+
+template <typename T> const char *dtype_name() { return sizeof(T) == 4 ? "f32" : "bf16"; }
+
 // The program's exit status, after the verdict line the Rust test looks for.
 inline int finish() {
     if (failures) {

@@ -34,7 +34,6 @@ double gelu_grad_ref(double x) {
     return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * k * (1.0 + 3.0 * 0.044715 * x * x);
 }
 
-template <typename T> const char *dtype_name() { return sizeof(T) == 4 ? "f32" : "bf16"; }
 template <typename T> double tolerance() { return sizeof(T) == 4 ? 1e-5 : 1e-2; }
 
 // The grids to run an elementwise kernel over n elements with: the one elementwise_cuda.rs uses, and (where it

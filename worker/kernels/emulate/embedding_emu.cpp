@@ -28,16 +28,6 @@
 
 namespace {
 
-int checks = 0;
-
-void check(const std::string &what, bool ok) {
-    ++checks;
-    if (!ok) ++failures;
-    std::printf("  %-4s %s\n", ok ? "ok" : "FAIL", what.c_str());
-}
-
-template <typename T> const char *dtype_name() { return sizeof(T) == 4 ? "f32" : "bf16"; }
-
 template <typename T> bool same_bits(T a, T b) { return std::memcmp(&a, &b, sizeof(T)) == 0; }
 
 unsigned ceil_div(long a, long b) { return unsigned((a + b - 1) / b); }

@@ -23,16 +23,6 @@
 
 namespace {
 
-int checks = 0;
-
-void check(const std::string &what, bool ok) {
-    ++checks;
-    if (!ok) ++failures;
-    std::printf("  %-4s %s\n", ok ? "ok" : "FAIL", what.c_str());
-}
-
-template <typename T> const char *dtype_name() { return sizeof(T) == 4 ? "f32" : "bf16"; }
-
 template <typename T> bool same_bits(const T *a, const T *b, size_t n) { return std::memcmp(a, b, n * sizeof(T)) == 0; }
 
 struct Shape {
