@@ -163,20 +163,13 @@ mod tests {
         })
     }
 
-    /// The model's expressions before the op, the reference.
+    /// candle's expressions (`ops::composed`), the reference.
     fn split_candle(x: &Tensor, n_head: usize) -> Tensor {
-        let (b, t, c) = x.dims3().unwrap();
-        x.reshape((b, t, n_head, c / n_head))
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap()
-            .contiguous()
-            .unwrap()
+        crate::ops::composed::split_heads(x, n_head).unwrap()
     }
 
     fn merge_candle(y: &Tensor) -> Tensor {
-        let (b, nh, t, hd) = y.dims4().unwrap();
-        y.transpose(1, 2).unwrap().reshape((b, t, nh * hd)).unwrap()
+        crate::ops::composed::merge_heads(y).unwrap()
     }
 
     /// The output and the gradient of Σ f(x)·up with respect to x.

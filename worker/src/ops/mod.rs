@@ -91,8 +91,8 @@ pub fn embedding(weight: &Tensor, ids: &Tensor) -> Result<Tensor> {
 /// On a GPU (f32 or bf16) the op of ops/heads.rs, a kernel that moves whole 16-byte pieces of head rows, forward and
 /// back; anywhere else candle's `reshape · transpose · contiguous`, so the CPU is unchanged. Exact either way.
 pub fn split_heads(x: &Tensor, n_head: usize) -> Result<Tensor> {
-    let (b, t, c) = match x.dims() {
-        &[b, t, c] => (b, t, c),
+    let c = match x.dims() {
+        &[_, _, c] => c,
         other => {
             return Err(Error::Model(format!(
                 "splitting attention heads: x must be [B, T, C], got shape {other:?}"
@@ -112,14 +112,14 @@ pub fn split_heads(x: &Tensor, n_head: usize) -> Result<Tensor> {
         };
         return Ok(x.contiguous()?.apply_op1(op)?);
     }
-    Ok(x.reshape((b, t, n_head, c / n_head))?.transpose(1, 2)?.contiguous()?)
+    composed::split_heads(x, n_head)
 }
 
 /// The inverse of [`split_heads`]: heads `y` `[B, nh, T, hd]` side by side again, `[B, T, nh·hd]`, contiguous. The
 /// op of ops/heads.rs on a GPU (f32 or bf16), candle's `transpose · reshape` anywhere else.
 pub fn merge_heads(y: &Tensor) -> Result<Tensor> {
-    let (b, nh, t, hd) = match y.dims() {
-        &[b, nh, t, hd] => (b, nh, t, hd),
+    let nh = match y.dims() {
+        &[_, nh, _, _] => nh,
         other => {
             return Err(Error::Model(format!(
                 "merging attention heads: y must be [B, nh, T, hd], got shape {other:?}"
@@ -133,7 +133,7 @@ pub fn merge_heads(y: &Tensor) -> Result<Tensor> {
         };
         return Ok(y.contiguous()?.apply_op1(op)?);
     }
-    Ok(y.transpose(1, 2)?.reshape((b, t, nh * hd))?)
+    composed::merge_heads(y)
 }
 
 /// LayerNorm over the last dimension (biased variance, as torch): (x − mean) / √(var + eps) · weight + bias, with
@@ -283,6 +283,18 @@ pub mod composed {
     /// candle's `gelu` is the tanh approximation.
     pub fn gelu(x: &Tensor) -> Result<Tensor> {
         Ok(x.gelu()?)
+    }
+
+    /// `[B, T, C]` → `[B, nh, T, hd]`, contiguous (shapes checked by [`super::split_heads`]).
+    pub fn split_heads(x: &Tensor, n_head: usize) -> Result<Tensor> {
+        let (b, t, c) = x.dims3()?;
+        Ok(x.reshape((b, t, n_head, c / n_head))?.transpose(1, 2)?.contiguous()?)
+    }
+
+    /// `[B, nh, T, hd]` → `[B, T, nh·hd]`, contiguous.
+    pub fn merge_heads(y: &Tensor) -> Result<Tensor> {
+        let (b, nh, t, hd) = y.dims4()?;
+        Ok(y.transpose(1, 2)?.reshape((b, t, nh * hd))?)
     }
 
     pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {

@@ -20,18 +20,11 @@ fn bits(t: &Tensor) -> Vec<u32> {
 }
 
 fn split_candle(x: &Tensor, n_head: usize) -> Tensor {
-    let (b, t, c) = x.dims3().unwrap();
-    x.reshape((b, t, n_head, c / n_head))
-        .unwrap()
-        .transpose(1, 2)
-        .unwrap()
-        .contiguous()
-        .unwrap()
+    ops::composed::split_heads(x, n_head).unwrap()
 }
 
 fn merge_candle(y: &Tensor) -> Tensor {
-    let (b, nh, t, hd) = y.dims4().unwrap();
-    y.transpose(1, 2).unwrap().reshape((b, t, nh * hd)).unwrap()
+    ops::composed::merge_heads(y).unwrap()
 }
 
 /// f of the last `dims` elements of a flat leaf of `offset` more (a view `offset` elements in), and the gradient of
