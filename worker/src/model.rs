@@ -329,24 +329,13 @@ impl Conv1D {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let n_out = self.weight.dim(1)?;
-        self.forward_cols(x, 0, n_out)
-    }
-
-    /// Output columns `start..start + len` only: x · W[:, cols] + b[cols], [B, T, len].
-    fn forward_cols(&self, x: &Tensor, start: usize, len: usize) -> Result<Tensor> {
         let (b, t, n_in) = x.dims3()?;
         // A no-op in f32; in bf16 the f32 master weights' casts, made once per step (see `weight_casts`).
-        let (mut w, mut bias) = (
+        let (w, bias) = (
             self.casts.get(&self.weight, x.dtype())?,
             self.casts.get(&self.bias, x.dtype())?,
         );
-        if len != w.dim(1)? {
-            // The weight's columns are strided; the copy is of [n_in, len] weights, not of activations.
-            w = w.narrow(1, start, len)?.contiguous()?;
-            bias = bias.narrow(0, start, len)?;
-        }
-        let y = crate::ops::bias_add(&x.reshape((b * t, n_in))?.matmul(&w)?, &bias)?; // [B*T, len]
+        let y = crate::ops::bias_add(&x.reshape((b * t, n_in))?.matmul(&w)?, &bias)?; // [B*T, out]
         Ok(y.reshape((b, t, ()))?)
     }
 }
@@ -375,25 +364,10 @@ impl CausalSelfAttention {
         })
     }
 
-    /// Queries, keys and values of `x` [B, T, C], each split into heads: [B, nh, T, hd].
-    ///
-    /// Each is its own product with a third of c_attn's columns rather than a slice of one [B, T, 3C] product:
-    /// autograd turns a slice of an activation into a full-size [B, T, 3C] gradient (zeros on either side, then
-    /// summed with the other two), some ten passes over 3C-wide activations per layer, where slicing the weight costs
-    /// that on [C, 3C] weights only.
+    /// Queries, keys and values of `x` [B, T, C], each split into heads: [B, nh, T, hd]: one product with all of
+    /// c_attn, sliced. (Three products with a third of c_attn's columns each would spare the backward the full-size
+    /// [B, T, 3C] gradients it builds for the slices, but trained the demo measurably worse: docs/BENCHMARKS.md.)
     fn qkv_heads(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let (_, _, c) = x.dims3()?;
-        let heads = |i: usize| -> Result<Tensor> {
-            // [B, T, C] -> [B, nh, T, hd]
-            crate::ops::split_heads(&self.c_attn.forward_cols(x, i * c, c)?, self.n_head)
-        };
-        Ok((heads(0)?, heads(1)?, heads(2)?))
-    }
-
-    /// The same for inference (`forward_cached`): one product with all of c_attn, sliced. Without a backward the
-    /// slices cost only copies of the new positions, while `qkv_heads` copies a third of c_attn's weights per call,
-    /// which would triple the weight traffic of c_attn in a one-token decoding step.
-    fn qkv_heads_inference(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (_, _, c) = x.dims3()?;
         let qkv = self.c_attn.forward(x)?; // [B, T, 3C]
         let heads = |i: usize| crate::ops::split_heads(&qkv.narrow(2, i * c, c)?, self.n_head);
@@ -434,7 +408,7 @@ impl CausalSelfAttention {
     ) -> Result<(Tensor, (Tensor, Tensor))> {
         let (_, _, c) = x.dims3()?;
         let hd = c / self.n_head;
-        let (q, k, v) = self.qkv_heads_inference(x)?; // [B, nh, T_new, hd] each
+        let (q, k, v) = self.qkv_heads(x)?; // [B, nh, T_new, hd] each
         let (k, v) = match past {
             Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?), // [B, nh, T_all, hd]
             None => (k, v),

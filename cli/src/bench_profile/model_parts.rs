@@ -89,32 +89,8 @@ fn matmuls(s: &Shapes, timer: &Timer) -> Result<Vec<Part>> {
         )
         .with_matmul_flops(matmul_flops(bt, k, n)))
     };
-    // q, k and v each from a third of c_attn's columns, as `CausalSelfAttention::qkv_heads` computes them.
-    let c_attn = || -> Result<Part> {
-        let (x, w, b) = (
-            s.leaf(&[bt, c], s.dt)?,
-            s.leaf(&[c, 3 * c], s.dt)?,
-            s.leaf(&[3 * c], s.dt)?,
-        );
-        let mut sum = FwdBwd::default();
-        for i in 0..3 {
-            sum = sum
-                + timer.fwd_bwd(|| {
-                    let wi = w.narrow(1, i * c, c)?.contiguous()?;
-                    Ok(ops::bias_add(&x.matmul(&wi)?, &b.narrow(0, i * c, c)?)?)
-                })?;
-        }
-        Ok(Part::differentiated(
-            Category::Matmul,
-            "attn.c_attn x·W[:, third] + b, ×3 (q, k, v)",
-            format!("3 × [{bt}×{c}]·[{c}×{c}]"),
-            per_layer,
-            sum,
-        )
-        .with_matmul_flops(matmul_flops(bt, c, 3 * c)))
-    };
     let mut parts = vec![
-        Part::labelled("attn.c_attn", c_attn())?,
+        Part::labelled("attn.c_attn", linear("attn.c_attn", c, 3 * c))?,
         Part::labelled("attn.c_proj", linear("attn.c_proj", c, c))?,
         Part::labelled("mlp.c_fc", linear("mlp.c_fc", c, 4 * c))?,
         Part::labelled("mlp.c_proj", linear("mlp.c_proj", 4 * c, c))?,
@@ -405,23 +381,23 @@ fn dropout(s: &Shapes, timer: &Timer) -> Result<Vec<Part>> {
     ])
 }
 
-/// The layout copies around attention: q, k, v (each its own [B, T, C] product) into heads, and the heads put back
-/// side by side, as the model makes them (`ops::split_heads` / `ops::merge_heads`: a permutation kernel on a GPU,
-/// candle's strided copies elsewhere).
+/// The layout copies around attention: q, k, v cut out of c_attn's output into heads (a slice, then
+/// `ops::split_heads`), and the heads put back side by side (`ops::merge_heads`), as the model makes them: a
+/// permutation kernel on a GPU, candle's strided copies elsewhere.
 fn head_copies(s: &Shapes, timer: &Timer) -> Result<Vec<Part>> {
     let (c, nh, b, t) = (s.cfg.n_embd, s.cfg.n_head, s.b, s.t);
     let hd = c / nh;
     let count = s.cfg.n_layer as f64 * s.micro_batches;
     let split = || -> Result<Part> {
-        let x = s.leaf(&[b, t, c], s.dt)?;
+        let qkv = s.leaf(&[b, t, 3 * c], s.dt)?;
         let mut sum = FwdBwd::default();
-        for _ in 0..3 {
-            sum = sum + timer.fwd_bwd(|| Ok(ops::split_heads(&x, nh)?))?;
+        for i in 0..3 {
+            sum = sum + timer.fwd_bwd(|| Ok(ops::split_heads(&qkv.narrow(2, i * c, c)?, nh)?))?;
         }
         Ok(Part::differentiated(
             Category::Copies,
             "q, k, v into heads",
-            format!("3 × {}", dims(&[b, t, c])),
+            dims(&[b, t, 3 * c]),
             count,
             sum,
         ))
