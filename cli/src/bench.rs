@@ -13,6 +13,7 @@ use lockstep_common::data::{Corpus, DataPlan, Tokenizer};
 use lockstep_common::spec::{ComputeDtype, DataSource};
 use lockstep_worker::collective::{Collective, Local};
 use lockstep_worker::collective::{Ring, RingConfig, RingListener};
+use lockstep_worker::compute_pool;
 use lockstep_worker::flops::{self, flops_per_token};
 use lockstep_worker::hardware::{device_peak_bytes, peak_rss_bytes, reset_device_peak};
 use lockstep_worker::loader::{Loader, Share};
@@ -173,25 +174,28 @@ pub fn train(spec: &RunSpec, device: &Device, workers: u32, warmup: u64, steps: 
                         Box::new(Ring::connect(&listener, cfg)?)
                     };
                     let seq_len = spec.train.seq_len;
-                    let mut trainer = Trainer::new(spec, collective, device.clone())?;
-                    for _ in 0..warmup {
-                        trainer.train_step()?;
-                    }
-                    // The measured steps' peak, not the first steps' (which also fill allocator caches).
-                    if rank == 0 {
-                        reset_device_peak(device);
-                    }
-                    let start = Instant::now();
-                    let outs = (0..steps)
-                        .map(|_| trainer.train_step())
-                        .collect::<Result<Vec<_>, _>>()?;
-                    let params = trainer.params().num_elements();
-                    let flops = flops_per_token(trainer.model().config(), params, seq_len);
-                    Ok(RankRun {
-                        outs,
-                        secs: start.elapsed().as_secs_f64(),
-                        params,
-                        flops,
+                    // As a worker trains: on the CPU from a thread of its own compute pool.
+                    compute_pool::run(device, move || -> Result<RankRun> {
+                        let mut trainer = Trainer::new(spec, collective, device.clone())?;
+                        for _ in 0..warmup {
+                            trainer.train_step()?;
+                        }
+                        // The measured steps' peak, not the first steps' (which also fill allocator caches).
+                        if rank == 0 {
+                            reset_device_peak(device);
+                        }
+                        let start = Instant::now();
+                        let outs = (0..steps)
+                            .map(|_| trainer.train_step())
+                            .collect::<Result<Vec<_>, _>>()?;
+                        let params = trainer.params().num_elements();
+                        let flops = flops_per_token(trainer.model().config(), params, seq_len);
+                        Ok(RankRun {
+                            outs,
+                            secs: start.elapsed().as_secs_f64(),
+                            params,
+                            flops,
+                        })
                     })
                 })
             })

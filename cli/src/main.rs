@@ -160,8 +160,8 @@ enum BenchCommand {
         /// The device's dense peak in TFLOP/s for the dtype, for MFU where Lockstep's table has none (e.g. a CPU).
         #[arg(long)]
         peak_tflops: Option<f64>,
-        /// CPU threads for each rank's tensor math. Ranks are threads of this process and candle's pool is
-        /// per process, so more than 1 only makes sense with --workers 1.
+        /// CPU threads for each rank's tensor math (each rank, a thread of this process, trains on a pool of its
+        /// own): --workers times --threads should not exceed the cores.
         #[arg(long, default_value_t = 1)]
         threads: usize,
         /// Where each millisecond of the step goes: every op category (matmuls, attention, LayerNorm, GELU, loss,

@@ -7,6 +7,7 @@
 
 pub mod checkpoint;
 pub mod collective;
+pub mod compute_pool;
 pub mod coordinator_link;
 pub mod decode;
 pub mod device;

@@ -290,8 +290,14 @@ async fn session(
                         std::thread::Builder::new()
                             .name("train".into())
                             .spawn(move || {
-                                let _g = span.enter();
-                                let _ = done_tx.send(train::train(job));
+                                // On the CPU the loop runs on a compute pool thread (`compute_pool`): the span goes
+                                // with it, since spans are entered per thread.
+                                let device = job.device.clone();
+                                let outcome = crate::compute_pool::run(&device, move || {
+                                    let _g = span.enter();
+                                    train::train(job)
+                                });
+                                let _ = done_tx.send(outcome);
                             })
                             .map_err(|source| SessionEnd::Fatal(Error::Io { context: "start the training thread".into(), source }))?;
                         *training = Some(Training { generation, rank, controls, done: done_rx, aborted: false });
