@@ -91,20 +91,8 @@ pub fn embedding(weight: &Tensor, ids: &Tensor) -> Result<Tensor> {
 /// On a GPU (f32 or bf16) the op of ops/heads.rs, a kernel that moves whole 16-byte pieces of head rows, forward and
 /// back; anywhere else candle's `reshape · transpose · contiguous`, so the CPU is unchanged. Exact either way.
 pub fn split_heads(x: &Tensor, n_head: usize) -> Result<Tensor> {
-    let c = match x.dims() {
-        &[_, _, c] => c,
-        other => {
-            return Err(Error::Model(format!(
-                "splitting attention heads: x must be [B, T, C], got shape {other:?}"
-            )));
-        }
-    };
-    if n_head == 0 || c % n_head != 0 {
-        return Err(Error::Model(format!(
-            "splitting attention heads: cannot split x {:?} into {n_head} heads (C = {c} is not a multiple)",
-            x.dims()
-        )));
-    }
+    // The op's own shape check, whichever path runs, so both refuse alike.
+    heads::dims(heads::Direction::Split, n_head, x.dims())?;
     if fused_gpu(x) {
         let op = heads::Heads {
             n_head,
@@ -118,14 +106,8 @@ pub fn split_heads(x: &Tensor, n_head: usize) -> Result<Tensor> {
 /// The inverse of [`split_heads`]: heads `y` `[B, nh, T, hd]` side by side again, `[B, T, nh·hd]`, contiguous. The
 /// op of ops/heads.rs on a GPU (f32 or bf16), candle's `transpose · reshape` anywhere else.
 pub fn merge_heads(y: &Tensor) -> Result<Tensor> {
-    let nh = match y.dims() {
-        &[_, nh, _, _] => nh,
-        other => {
-            return Err(Error::Model(format!(
-                "merging attention heads: y must be [B, nh, T, hd], got shape {other:?}"
-            )));
-        }
-    };
+    let nh = y.dims().get(1).copied().unwrap_or(0);
+    heads::dims(heads::Direction::Merge, nh, y.dims())?;
     if fused_gpu(y) {
         let op = heads::Heads {
             n_head: nh,
