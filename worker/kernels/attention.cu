@@ -1,8 +1,10 @@
 // Fused causal attention, forward and backward, for worker/src/ops/attention_cuda.rs (which launches these and
 // must agree with the launch shapes documented on each kernel). Compiled to PTX by worker/build.rs.
 //
-// All tensors are contiguous [B·H, T, D]: q, k, v, o, dO and the gradients in the input dtype, the row
-// log-sum-exp L and D_i = rowsum(dO∘O) [B·H, T] in f32. For each head, with s_ij = scale·q_i·k_j for j ≤ i:
+// q, k, v, o, dO and the gradients are in the input dtype, the row log-sum-exp L and D_i = rowsum(dO∘O) [B·H, T]
+// in f32. Where a head's rows lie is given by two `Rows` strides, one for q, k, v and their gradients, one for o and
+// dO: contiguous [B, H, T, D] tensors, or the model's own layout, where q, k and v are column slices of the c_attn
+// product [B, T, 3C] and o is written straight into [B, T, C], so that no head is ever split or merged by a copy. For each head, with s_ij = scale·q_i·k_j for j ≤ i:
 //
 //   forward    L_i = log Σ_j exp s_ij,   o_i = Σ_j exp(s_ij − L_i)·v_j      (an online softmax over key tiles)
 //   backward   p_ij = exp(s_ij − L_i),   dS_ij = p_ij·(dO_i·v_j − D_i)
@@ -64,15 +66,26 @@ DEV void check_smem(uint32_t needed) {
     if (dynamic_smem_size() < needed) fail_launch();
 }
 
-// Rows [row0, row0 + R) of a [T, D] bf16 matrix into shared memory (row stride D + 8), asynchronously; rows at or
-// past T become zeros. The caller commits the group.
-template <int R, int D> DEV void load_rows_async(bf16 *dst, const bf16 *src, int row0, int T) {
+// Row t of head (b, h) starts at element b·sb + h·sh + t·st; its D elements are contiguous. Contiguous [B, H, T, D]:
+// (H·T·D, T·D, D). q, k or v as slices of [B, T, 3C] (C = H·D; k and v start C and 2C in): (T·3C, D, 3C). [B, T, C]:
+// (T·C, D, C). For the tensor-core kernels every stride is a multiple of 8 and every base 16-byte aligned
+// (attention_cuda.rs checks), so that rows can be copied in 16-byte pieces.
+struct Rows {
+    long long sb, sh;
+    int st;
+    // The first element of head `bh` (= b·H + h, the grid's x index) of H heads per sequence.
+    DEV size_t head(size_t bh, int H) const { return bh / H * size_t(sb) + bh % H * size_t(sh); }
+};
+
+// Rows [row0, row0 + R) of a head's [T, D] bf16 rows (`st` elements apart) into shared memory (row stride D + 8),
+// asynchronously; rows at or past T become zeros. The caller commits the group.
+template <int R, int D> DEV void load_rows_async(bf16 *dst, const bf16 *src, int row0, int T, int st) {
     constexpr int CHUNKS = D / 8;  // 16-byte pieces per row
     for (int c = threadIdx.x; c < R * CHUNKS; c += MMA_THREADS) {
         const int r = c / CHUNKS, col = (c % CHUNKS) * 8;
         const int row = row0 + r;
         const bool valid = row < T;
-        cp_async_16(dst + r * smem_stride<D>() + col, src + (size_t)(valid ? row : 0) * D + col, valid);
+        cp_async_16(dst + r * smem_stride<D>() + col, src + (size_t)(valid ? row : 0) * st + col, valid);
     }
 }
 
@@ -122,9 +135,10 @@ template <int D, int N> DEV void mma_pb(float (&acc)[D / 8][4], const float (&p)
     }
 }
 
-// One thread's part of rows `row0` (acc[..][0..2]) and `row0 + 8` (acc[..][2..4]) of a [T, D] output, times
-// `mul0` / `mul1`, as bf16; rows at or past T are not written.
-template <int D> DEV void store_rows(bf16 *out, const float (&acc)[D / 8][4], int row0, float mul0, float mul1, int T) {
+// One thread's part of rows `row0` (acc[..][0..2]) and `row0 + 8` (acc[..][2..4]) of a head's [T, D] output rows
+// (`st` elements apart), times `mul0` / `mul1`, as bf16; rows at or past T are not written.
+template <int D>
+DEV void store_rows(bf16 *out, const float (&acc)[D / 8][4], int row0, float mul0, float mul1, int T, int st) {
     const int t = threadIdx.x % 4;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -133,15 +147,16 @@ template <int D> DEV void store_rows(bf16 *out, const float (&acc)[D / 8][4], in
         const float mul = h ? mul1 : mul0;
 #pragma unroll
         for (int dt = 0; dt < D / 8; ++dt)
-            *reinterpret_cast<uint32_t *>(out + (size_t)row * D + dt * 8 + 2 * t) =
+            *reinterpret_cast<uint32_t *>(out + (size_t)row * st + dt * 8 + 2 * t) =
                 pack_bf16x2(acc[dt][2 * h] * mul, acc[dt][2 * h + 1] * mul);
     }
 }
 
-// Forward. Grid (B·H, ceil(T/64)), 128 threads, fwd_mma_smem<D>() bytes of dynamic shared memory.
+// Forward. Grid (B·H, ceil(T/64)), 128 threads, fwd_mma_smem<D>() bytes of dynamic shared memory. q, k, v laid out
+// as `in`, o as `out`, H heads per sequence.
 template <int D>
 DEV void fwd_mma(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const bf16 *__restrict__ V,
-                 bf16 *__restrict__ O, float *__restrict__ L, int T, float scale_log2) {
+                 bf16 *__restrict__ O, float *__restrict__ L, int T, int H, Rows in, Rows out, float scale_log2) {
 #if defined(LOCKSTEP_EMULATE) || __CUDA_ARCH__ >= 800
     constexpr int BM = MMA_ROWS, BN = MMA_ROWS, SS = smem_stride<D>();
     check_smem(fwd_mma_smem<D>());
@@ -152,13 +167,14 @@ DEV void fwd_mma(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const size_t head = blockIdx.x;
     const int q0 = (gridDim.y - 1 - blockIdx.y) * BM;
-    Q += head * T * D, K += head * T * D, V += head * T * D, O += head * T * D, L += head * T;
+    const size_t i0 = in.head(head, H), o0 = out.head(head, H);
+    Q += i0, K += i0, V += i0, O += o0, L += head * T;
     const int n_tiles = (min(T, q0 + BM) + BN - 1) / BN;
     const int row0 = q0 + warp * 16 + g;  // this thread's rows: row0 and row0 + 8
 
-    load_rows_async<BM, D>(sQ, Q, q0, T);
-    load_rows_async<BN, D>(sK, K, 0, T);
-    load_rows_async<BN, D>(sV, V, 0, T);
+    load_rows_async<BM, D>(sQ, Q, q0, T, in.st);
+    load_rows_async<BN, D>(sK, K, 0, T, in.st);
+    load_rows_async<BN, D>(sV, V, 0, T, in.st);
     cp_async_commit();
 
     uint32_t qf[D / 16][4];
@@ -169,8 +185,8 @@ DEV void fwd_mma(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
     for (int j = 0; j < n_tiles; ++j) {
         const int buf = j % 2;
         if (j + 1 < n_tiles) {
-            load_rows_async<BN, D>(sK + (1 - buf) * BN * SS, K, (j + 1) * BN, T);
-            load_rows_async<BN, D>(sV + (1 - buf) * BN * SS, V, (j + 1) * BN, T);
+            load_rows_async<BN, D>(sK + (1 - buf) * BN * SS, K, (j + 1) * BN, T, in.st);
+            load_rows_async<BN, D>(sV + (1 - buf) * BN * SS, V, (j + 1) * BN, T, in.st);
         }
         cp_async_commit();
         cp_async_wait<1>();  // everything but the tile just requested
@@ -225,7 +241,7 @@ DEV void fwd_mma(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
         l[h] += shfl_xor(l[h], 1);
         l[h] += shfl_xor(l[h], 2);
     }
-    store_rows<D>(O, acc, row0, 1.f / l[0], 1.f / l[1], T);
+    store_rows<D>(O, acc, row0, 1.f / l[0], 1.f / l[1], T, out.st);
     if (t == 0) {
 #pragma unroll
         for (int h = 0; h < 2; ++h)
@@ -234,11 +250,12 @@ DEV void fwd_mma(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const b
 #endif
 }
 
-// dQ. Grid (B·H, ceil(T/64)), 128 threads, dq_mma_smem<D>() bytes of dynamic shared memory.
+// dQ. Grid (B·H, ceil(T/64)), 128 threads, dq_mma_smem<D>() bytes of dynamic shared memory. q, k, v and dQ laid
+// out as `in`, dO as `out`.
 template <int D>
 DEV void bwd_dq_mma(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const bf16 *__restrict__ V,
                     const bf16 *__restrict__ dO, const float *__restrict__ L, const float *__restrict__ Dv,
-                    bf16 *__restrict__ dQ, int T, float scale_log2, float scale) {
+                    bf16 *__restrict__ dQ, int T, int H, Rows in, Rows out, float scale_log2, float scale) {
 #if defined(LOCKSTEP_EMULATE) || __CUDA_ARCH__ >= 800
     constexpr int BM = MMA_ROWS, BN = bwd_tile<D>(), SS = smem_stride<D>();
     check_smem(dq_mma_smem<D>());
@@ -250,15 +267,16 @@ DEV void bwd_dq_mma(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, cons
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const size_t head = blockIdx.x;
     const int q0 = (gridDim.y - 1 - blockIdx.y) * BM;
-    Q += head * T * D, K += head * T * D, V += head * T * D, dO += head * T * D, dQ += head * T * D;
+    const size_t i0 = in.head(head, H), o0 = out.head(head, H);
+    Q += i0, K += i0, V += i0, dQ += i0, dO += o0;
     L += head * T, Dv += head * T;
     const int n_tiles = (min(T, q0 + BM) + BN - 1) / BN;
     const int row0 = q0 + warp * 16 + g;
 
-    load_rows_async<BM, D>(sQ, Q, q0, T);
-    load_rows_async<BM, D>(sdO, dO, q0, T);
-    load_rows_async<BN, D>(sK, K, 0, T);
-    load_rows_async<BN, D>(sV, V, 0, T);
+    load_rows_async<BM, D>(sQ, Q, q0, T, in.st);
+    load_rows_async<BM, D>(sdO, dO, q0, T, out.st);
+    load_rows_async<BN, D>(sK, K, 0, T, in.st);
+    load_rows_async<BN, D>(sV, V, 0, T, in.st);
     cp_async_commit();
 
     float lse[2], dv[2];
@@ -274,8 +292,8 @@ DEV void bwd_dq_mma(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, cons
     for (int j = 0; j < n_tiles; ++j) {
         const int buf = j % 2;
         if (j + 1 < n_tiles) {
-            load_rows_async<BN, D>(sK + (1 - buf) * BN * SS, K, (j + 1) * BN, T);
-            load_rows_async<BN, D>(sV + (1 - buf) * BN * SS, V, (j + 1) * BN, T);
+            load_rows_async<BN, D>(sK + (1 - buf) * BN * SS, K, (j + 1) * BN, T, in.st);
+            load_rows_async<BN, D>(sV + (1 - buf) * BN * SS, V, (j + 1) * BN, T, in.st);
         }
         cp_async_commit();
         cp_async_wait<1>();
@@ -303,16 +321,18 @@ DEV void bwd_dq_mma(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, cons
         mma_pb<D, BN>(acc, s, k_tile);
         block_sync();
     }
-    store_rows<D>(dQ, acc, row0, scale, scale, T);
+    store_rows<D>(dQ, acc, row0, scale, scale, T, in.st);
 #endif
 }
 
 // dK and dV. Grid (B·H, ceil(T/64)), 128 threads, dkdv_mma_smem<D>() bytes of dynamic shared memory. The block
 // owns keys k0..k0+63 (16 per warp, as the A side of every product) and walks over the query tiles from k0 on.
+// q, k, v, dK and dV laid out as `in`, dO as `out`.
 template <int D>
 DEV void bwd_dkdv_mma(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, const bf16 *__restrict__ V,
                       const bf16 *__restrict__ dO, const float *__restrict__ L, const float *__restrict__ Dv,
-                      bf16 *__restrict__ dK, bf16 *__restrict__ dV, int T, float scale_log2, float scale) {
+                      bf16 *__restrict__ dK, bf16 *__restrict__ dV, int T, int H, Rows in, Rows out,
+                      float scale_log2, float scale) {
 #if defined(LOCKSTEP_EMULATE) || __CUDA_ARCH__ >= 800
     constexpr int BN = MMA_ROWS, BM = bwd_tile<D>(), SS = smem_stride<D>();
     check_smem(dkdv_mma_smem<D>());
@@ -326,23 +346,24 @@ DEV void bwd_dkdv_mma(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, co
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const size_t head = blockIdx.x;
     const int k0 = blockIdx.y * BN;  // the long key tiles (early in the sequence) first
-    Q += head * T * D, K += head * T * D, V += head * T * D, dO += head * T * D;
-    dK += head * T * D, dV += head * T * D, L += head * T, Dv += head * T;
+    const size_t i0 = in.head(head, H), o0 = out.head(head, H);
+    Q += i0, K += i0, V += i0, dK += i0, dV += i0, dO += o0;
+    L += head * T, Dv += head * T;
     const int first = k0 / BM, n_tiles = (T + BM - 1) / BM;
     const int key0 = k0 + warp * 16 + g;  // this thread's keys: key0 and key0 + 8
 
     // Stage the query-side tile i into buffer b: q and dO asynchronously, L and D directly.
     auto load_queries = [&](int i, int b) {
-        load_rows_async<BM, D>(sQ + b * BM * SS, Q, i * BM, T);
-        load_rows_async<BM, D>(sdO + b * BM * SS, dO, i * BM, T);
+        load_rows_async<BM, D>(sQ + b * BM * SS, Q, i * BM, T, in.st);
+        load_rows_async<BM, D>(sdO + b * BM * SS, dO, i * BM, T, out.st);
         for (int r = threadIdx.x; r < BM; r += MMA_THREADS) {
             const int row = i * BM + r;
             sL[b * BM + r] = row < T ? L[row] * LOG2E : 0.f;
             sDv[b * BM + r] = row < T ? Dv[row] : 0.f;
         }
     };
-    load_rows_async<BN, D>(sK, K, k0, T);
-    load_rows_async<BN, D>(sV, V, k0, T);
+    load_rows_async<BN, D>(sK, K, k0, T, in.st);
+    load_rows_async<BN, D>(sV, V, k0, T, in.st);
     load_queries(first, 0);
     cp_async_commit();
 
@@ -381,8 +402,8 @@ DEV void bwd_dkdv_mma(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, co
         mma_pb<D, BM>(dk, dpt, q_tile);
         block_sync();
     }
-    store_rows<D>(dK, dk, key0, scale, scale, T);
-    store_rows<D>(dV, dvacc, key0, 1.f, 1.f, T);
+    store_rows<D>(dK, dk, key0, scale, scale, T, in.st);
+    store_rows<D>(dV, dvacc, key0, 1.f, 1.f, T, in.st);
 #endif
 }
 
@@ -393,11 +414,15 @@ DEV void bwd_dkdv_mma(const bf16 *__restrict__ Q, const bf16 *__restrict__ K, co
 constexpr int SIMT_THREADS = 128;
 constexpr int SIMT_ROWS = 32;  // rows a block owns, and rows of the other side per step
 
-// Rows [row0, row0 + SIMT_ROWS) of a [T, D] matrix into shared memory as f32; rows at or past T become zeros.
-template <int D, typename T_> DEV void load_rows_f32(float *dst, const T_ *src, int row0, int T) {
-    for (int i = threadIdx.x; i < SIMT_ROWS * D; i += SIMT_THREADS) {
-        const int row = row0 + i / D;
-        dst[i] = row < T ? to_f32(src[(size_t)row0 * D + i]) : 0.f;
+// Rows [row0, row0 + SIMT_ROWS) of a head's [T, D] rows (`st` elements apart) into shared memory as f32, D floats
+// per row; rows at or past T become zeros.
+template <int D, typename T_> DEV void load_rows_f32(float *dst, const T_ *src, int row0, int T, int st) {
+    static_assert(SIMT_THREADS % D == 0, "a pass of the block covers whole rows");
+    constexpr int ROWS_PER_PASS = SIMT_THREADS / D;
+    const int col = threadIdx.x % D;
+    for (int r = threadIdx.x / D; r < SIMT_ROWS; r += ROWS_PER_PASS) {
+        const int row = row0 + r;
+        dst[r * D + col] = row < T ? to_f32(src[(size_t)row * st + col]) : 0.f;
     }
 }
 
@@ -411,38 +436,41 @@ template <int D> DEV float quad_dot(const float (&a)[D / 4], const float *tile, 
     return x;
 }
 
-template <int D, typename T_> DEV void load_quarter(float (&dst)[D / 4], const T_ *src, int row, int c, int T) {
+// Columns c, c + 4, c + 8, ... of row `row` (rows `st` elements apart), as f32; zeros past T.
+template <int D, typename T_>
+DEV void load_quarter(float (&dst)[D / 4], const T_ *src, int row, int c, int T, int st) {
 #pragma unroll
-    for (int i = 0; i < D / 4; ++i) dst[i] = row < T ? to_f32(src[(size_t)row * D + c + 4 * i]) : 0.f;
+    for (int i = 0; i < D / 4; ++i) dst[i] = row < T ? to_f32(src[(size_t)row * st + c + 4 * i]) : 0.f;
 }
 
 template <int D, typename T_>
-DEV void store_quarter(T_ *dst, const float (&src)[D / 4], float mul, int row, int c, int T) {
+DEV void store_quarter(T_ *dst, const float (&src)[D / 4], float mul, int row, int c, int T, int st) {
     if (row >= T) return;
 #pragma unroll
-    for (int i = 0; i < D / 4; ++i) dst[(size_t)row * D + c + 4 * i] = from_f32<T_>(src[i] * mul);
+    for (int i = 0; i < D / 4; ++i) dst[(size_t)row * st + c + 4 * i] = from_f32<T_>(src[i] * mul);
 }
 
-// Forward. Grid (B·H, ceil(T/32)), 128 threads.
+// Forward. Grid (B·H, ceil(T/32)), 128 threads. Layouts as in fwd_mma.
 template <int D, typename T_>
 DEV void fwd_simt(const T_ *__restrict__ Q, const T_ *__restrict__ K, const T_ *__restrict__ V, T_ *__restrict__ O,
-                  float *__restrict__ L, int T, float scale_log2) {
+                  float *__restrict__ L, int T, int H, Rows in, Rows out, float scale_log2) {
     constexpr int BN = SIMT_ROWS;
     __shared__ float sK[BN * D], sV[BN * D];
     const int r = threadIdx.x / 4, c = threadIdx.x % 4;
     const size_t head = blockIdx.x;
     const int q0 = (gridDim.y - 1 - blockIdx.y) * SIMT_ROWS, row = q0 + r;
-    Q += head * T * D, K += head * T * D, V += head * T * D, O += head * T * D, L += head * T;
+    const size_t i0 = in.head(head, H), o0 = out.head(head, H);
+    Q += i0, K += i0, V += i0, O += o0, L += head * T;
     const int n_tiles = (min(T, q0 + SIMT_ROWS) + BN - 1) / BN;
 
     float q[D / 4], o[D / 4] = {};
-    load_quarter<D>(q, Q, row, c, T);
+    load_quarter<D>(q, Q, row, c, T, in.st);
     float m = -INFINITY, l = 0.f;
     for (int j = 0; j < n_tiles; ++j) {
         const int k0 = j * BN;
         block_sync();
-        load_rows_f32<D>(sK, K, k0, T);
-        load_rows_f32<D>(sV, V, k0, T);
+        load_rows_f32<D>(sK, K, k0, T, in.st);
+        load_rows_f32<D>(sV, V, k0, T, in.st);
         block_sync();
         float s[BN];
         float mx = m;
@@ -466,33 +494,34 @@ DEV void fwd_simt(const T_ *__restrict__ Q, const T_ *__restrict__ K, const T_ *
             for (int i = 0; i < D / 4; ++i) o[i] += p * sV[kk * D + c + 4 * i];
         }
     }
-    store_quarter<D>(O, o, 1.f / l, row, c, T);
+    store_quarter<D>(O, o, 1.f / l, row, c, T, out.st);
     if (c == 0 && row < T) L[row] = (m + log2f(l)) * LN2;
 }
 
-// dQ. Grid (B·H, ceil(T/32)), 128 threads.
+// dQ. Grid (B·H, ceil(T/32)), 128 threads. Layouts as in bwd_dq_mma.
 template <int D, typename T_>
 DEV void bwd_dq_simt(const T_ *__restrict__ Q, const T_ *__restrict__ K, const T_ *__restrict__ V,
                      const T_ *__restrict__ dO, const float *__restrict__ L, const float *__restrict__ Dv,
-                     T_ *__restrict__ dQ, int T, float scale_log2, float scale) {
+                     T_ *__restrict__ dQ, int T, int H, Rows in, Rows out, float scale_log2, float scale) {
     constexpr int BN = SIMT_ROWS;
     __shared__ float sK[BN * D], sV[BN * D];
     const int r = threadIdx.x / 4, c = threadIdx.x % 4;
     const size_t head = blockIdx.x;
     const int q0 = (gridDim.y - 1 - blockIdx.y) * SIMT_ROWS, row = q0 + r;
-    Q += head * T * D, K += head * T * D, V += head * T * D, dO += head * T * D, dQ += head * T * D;
+    const size_t i0 = in.head(head, H), o0 = out.head(head, H);
+    Q += i0, K += i0, V += i0, dQ += i0, dO += o0;
     L += head * T, Dv += head * T;
     const int n_tiles = (min(T, q0 + SIMT_ROWS) + BN - 1) / BN;
 
     float q[D / 4], d_o[D / 4], dq[D / 4] = {};
-    load_quarter<D>(q, Q, row, c, T);
-    load_quarter<D>(d_o, dO, row, c, T);
+    load_quarter<D>(q, Q, row, c, T, in.st);
+    load_quarter<D>(d_o, dO, row, c, T, out.st);
     const float lse = row < T ? L[row] * LOG2E : 0.f, dvec = row < T ? Dv[row] : 0.f;
     for (int j = 0; j < n_tiles; ++j) {
         const int k0 = j * BN;
         block_sync();
-        load_rows_f32<D>(sK, K, k0, T);
-        load_rows_f32<D>(sV, V, k0, T);
+        load_rows_f32<D>(sK, K, k0, T, in.st);
+        load_rows_f32<D>(sV, V, k0, T, in.st);
         block_sync();
 #pragma unroll 4
         for (int kk = 0; kk < BN; ++kk) {
@@ -503,29 +532,32 @@ DEV void bwd_dq_simt(const T_ *__restrict__ Q, const T_ *__restrict__ K, const T
             for (int i = 0; i < D / 4; ++i) dq[i] += ds * sK[kk * D + c + 4 * i];
         }
     }
-    store_quarter<D>(dQ, dq, scale, row, c, T);
+    store_quarter<D>(dQ, dq, scale, row, c, T, in.st);
 }
 
 // dK and dV. Grid (B·H, ceil(T/32)), 128 threads; the block owns 32 keys and walks the query tiles from them on.
+// Layouts as in bwd_dkdv_mma.
 template <int D, typename T_>
 DEV void bwd_dkdv_simt(const T_ *__restrict__ Q, const T_ *__restrict__ K, const T_ *__restrict__ V,
                        const T_ *__restrict__ dO, const float *__restrict__ L, const float *__restrict__ Dv,
-                       T_ *__restrict__ dK, T_ *__restrict__ dV, int T, float scale_log2, float scale) {
+                       T_ *__restrict__ dK, T_ *__restrict__ dV, int T, int H, Rows in, Rows out, float scale_log2,
+                       float scale) {
     constexpr int BM = SIMT_ROWS;
     __shared__ float sQ[BM * D], sdO[BM * D], sL[BM], sDv[BM];
     const int r = threadIdx.x / 4, c = threadIdx.x % 4;
     const size_t head = blockIdx.x;
     const int k0 = blockIdx.y * SIMT_ROWS, key = k0 + r;
-    Q += head * T * D, K += head * T * D, V += head * T * D, dO += head * T * D;
-    dK += head * T * D, dV += head * T * D, L += head * T, Dv += head * T;
+    const size_t i0 = in.head(head, H), o0 = out.head(head, H);
+    Q += i0, K += i0, V += i0, dK += i0, dV += i0, dO += o0;
+    L += head * T, Dv += head * T;
 
     float k[D / 4], v[D / 4], dk[D / 4] = {}, dv[D / 4] = {};
-    load_quarter<D>(k, K, key, c, T);
-    load_quarter<D>(v, V, key, c, T);
+    load_quarter<D>(k, K, key, c, T, in.st);
+    load_quarter<D>(v, V, key, c, T, in.st);
     for (int q0 = k0; q0 < T; q0 += BM) {
         block_sync();
-        load_rows_f32<D>(sQ, Q, q0, T);
-        load_rows_f32<D>(sdO, dO, q0, T);
+        load_rows_f32<D>(sQ, Q, q0, T, in.st);
+        load_rows_f32<D>(sdO, dO, q0, T, out.st);
         for (int i = threadIdx.x; i < BM; i += SIMT_THREADS) {
             sL[i] = q0 + i < T ? L[q0 + i] * LOG2E : 0.f;
             sDv[i] = q0 + i < T ? Dv[q0 + i] : 0.f;
@@ -544,62 +576,70 @@ DEV void bwd_dkdv_simt(const T_ *__restrict__ Q, const T_ *__restrict__ K, const
             }
         }
     }
-    store_quarter<D>(dK, dk, scale, key, c, T);
-    store_quarter<D>(dV, dv, 1.f, key, c, T);
+    store_quarter<D>(dK, dk, scale, key, c, T, in.st);
+    store_quarter<D>(dV, dv, 1.f, key, c, T, in.st);
 }
 
-// D_i = Σ_d dO_id·O_id in f32, one warp per row. Grid ceil(rows/4), 128 threads.
+// D_i = Σ_d dO_id·O_id in f32, one warp per row; row i = head·T + t of the B·H·T rows, dO and O laid out as `out`.
+// Grid ceil(rows/4), 128 threads.
 template <typename T_>
-DEV void bwd_rowdot(const T_ *__restrict__ dO, const T_ *__restrict__ O, float *__restrict__ Dv, int rows, int D) {
+DEV void bwd_rowdot(const T_ *__restrict__ dO, const T_ *__restrict__ O, float *__restrict__ Dv, int rows, int T,
+                    int H, Rows out, int D) {
     const int row = blockIdx.x * 4 + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= rows) return;  // whole warps
+    const size_t at = out.head(row / T, H) + (size_t)(row % T) * out.st;
     float x = 0.f;
-    for (int d = lane; d < D; d += 32) x += to_f32(dO[(size_t)row * D + d]) * to_f32(O[(size_t)row * D + d]);
+    for (int d = lane; d < D; d += 32) x += to_f32(dO[at + d]) * to_f32(O[at + d]);
 #pragma unroll
     for (int w = 16; w > 0; w /= 2) x += shfl_xor(x, w);
     if (lane == 0) Dv[row] = x;
 }
 
 }  // namespace
+// ---------------------------------------------------------------------------------------------------------------
+// Entry points: lockstep_attn_<kernel>_<d>; the SIMT ones also carry the dtype. After the tensors, every kernel
+// takes T, H and the two layouts as scalars (LAYOUT): in = q, k, v and their gradients, out = o and dO.
+// ---------------------------------------------------------------------------------------------------------------
 
-// ---------------------------------------------------------------------------------------------------------------
-// Entry points: lockstep_attn_<kernel>_<d>; the SIMT ones also carry the dtype.
-// ---------------------------------------------------------------------------------------------------------------
+#define LAYOUT_PARAMS                                                                                              \
+    int t, int h, long long in_sb, long long in_sh, int in_st, long long out_sb, long long out_sh, int out_st
+#define LAYOUT_ARGS t, h, Rows{in_sb, in_sh, in_st}, Rows{out_sb, out_sh, out_st}
 
 #define LOCKSTEP_MMA_KERNELS(D_)                                                                                   \
     extern "C" __global__ void __launch_bounds__(MMA_THREADS)                                                      \
-        lockstep_attn_fwd_mma_##D_(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *l, int t,        \
+        lockstep_attn_fwd_mma_##D_(const bf16 *q, const bf16 *k, const bf16 *v, bf16 *o, float *l, LAYOUT_PARAMS, \
                                    float scale_log2) {                                                             \
-        fwd_mma<D_>(q, k, v, o, l, t, scale_log2);                                                                 \
+        fwd_mma<D_>(q, k, v, o, l, LAYOUT_ARGS, scale_log2);                                                       \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(MMA_THREADS)                                                      \
         lockstep_attn_dq_mma_##D_(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *d_o, const float *l,   \
-                                  const float *dv, bf16 *dq, int t, float scale_log2, float scale) {               \
-        bwd_dq_mma<D_>(q, k, v, d_o, l, dv, dq, t, scale_log2, scale);                                             \
+                                  const float *dv, bf16 *dq, LAYOUT_PARAMS, float scale_log2, float scale) {       \
+        bwd_dq_mma<D_>(q, k, v, d_o, l, dv, dq, LAYOUT_ARGS, scale_log2, scale);                                   \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(MMA_THREADS)                                                      \
         lockstep_attn_dkdv_mma_##D_(const bf16 *q, const bf16 *k, const bf16 *v, const bf16 *d_o,                 \
-                                    const float *l, const float *dv, bf16 *dk, bf16 *dvo, int t, float scale_log2, \
-                                    float scale) {                                                                 \
-        bwd_dkdv_mma<D_>(q, k, v, d_o, l, dv, dk, dvo, t, scale_log2, scale);                                      \
+                                    const float *l, const float *dv, bf16 *dk, bf16 *dvo, LAYOUT_PARAMS,           \
+                                    float scale_log2, float scale) {                                               \
+        bwd_dkdv_mma<D_>(q, k, v, d_o, l, dv, dk, dvo, LAYOUT_ARGS, scale_log2, scale);                            \
     }
 
 #define LOCKSTEP_SIMT_KERNELS(D_, T_, NAME_)                                                                       \
     extern "C" __global__ void __launch_bounds__(SIMT_THREADS)                                                     \
-        lockstep_attn_fwd_simt_##NAME_##_##D_(const T_ *q, const T_ *k, const T_ *v, T_ *o, float *l, int t,       \
-                                              float scale_log2) {                                                  \
-        fwd_simt<D_, T_>(q, k, v, o, l, t, scale_log2);                                                            \
+        lockstep_attn_fwd_simt_##NAME_##_##D_(const T_ *q, const T_ *k, const T_ *v, T_ *o, float *l,             \
+                                              LAYOUT_PARAMS, float scale_log2) {                                   \
+        fwd_simt<D_, T_>(q, k, v, o, l, LAYOUT_ARGS, scale_log2);                                                  \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(SIMT_THREADS)                                                     \
         lockstep_attn_dq_simt_##NAME_##_##D_(const T_ *q, const T_ *k, const T_ *v, const T_ *d_o, const float *l, \
-                                             const float *dv, T_ *dq, int t, float scale_log2, float scale) {     \
-        bwd_dq_simt<D_, T_>(q, k, v, d_o, l, dv, dq, t, scale_log2, scale);                                        \
+                                             const float *dv, T_ *dq, LAYOUT_PARAMS, float scale_log2,            \
+                                             float scale) {                                                        \
+        bwd_dq_simt<D_, T_>(q, k, v, d_o, l, dv, dq, LAYOUT_ARGS, scale_log2, scale);                              \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(SIMT_THREADS)                                                     \
         lockstep_attn_dkdv_simt_##NAME_##_##D_(const T_ *q, const T_ *k, const T_ *v, const T_ *d_o,              \
-                                               const float *l, const float *dv, T_ *dk, T_ *dvo, int t,           \
+                                               const float *l, const float *dv, T_ *dk, T_ *dvo, LAYOUT_PARAMS,   \
                                                float scale_log2, float scale) {                                    \
-        bwd_dkdv_simt<D_, T_>(q, k, v, d_o, l, dv, dk, dvo, t, scale_log2, scale);                                 \
+        bwd_dkdv_simt<D_, T_>(q, k, v, d_o, l, dv, dk, dvo, LAYOUT_ARGS, scale_log2, scale);                       \
     }
 
 LOCKSTEP_MMA_KERNELS(16)
@@ -617,11 +657,13 @@ LOCKSTEP_SIMT_KERNELS(64, bf16, bf16)
 LOCKSTEP_SIMT_KERNELS(128, bf16, bf16)
 
 extern "C" __global__ void __launch_bounds__(128)
-    lockstep_attn_rowdot_f32(const float *d_o, const float *o, float *dv, int rows, int d) {
-    bwd_rowdot<float>(d_o, o, dv, rows, d);
+    lockstep_attn_rowdot_f32(const float *d_o, const float *o, float *dv, int rows, int t, int h, long long out_sb,
+                             long long out_sh, int out_st, int d) {
+    bwd_rowdot<float>(d_o, o, dv, rows, t, h, Rows{out_sb, out_sh, out_st}, d);
 }
 
 extern "C" __global__ void __launch_bounds__(128)
-    lockstep_attn_rowdot_bf16(const bf16 *d_o, const bf16 *o, float *dv, int rows, int d) {
-    bwd_rowdot<bf16>(d_o, o, dv, rows, d);
+    lockstep_attn_rowdot_bf16(const bf16 *d_o, const bf16 *o, float *dv, int rows, int t, int h, long long out_sb,
+                              long long out_sh, int out_st, int d) {
+    bwd_rowdot<bf16>(d_o, o, dv, rows, t, h, Rows{out_sb, out_sh, out_st}, d);
 }

@@ -365,8 +365,9 @@ impl CausalSelfAttention {
     }
 
     /// Queries, keys and values of `x` [B, T, C], each split into heads: [B, nh, T, hd]: one product with all of
-    /// c_attn, sliced. (Three products with a third of c_attn's columns each would spare the backward the full-size
-    /// [B, T, 3C] gradients it builds for the slices, but trained the demo measurably worse: docs/BENCHMARKS.md.)
+    /// c_attn, sliced. For decoding and attention dropout, which need the heads as tensors; training without dropout
+    /// hands the whole product to `ops::causal_self_attention` instead. (Three products with a third of c_attn's
+    /// columns each trained the demo measurably worse: docs/BENCHMARKS.md.)
     fn qkv_heads(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (_, _, c) = x.dims3()?;
         let qkv = self.c_attn.forward(x)?; // [B, T, 3C]
@@ -379,20 +380,21 @@ impl CausalSelfAttention {
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>, rng: &mut Option<&mut DropoutRng>) -> Result<Tensor> {
         let (_, _, c) = x.dims3()?;
         let hd = c / self.n_head;
-        let (q, k, v) = self.qkv_heads(x)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let y = if let (true, Some(mask)) = (self.dropout > 0.0 && rng.is_some(), mask) {
             // Dropout on the attention probabilities needs them in memory: softmax(QKᵀ/√hd + mask), the scale and
             // mask fused into the softmax, [B, nh, T, T], in f32 whatever the compute dtype (`mask` is f32 and the
             // softmax's sums need the precision).
+            let (q, k, v) = self.qkv_heads(x)?;
             let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
             let att = crate::ops::masked_softmax_last_dim(&scores, mask, scale)?.to_dtype(q.dtype())?;
-            dropout(att, self.dropout, rng)?.matmul(&v)?
+            let y = dropout(att, self.dropout, rng)?.matmul(&v)?; // [B, nh, T, hd]
+            crate::ops::merge_heads(&y)? // re-assemble all head outputs side by side: [B, T, C]
         } else {
-            // Flash-style: the T×T probabilities never exist (ops::causal_attention).
-            crate::ops::causal_attention(&q, &k, &v, scale)?
-        }; // [B, nh, T, hd]
-        let y = crate::ops::merge_heads(&y)?; // re-assemble all head outputs side by side: [B, T, C]
+            // Flash-style: the T×T probabilities never exist, and on a GPU the heads are read from the c_attn
+            // product and written side by side where they lie (ops::causal_self_attention).
+            crate::ops::causal_self_attention(&self.c_attn.forward(x)?, self.n_head, scale)? // [B, T, C]
+        };
         dropout(self.c_proj.forward(&y)?, self.dropout, rng)
     }
 

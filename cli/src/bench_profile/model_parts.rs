@@ -116,13 +116,15 @@ pub fn matmul_flops(m: usize, k: usize, n: usize) -> f64 {
     2.0 * m as f64 * k as f64 * n as f64
 }
 
-/// The attention core as the model computes it in training: `ops::causal_attention` (flash-style, no T×T
-/// probabilities), or with dropout on, the composition that keeps the probabilities for it: QKᵀ, the scaled masked
-/// softmax in f32, ·V. Flops count the full T×T products, as `lockstep_worker::flops` and nanoGPT do (a causal
-/// kernel that skips the masked half does less).
+/// The attention core as the model computes it in training: `ops::causal_self_attention` from c_attn's output
+/// `[B, T, 3C]` to c_proj's input `[B, T, C]` (flash-style, no T×T probabilities; on a GPU the heads are read and
+/// written in place, elsewhere sliced, split and merged inside it), or with dropout on, the composition that keeps
+/// the probabilities for it: QKᵀ, the scaled masked softmax in f32, ·V (the head copies are then `head_copies`).
+/// Flops count the full T×T products, as `lockstep_worker::flops` and nanoGPT do (a causal kernel that skips the
+/// masked half does less).
 fn attention(s: &Shapes, timer: &Timer) -> Result<Vec<Part>> {
-    let (nh, t) = (s.cfg.n_head, s.t);
-    let hd = s.cfg.n_embd / nh;
+    let (nh, t, c) = (s.cfg.n_head, s.t, s.cfg.n_embd);
+    let hd = c / nh;
     let heads = [s.b, nh, t, hd];
     let scores = [s.b, nh, t, t];
     let count = s.cfg.n_layer as f64 * s.micro_batches;
@@ -131,18 +133,18 @@ fn attention(s: &Shapes, timer: &Timer) -> Result<Vec<Part>> {
     let flops = s.b as f64 * nh as f64 * matmul_flops(t, hd, t);
     if s.cfg.dropout <= 0.0 {
         let fused = || -> Result<Part> {
-            let (q, k, v) = (s.leaf(&heads, s.dt)?, s.leaf(&heads, s.dt)?, s.leaf(&heads, s.dt)?);
-            let tm = timer.fwd_bwd(|| Ok(ops::causal_attention(&q, &k, &v, scale)?))?;
+            let qkv = s.leaf(&[s.b, t, 3 * c], s.dt)?;
+            let tm = timer.fwd_bwd(|| Ok(ops::causal_self_attention(&qkv, nh, scale)?))?;
             Ok(Part::differentiated(
                 Category::Attention,
-                "ops::causal_attention softmax(QKᵀ·s + mask)·V",
-                format!("q, k, v {}", dims(&heads)),
+                "ops::causal_self_attention softmax(QKᵀ·s + mask)·V",
+                format!("qkv {} in {nh} heads", dims(&[s.b, t, 3 * c])),
                 count,
                 tm,
             )
             .with_matmul_flops(2.0 * flops))
         };
-        return Ok(vec![Part::labelled("causal_attention", fused())?]);
+        return Ok(vec![Part::labelled("causal_self_attention", fused())?]);
     }
     let qk = || -> Result<Part> {
         let (q, k) = (s.leaf(&heads, s.dt)?, s.leaf(&heads, s.dt)?);
@@ -381,10 +383,14 @@ fn dropout(s: &Shapes, timer: &Timer) -> Result<Vec<Part>> {
     ])
 }
 
-/// The layout copies around attention: q, k, v cut out of c_attn's output into heads (a slice, then
+/// The layout copies around attention with dropout on (without, `ops::causal_self_attention` has none on a GPU and
+/// makes them inside itself elsewhere): q, k, v cut out of c_attn's output into heads (a slice, then
 /// `ops::split_heads`), and the heads put back side by side (`ops::merge_heads`), as the model makes them: a
 /// permutation kernel on a GPU, candle's strided copies elsewhere.
 fn head_copies(s: &Shapes, timer: &Timer) -> Result<Vec<Part>> {
+    if s.cfg.dropout <= 0.0 {
+        return Ok(Vec::new());
+    }
     let (c, nh, b, t) = (s.cfg.n_embd, s.cfg.n_head, s.b, s.t);
     let hd = c / nh;
     let count = s.cfg.n_layer as f64 * s.micro_batches;

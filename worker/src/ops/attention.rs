@@ -56,7 +56,7 @@ fn heads(dims: &[usize], what: &str) -> candle_core::Result<(usize, usize, usize
 }
 
 /// Forward of one head: `o` and `lse` for `q`, `k`, `v` (`[T, D]` each, row-major).
-fn head_forward(q: &[f32], k: &[f32], v: &[f32], d: usize, scale: f32, o: &mut [f32], lse: &mut [f32]) {
+pub(super) fn head_forward(q: &[f32], k: &[f32], v: &[f32], d: usize, scale: f32, o: &mut [f32], lse: &mut [f32]) {
     let mut s = [0f32; KEY_BLOCK];
     for (i, ((qi, oi), li)) in q
         .chunks_exact(d)
@@ -93,7 +93,7 @@ fn head_forward(q: &[f32], k: &[f32], v: &[f32], d: usize, scale: f32, o: &mut [
 
 /// Backward of one head: `dq`, `dk`, `dv` (zeroed by the caller) from the forward's `o` and `lse`.
 #[allow(clippy::too_many_arguments)] // one head's tensors, each a plain slice
-fn head_backward(
+pub(super) fn head_backward(
     (q, k, v): (&[f32], &[f32], &[f32]),
     (o, lse, d_o): (&[f32], &[f32], &[f32]),
     d: usize,

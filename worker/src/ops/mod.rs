@@ -24,6 +24,7 @@ use crate::error::{Error, Result};
 mod attention;
 #[cfg(feature = "cuda")]
 mod attention_cuda;
+mod attention_packed;
 mod bias;
 mod cross_entropy;
 #[cfg(feature = "cuda")]
@@ -227,6 +228,48 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result
     Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
 }
 
+/// Causal self-attention from the c_attn product: q, k and v are the column thirds of `qkv` `[B, T, 3C]`, each cut
+/// into `n_head` heads of C / n_head columns; the result is `[B, T, C]`, the heads' outputs side by side (c_proj's
+/// input). On a GPU (a `cuda` build, head sizes and dtypes its kernels cover) it is [`flash_self_attention`], which
+/// reads and writes the heads where they lie: no copies split them out or merge them back, and the backward writes
+/// one dQKV instead of a zero-padded `[B, T, 3C]` gradient per third. Anywhere else it is
+/// [`composed::causal_self_attention`]: slice, [`split_heads`], [`causal_attention`], [`merge_heads`], so the CPU
+/// numerics are those of that chain.
+pub fn causal_self_attention(qkv: &Tensor, n_head: usize, scale: f64) -> Result<Tensor> {
+    let (_, _, _, _hd) = attention_packed::dims(qkv.dims(), n_head)?;
+    #[cfg(feature = "cuda")]
+    if fused_gpu(qkv) && attention_cuda::supports(_hd, qkv.dtype()) {
+        return flash_self_attention(qkv, n_head, scale);
+    }
+    composed::causal_self_attention(qkv, n_head, scale)
+}
+
+/// [`causal_self_attention`] as one fused op with its own backward (ops/attention_packed.rs). f32 on the CPU (each
+/// head gathered for the CPU kernel of [`flash_attention`], bitwise the same results); on a GPU, what the kernels
+/// cover. Errors on anything else.
+pub fn flash_self_attention(qkv: &Tensor, n_head: usize, scale: f64) -> Result<Tensor> {
+    let (_, _, _, _hd) = attention_packed::dims(qkv.dims(), n_head)?;
+    #[cfg(feature = "cuda")]
+    let gpu = fused_gpu(qkv) && attention_cuda::supports(_hd, qkv.dtype());
+    #[cfg(not(feature = "cuda"))]
+    let gpu = false;
+    if !(gpu || fused(qkv)) {
+        return Err(Error::Model(format!(
+            "flash self-attention runs on f32 CPU tensors{}, not {:?} {:?} on {:?}",
+            if cfg!(feature = "cuda") {
+                " and the GPU kernels' head sizes and dtypes"
+            } else {
+                ""
+            },
+            qkv.dims(),
+            qkv.dtype(),
+            qkv.device().location()
+        )));
+    }
+    let op = attention_packed::PackedAttention::new(n_head, scale as f32);
+    Ok(qkv.contiguous()?.apply_op1(op)?)
+}
+
 /// The sum over rows of the cross-entropy of `logits` `[N, vocab]` against `targets` `[N]` (integer ids), as a scalar
 /// f32 tensor. The targets get no gradient.
 pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
@@ -315,6 +358,15 @@ pub mod composed {
         let scores = q.matmul(&k.t()?)?.to_dtype(acc)?;
         let att = super::masked_softmax_last_dim(&scores, &mask, scale)?.to_dtype(q.dtype())?;
         Ok(att.matmul(&v.contiguous()?)?)
+    }
+
+    /// [`super::causal_self_attention`] unfused: q, k, v sliced from `qkv` `[B, T, 3C]` and split into heads, attended
+    /// to by [`super::causal_attention`], merged back into `[B, T, C]` (shapes checked by the caller).
+    pub fn causal_self_attention(qkv: &Tensor, n_head: usize, scale: f64) -> Result<Tensor> {
+        let c = qkv.dim(D::Minus1)? / 3;
+        let heads = |i: usize| super::split_heads(&qkv.narrow(D::Minus1, i * c, c)?, n_head);
+        let y = super::causal_attention(&heads(0)?, &heads(1)?, &heads(2)?, scale)?;
+        super::merge_heads(&y)
     }
 
     /// log-sum-exp minus the target's logit, summed over the rows whose target is not `IGNORE`; `logits`
