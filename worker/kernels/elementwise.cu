@@ -4,6 +4,7 @@
 //   gelu       y = x·s with u = √(2/π)·(x + 0.044715·x³), s = σ(2u) = (1 + tanh u)/2
 //              dx = dy·(s + 2·x·s·(1 − s)·u'),  u' = √(2/π)·(1 + 3·0.044715·x²)          (as worker/src/ops/gelu.rs)
 //   bias add   y[r, c] = x[r, c] + b[c];  db[c] = Σ_r dy[r, c]                            (dx = dy: no kernel)
+//   bias+gelu  y = gelu(h) with h = x + b rounded to the dtype;  dx = gelu'(h)·dy, db = Σ_r dx   (h never stored)
 //
 // Tensors are contiguous, in the input dtype (f32 or bf16), math in f32. All are memory-bound: the elementwise
 // kernels move 16 bytes per thread and access (4 f32 or 8 bf16) when every pointer is 16-byte aligned, scalars
@@ -150,6 +151,52 @@ DEV void bias_fwd(const T *__restrict__ x, const T *__restrict__ b, T *__restric
     for (unsigned i = global_thread(); i < count; i += stride) y[i] = from_f32<T>(to_f32(x[i]) + to_f32(b[i % cols]));
 }
 
+// x + b as the bias add stores it (rounded to T), back in f32: what the fused bias+GELU kernels feed to GELU, so that
+// they give bitwise what bias_fwd followed by gelu_fwd (or gelu_bwd) give.
+template <typename T> DEV float biased(T x, T b) { return to_f32(from_f32<T>(to_f32(x) + to_f32(b))); }
+
+// gelu(x + b) for x [n / c, c] and b [c], the sum never stored. Grid and packed-path condition as bias_fwd.
+template <typename T>
+DEV void bias_gelu_fwd(const T *__restrict__ x, const T *__restrict__ b, T *__restrict__ y, int n, int c) {
+    constexpr int V = vec_width<T>();
+    const unsigned count = unsigned(n), cols = unsigned(c), stride = grid_threads();
+    if (cols % V == 0 && aligned16(x) && aligned16(b) && aligned16(y)) {
+        const unsigned packs = count / V;
+        for (unsigned i = global_thread(); i < packs; i += stride) {
+            const Pack<T> xi = reinterpret_cast<const Pack<T> *>(x)[i];
+            const Pack<T> bi = reinterpret_cast<const Pack<T> *>(b)[(i * V) % cols / V];
+            Pack<T> out;
+            for (int k = 0; k < V; ++k) out.v[k] = from_f32<T>(gelu(biased(xi.v[k], bi.v[k])));
+            reinterpret_cast<Pack<T> *>(y)[i] = out;
+        }
+        return;
+    }
+    for (unsigned i = global_thread(); i < count; i += stride) y[i] = from_f32<T>(gelu(biased(x[i], b[i % cols])));
+}
+
+// dx = dy·gelu'(x + b), the sum recomputed as the forward made it; db is then bias_grad_* over dx. Grid and
+// packed-path condition as bias_fwd.
+template <typename T>
+DEV void bias_gelu_bwd(const T *__restrict__ x, const T *__restrict__ b, const T *__restrict__ dy, T *__restrict__ dx,
+                       int n, int c) {
+    constexpr int V = vec_width<T>();
+    const unsigned count = unsigned(n), cols = unsigned(c), stride = grid_threads();
+    if (cols % V == 0 && aligned16(x) && aligned16(b) && aligned16(dy) && aligned16(dx)) {
+        const unsigned packs = count / V;
+        for (unsigned i = global_thread(); i < packs; i += stride) {
+            const Pack<T> xi = reinterpret_cast<const Pack<T> *>(x)[i];
+            const Pack<T> bi = reinterpret_cast<const Pack<T> *>(b)[(i * V) % cols / V];
+            const Pack<T> gi = reinterpret_cast<const Pack<T> *>(dy)[i];
+            Pack<T> out;
+            for (int k = 0; k < V; ++k) out.v[k] = from_f32<T>(gelu_grad(biased(xi.v[k], bi.v[k]), to_f32(gi.v[k])));
+            reinterpret_cast<Pack<T> *>(dx)[i] = out;
+        }
+        return;
+    }
+    for (unsigned i = global_thread(); i < count; i += stride)
+        dx[i] = from_f32<T>(gelu_grad(biased(x[i], b[i % cols]), to_f32(dy[i])));
+}
+
 // partial[chunk, col] = Σ dy[row, col] over the chunk's rows, for dy [rows, c].
 // Grid: ceil(c / GRAD_COLS) x bias_grad_chunks(rows, c), THREADS threads; chunk_rows = bias_grad_chunk_rows(rows, c).
 template <typename T>
@@ -208,6 +255,14 @@ using namespace elementwise;
     extern "C" __global__ void __launch_bounds__(THREADS)                                                          \
         lockstep_bias_fwd_##NAME_(const T_ *x, const T_ *b, T_ *y, int n, int c) {                                 \
         bias_fwd<T_>(x, b, y, n, c);                                                                               \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                          \
+        lockstep_bias_gelu_fwd_##NAME_(const T_ *x, const T_ *b, T_ *y, int n, int c) {                            \
+        bias_gelu_fwd<T_>(x, b, y, n, c);                                                                          \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                          \
+        lockstep_bias_gelu_bwd_##NAME_(const T_ *x, const T_ *b, const T_ *dy, T_ *dx, int n, int c) {             \
+        bias_gelu_bwd<T_>(x, b, dy, dx, n, c);                                                                     \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                          \
         lockstep_bias_grad_partial_##NAME_(const T_ *dy, float *partial, int rows, int c, int chunk_rows) {        \

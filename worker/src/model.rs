@@ -329,13 +329,23 @@ impl Conv1D {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_then(x, crate::ops::bias_add)
+    }
+
+    /// gelu(x·W + b), the bias and the activation one op (`ops::bias_gelu`): the MLP's c_fc.
+    fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_then(x, crate::ops::bias_gelu)
+    }
+
+    /// `with_bias`(x·W, b) for x [B, T, in]: [B, T, out].
+    fn forward_then(&self, x: &Tensor, with_bias: fn(&Tensor, &Tensor) -> Result<Tensor>) -> Result<Tensor> {
         let (b, t, n_in) = x.dims3()?;
         // A no-op in f32; in bf16 the f32 master weights' casts, made once per step (see `weight_casts`).
         let (w, bias) = (
             self.casts.get(&self.weight, x.dtype())?,
             self.casts.get(&self.bias, x.dtype())?,
         );
-        let y = crate::ops::bias_add(&x.reshape((b * t, n_in))?.matmul(&w)?, &bias)?; // [B*T, out]
+        let y = with_bias(&x.reshape((b * t, n_in))?.matmul(&w)?, &bias)?; // [B*T, out]
         Ok(y.reshape((b, t, ()))?)
     }
 }
@@ -443,8 +453,8 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, rng: &mut Option<&mut DropoutRng>) -> Result<Tensor> {
-        // The tanh approximation, i.e. HF's "gelu_new".
-        let h = crate::ops::gelu(&self.c_fc.forward(x)?)?; // [B, T, 4C]
+        // The tanh approximation, i.e. HF's "gelu_new", fused with c_fc's bias.
+        let h = self.c_fc.forward_gelu(x)?; // [B, T, 4C]
         dropout(self.c_proj.forward(&h)?, self.dropout, rng)
     }
 }

@@ -77,12 +77,17 @@ pub fn measure(s: &Shapes, timer: &Timer) -> Result<Vec<Part>> {
 fn matmuls(s: &Shapes, timer: &Timer) -> Result<Vec<Part>> {
     let (c, l, bt, v) = (s.cfg.n_embd, s.cfg.n_layer as f64, s.b * s.t, s.cfg.vocab_size);
     let per_layer = l * s.micro_batches;
-    let linear = |name: &str, k: usize, n: usize| -> Result<Part> {
+    // `with_bias`: the bias add too; mlp.c_fc's is fused with the GELU after it, timed in `elementwise`.
+    let linear = |name: &str, k: usize, n: usize, with_bias: bool| -> Result<Part> {
         let (x, w, b) = (s.leaf(&[bt, k], s.dt)?, s.leaf(&[k, n], s.dt)?, s.leaf(&[n], s.dt)?);
-        let t = timer.fwd_bwd(|| Ok(ops::bias_add(&x.matmul(&w)?, &b)?))?;
+        let t = if with_bias {
+            timer.fwd_bwd(|| Ok(ops::bias_add(&x.matmul(&w)?, &b)?))?
+        } else {
+            timer.fwd_bwd(|| Ok(x.matmul(&w)?))?
+        };
         Ok(Part::differentiated(
             Category::Matmul,
-            format!("{name} x·W + b"),
+            format!("{name} x·W{}", if with_bias { " + b" } else { "" }),
             format!("[{bt}×{k}]·[{k}×{n}]"),
             per_layer,
             t,
@@ -90,10 +95,10 @@ fn matmuls(s: &Shapes, timer: &Timer) -> Result<Vec<Part>> {
         .with_matmul_flops(matmul_flops(bt, k, n)))
     };
     let mut parts = vec![
-        Part::labelled("attn.c_attn", linear("attn.c_attn", c, 3 * c))?,
-        Part::labelled("attn.c_proj", linear("attn.c_proj", c, c))?,
-        Part::labelled("mlp.c_fc", linear("mlp.c_fc", c, 4 * c))?,
-        Part::labelled("mlp.c_proj", linear("mlp.c_proj", 4 * c, c))?,
+        Part::labelled("attn.c_attn", linear("attn.c_attn", c, 3 * c, true))?,
+        Part::labelled("attn.c_proj", linear("attn.c_proj", c, c, true))?,
+        Part::labelled("mlp.c_fc", linear("mlp.c_fc", c, 4 * c, false))?,
+        Part::labelled("mlp.c_proj", linear("mlp.c_proj", 4 * c, c, true))?,
     ];
     let head = || -> Result<Part> {
         let (x, wte) = (s.leaf(&[bt, c], s.dt)?, s.leaf(&[v, c], s.dt)?);
@@ -206,11 +211,12 @@ fn elementwise(s: &Shapes, timer: &Timer) -> Result<Vec<Part>> {
         ))
     };
     let gelu = || -> Result<Part> {
-        let x = s.leaf(&[b, t, 4 * c], s.dt)?;
-        let tm = timer.fwd_bwd(|| Ok(ops::gelu(&x)?))?;
+        // As the model's c_fc: its bias and the GELU in one op.
+        let (x, bias) = (s.leaf(&[b, t, 4 * c], s.dt)?, s.leaf(&[4 * c], s.dt)?);
+        let tm = timer.fwd_bwd(|| Ok(ops::bias_gelu(&x, &bias)?))?;
         Ok(Part::differentiated(
             Category::Activation,
-            "GELU (tanh)",
+            "mlp.c_fc bias + GELU (tanh), one op",
             dims(&[b, t, 4 * c]),
             l * mb,
             tm,

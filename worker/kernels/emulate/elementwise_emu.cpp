@@ -1,4 +1,4 @@
-// Runs the GELU and bias kernels of ../elementwise.cu on the CPU through emu.h and compares them with a float64
+// Runs the GELU, bias and fused bias+GELU kernels of ../elementwise.cu on the CPU through emu.h and compares them with a float64
 // reference, in f32 and bf16, over awkward sizes. No GPU needed:
 //
 //   g++ -std=c++20 -O1 -g -fsanitize=address,undefined -I worker/kernels worker/kernels/emulate/elementwise_emu.cpp
@@ -13,15 +13,11 @@
 #include "../elementwise.cu"
 #include "check.h"
 
+#include <cstring>
 #include <random>
 #include <string>
 
 namespace {
-
-void check(const std::string &what, bool ok) {
-    if (!ok) ++failures;
-    std::printf("  %-4s %s\n", ok ? "ok" : "FAIL", what.c_str());
-}
 
 double gelu_ref(double x) {
     const double k = std::sqrt(2.0 / M_PI);
@@ -115,6 +111,44 @@ template <typename T> void run_bias(std::mt19937 &rng, int rows, int c, int offs
     check("bias " + shape + " db bitwise the same under all three warp schedules", same);
 }
 
+template <typename T> bool same_bits(const T *a, const T *b, int n) { return std::memcmp(a, b, sizeof(T) * n) == 0; }
+
+// The fused bias+GELU kernels over x [rows, c] (at an offset, as run_gelu): bitwise what bias_fwd then gelu_fwd
+// (and gelu_bwd on the stored sum) give, and within the tolerance of the float64 gelu(x + b) and its gradient.
+template <typename T> void run_bias_gelu(std::mt19937 &rng, int rows, int c, int offset) {
+    const bool is_bf16 = sizeof(T) == 2;
+    const int n = rows * c;
+    auto xf = randn(rng, n, 2.f, is_bf16), bf = randn(rng, c, 1.f, is_bf16), gf = randn(rng, n, 1.f, is_bf16);
+    std::vector<T> x(offset), b(offset), g(offset);
+    for (T v : convert<T>(xf)) x.push_back(v);
+    for (T v : convert<T>(bf)) b.push_back(v);
+    for (T v : convert<T>(gf)) g.push_back(v);
+    const T *xp = x.data() + offset, *bp = b.data() + offset, *gp = g.data() + offset;
+    std::vector<double> y_ref(n), dx_ref(n);
+    for (int i = 0; i < n; ++i) {
+        const double h = to_f32(from_f32<T>(to_f32(xp[i]) + to_f32(bp[i % c])));  // the sum as the bias add stores it
+        y_ref[i] = gelu_ref(h), dx_ref[i] = gelu_grad_ref(h) * double(to_f32(gp[i]));
+    }
+    const std::string shape = std::string(dtype_name<T>()) + " " + std::to_string(rows) + "x" + std::to_string(c) +
+                              " offset=" + std::to_string(offset);
+    for (unsigned grid : elementwise_grids<T>(n)) {
+        const emu::Dim3 dims{grid, 1, 1};
+        std::vector<T> h(n + offset), y_unfused(n + offset), dx_unfused(n + offset), y(n + offset), dx(n + offset);
+        T *hp = h.data() + offset;
+        emu::launch(dims, THREADS, 0, [&] { bias_fwd<T>(xp, bp, hp, n, c); });
+        emu::launch(dims, THREADS, 0, [&] { gelu_fwd<T>(hp, y_unfused.data() + offset, n); });
+        emu::launch(dims, THREADS, 0, [&] { gelu_bwd<T>(hp, gp, dx_unfused.data() + offset, n); });
+        emu::launch(dims, THREADS, 0, [&] { bias_gelu_fwd<T>(xp, bp, y.data() + offset, n, c); });
+        emu::launch(dims, THREADS, 0, [&] { bias_gelu_bwd<T>(xp, bp, gp, dx.data() + offset, n, c); });
+        const std::string what = "bias+gelu " + shape + " grid=" + std::to_string(grid);
+        compare(what + " y", widen(y.data() + offset, n), y_ref, tolerance<T>());
+        compare(what + " dx", widen(dx.data() + offset, n), dx_ref, tolerance<T>());
+        check(what + ": y and dx bitwise bias-add then GELU's",
+              same_bits(y.data() + offset, y_unfused.data() + offset, n) &&
+                  same_bits(dx.data() + offset, dx_unfused.data() + offset, n));
+    }
+}
+
 template <typename T> void run_all(std::mt19937 &rng, bool quick) {
     std::printf("%s\n", dtype_name<T>());
     const std::vector<int> sizes = quick ? std::vector<int>{1, 7, 33, 1000, 4099} : std::vector<int>{1, 7, 33, 1000, 4099, 70001};
@@ -127,6 +161,8 @@ template <typename T> void run_all(std::mt19937 &rng, bool quick) {
     if (!quick) shapes.insert(shapes.end(), {{1100, 33}, {2000, 24}, {300, 2304}});
     for (const Shape &s : shapes)
         for (int offset : {0, 1}) run_bias<T>(rng, s.rows, s.c, offset);
+    for (const Shape &s : shapes)
+        for (int offset : {0, 1}) run_bias_gelu<T>(rng, s.rows, s.c, offset);
 }
 
 }  // namespace

@@ -20,8 +20,8 @@ simd_kernel! {
 }
 
 simd_kernel! {
-    /// db += Σ over the rows of dy (rows of db.len() values).
-    fn sum_rows(dy: &[f32], db: &mut [f32]) {
+    /// db += Σ over the rows of dy (rows of db.len() values). Also the fused bias+GELU's bias gradient.
+    pub(super) fn sum_rows(dy: &[f32], db: &mut [f32]) {
         let c = db.len();
         for row in dy.chunks_exact(c) {
             for (d, &g) in db.iter_mut().zip(row) {

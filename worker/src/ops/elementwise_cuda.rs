@@ -1,7 +1,7 @@
-//! The CUDA kernels of the tanh GELU ([`super::gelu`]) and the bias add ([`super::bias`]): launches of
-//! `worker/kernels/elementwise.cu`, whose PTX `worker/build.rs` compiles and candle loads once per device. f32 and
-//! bf16, computed in f32, results in the input's dtype; inputs are contiguous (any start offset: the kernels fall
-//! back to scalar accesses where a pointer is not 16-byte aligned).
+//! The CUDA kernels of the tanh GELU ([`super::gelu`]), the bias add ([`super::bias`]) and the two fused
+//! ([`super::bias_gelu`]): launches of `worker/kernels/elementwise.cu`, whose PTX `worker/build.rs` compiles and
+//! candle loads once per device. f32 and bf16, computed in f32, results in the input's dtype; inputs are contiguous
+//! (any start offset: the kernels fall back to scalar accesses where a pointer is not 16-byte aligned).
 //!
 //! The launch shapes below mirror the constants and helpers in elementwise.cu (`elementwise_blocks`,
 //! `bias_grad_chunk_rows`); the bias gradient's chunking depends on the shape only, which keeps it deterministic.
@@ -153,6 +153,25 @@ pub(super) fn gelu_backward(x: &Tensor, dy: &Tensor) -> candle_core::Result<Tens
 
 /// x `[.., C]` + bias `[C]` for contiguous x and bias of one dtype (f32 or bf16), in that dtype.
 pub(super) fn bias_add_forward(
+    x: (&CudaStorage, &Layout),
+    b: (&CudaStorage, &Layout),
+) -> candle_core::Result<CudaStorage> {
+    with_bias_forward("bias-add", "bias_fwd", x, b)
+}
+
+/// gelu(x + bias) for x `[.., C]` and bias `[C]` (contiguous, one dtype, f32 or bf16), in that dtype, the sum never
+/// stored: bitwise [`bias_add_forward`] then [`gelu_forward`].
+pub(super) fn bias_gelu_forward(
+    x: (&CudaStorage, &Layout),
+    b: (&CudaStorage, &Layout),
+) -> candle_core::Result<CudaStorage> {
+    with_bias_forward("bias-gelu", "bias_gelu_fwd", x, b)
+}
+
+/// A forward kernel `lockstep_<stem>_<dtype>(x, b, y, n, c)` over x `[.., C]` and a bias `[C]`.
+fn with_bias_forward(
+    op: &str,
+    stem: &str,
     (xs, xl): (&CudaStorage, &Layout),
     (bs, bl): (&CudaStorage, &Layout),
 ) -> candle_core::Result<CudaStorage> {
@@ -160,39 +179,112 @@ pub(super) fn bias_add_forward(
         x: CudaView<T>,
         b: CudaView<T>,
         dev: &CudaDevice,
-        dtype: &str,
+        name: String,
     ) -> candle_core::Result<CudaStorage> {
         let (n, c) = (x.len(), b.len());
         // SAFETY: every element of `y` is written by the kernel.
         let mut y = unsafe { dev.alloc::<T>(n) }?;
         if n > 0 {
-            let func = kernel(dev, &format!("lockstep_bias_fwd_{dtype}"))?;
+            let func = kernel(dev, &name)?;
             let stream = dev.cuda_stream();
             let (count, cols) = (n as i32, c as i32);
             let mut builder = stream.launch_builder(&func);
             builder.arg(&x).arg(&b).arg(&mut y).arg(&count).arg(&cols);
-            // SAFETY: the arguments match lockstep_bias_fwd_* (elementwise.cu).
+            // SAFETY: the arguments match lockstep_bias_fwd_* and lockstep_bias_gelu_fwd_* (elementwise.cu).
             unsafe { builder.launch(config(elementwise_grid::<T>(n))) }.w()?;
         }
         Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
     }
-    const OP: &str = "bias-add";
-    let (_rows, c) = rows_and_len(xl.dims(), OP)?;
+    let (_rows, c) = rows_and_len(xl.dims(), op)?;
     if bl.dims() != [c] {
-        bail!("{OP} (CUDA): input {:?}, bias {:?} (needs [{c}])", xl.dims(), bl.dims());
+        bail!("{op} (CUDA): input {:?}, bias {:?} (needs [{c}])", xl.dims(), bl.dims());
     }
-    let ((xa, xb), (ba, bb)) = (range(xl, OP, "input")?, range(bl, OP, "bias")?);
+    let ((xa, xb), (ba, bb)) = (range(xl, op, "input")?, range(bl, op, "bias")?);
     let dev = xs.device();
     match (&xs.slice, &bs.slice) {
-        (CudaStorageSlice::F32(x), CudaStorageSlice::F32(b)) => run(x.slice(xa..xb), b.slice(ba..bb), dev, "f32"),
-        (CudaStorageSlice::BF16(x), CudaStorageSlice::BF16(b)) => run(x.slice(xa..xb), b.slice(ba..bb), dev, "bf16"),
+        (CudaStorageSlice::F32(x), CudaStorageSlice::F32(b)) => {
+            run(x.slice(xa..xb), b.slice(ba..bb), dev, format!("lockstep_{stem}_f32"))
+        }
+        (CudaStorageSlice::BF16(x), CudaStorageSlice::BF16(b)) => {
+            run(x.slice(xa..xb), b.slice(ba..bb), dev, format!("lockstep_{stem}_bf16"))
+        }
         _ => bail!(
-            "{OP} (CUDA): input {:?} is {:?}, bias {:?}: needs one dtype, f32 or bf16",
+            "{op} (CUDA): input {:?} is {:?}, bias {:?}: needs one dtype, f32 or bf16",
             xl.dims(),
             xs.dtype(),
             bs.dtype()
         ),
     }
+}
+
+/// d/dx of Σ gelu(x + bias)·dy: dy·gelu'(x + bias), the sum recomputed as [`bias_gelu_forward`] made it, for x and
+/// dy `[.., C]` and bias `[C]` of one dtype (f32 or bf16), in that dtype. The bias gradient is [`bias_grad`] of it.
+pub(super) fn bias_gelu_backward(x: &Tensor, bias: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
+    fn run<T: CudaDType + DeviceRepr>(
+        [x, b, dy]: [CudaView<T>; 3],
+        dev: &CudaDevice,
+        dtype: &str,
+    ) -> candle_core::Result<CudaStorage> {
+        let (n, c) = (x.len(), b.len());
+        // SAFETY: every element of `dx` is written by the kernel.
+        let mut dx = unsafe { dev.alloc::<T>(n) }?;
+        if n > 0 {
+            let func = kernel(dev, &format!("lockstep_bias_gelu_bwd_{dtype}"))?;
+            let stream = dev.cuda_stream();
+            let (count, cols) = (n as i32, c as i32);
+            let mut builder = stream.launch_builder(&func);
+            builder.arg(&x).arg(&b).arg(&dy).arg(&mut dx).arg(&count).arg(&cols);
+            // SAFETY: the arguments match lockstep_bias_gelu_bwd_* (elementwise.cu).
+            unsafe { builder.launch(config(elementwise_grid::<T>(n))) }.w()?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(dx, dev.clone()))
+    }
+    const OP: &str = "bias-gelu backward";
+    let (_rows, c) = rows_and_len(x.dims(), OP)?;
+    let same_dtype = bias.dtype() == x.dtype() && dy.dtype() == x.dtype();
+    if x.dims() != dy.dims() || bias.dims() != [c] || !same_dtype {
+        bail!(
+            "{OP} (CUDA): input {:?} {:?}, bias {:?} {:?}, gradient {:?} {:?}: needs a bias [{c}] and a gradient of \
+             the input's shape, all of one dtype",
+            x.dims(),
+            x.dtype(),
+            bias.dims(),
+            bias.dtype(),
+            dy.dims(),
+            dy.dtype()
+        );
+    }
+    let tensors = [x, bias, dy].map(|t| t.contiguous());
+    let [xc, bc, gc] = tensors;
+    let (xc, bc, gc) = (xc?, bc?, gc?);
+    let guards = [&xc, &bc, &gc].map(|t| t.storage_and_layout());
+    let mut parts = Vec::with_capacity(3);
+    for ((storage, layout), what) in guards.iter().zip(["input", "bias", "the gradient"]) {
+        parts.push((cuda_storage(storage, OP, what)?, range(layout, OP, what)?));
+    }
+    let dev = parts[0].0.device();
+    macro_rules! views {
+        ($variant:ident) => {{
+            let mut views = Vec::with_capacity(3);
+            for (s, (a, b)) in &parts {
+                let CudaStorageSlice::$variant(x) = &s.slice else {
+                    bail!("{OP} (CUDA): the operands' dtypes differ")
+                };
+                views.push(x.slice(*a..*b));
+            }
+            let [x, b, dy]: [_; 3] = views
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg(format!("{OP} (CUDA): operands miscounted")))?;
+            [x, b, dy]
+        }};
+    }
+    let dx = match x.dtype() {
+        candle_core::DType::F32 => run(views!(F32), dev, "f32")?,
+        candle_core::DType::BF16 => run(views!(BF16), dev, "bf16")?,
+        other => bail!("{OP} (CUDA): input {:?} is {other:?}, not f32 or bf16", x.dims()),
+    };
+    drop(guards);
+    Ok(tensor(dx, x))
 }
 
 /// Σ over the rows of dy `[.., C]`, as a `[C]` tensor of `bias`'s dtype (which must be dy's), summed in f32 in a

@@ -19,11 +19,27 @@ fn sigmoid_2u(u: f32) -> f32 {
     1.0 / (1.0 + exp(if a > 80.0 { 80.0 } else { a }))
 }
 
+/// gelu(x); shared with the fused bias+GELU (ops/bias_gelu.rs), which must give bitwise the same.
+#[inline(always)]
+pub(super) fn gelu_one(x: f32) -> f32 {
+    let u = SQRT_2_OVER_PI * (x + COEF * x * x * x);
+    x * sigmoid_2u(u)
+}
+
+/// g·gelu'(x), shared as [`gelu_one`].
+#[inline(always)]
+pub(super) fn gelu_grad_one(x: f32, g: f32) -> f32 {
+    let x2 = x * x;
+    let u = SQRT_2_OVER_PI * (x + COEF * x2 * x);
+    let s = sigmoid_2u(u);
+    let du = SQRT_2_OVER_PI * (1.0 + 3.0 * COEF * x2);
+    g * (s + 2.0 * x * s * (1.0 - s) * du)
+}
+
 simd_kernel! {
     fn forward(x: &[f32], y: &mut [f32]) {
         for (y, &x) in y.iter_mut().zip(x) {
-            let u = SQRT_2_OVER_PI * (x + COEF * x * x * x);
-            *y = x * sigmoid_2u(u);
+            *y = gelu_one(x);
         }
     }
 }
@@ -31,11 +47,7 @@ simd_kernel! {
 simd_kernel! {
     fn backward(x: &[f32], g: &[f32], dx: &mut [f32]) {
         for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
-            let x2 = x * x;
-            let u = SQRT_2_OVER_PI * (x + COEF * x2 * x);
-            let s = sigmoid_2u(u);
-            let du = SQRT_2_OVER_PI * (1.0 + 3.0 * COEF * x2);
-            *dx = g * (s + 2.0 * x * s * (1.0 - s) * du);
+            *dx = gelu_grad_one(x, g);
         }
     }
 }

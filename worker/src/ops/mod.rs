@@ -26,6 +26,7 @@ mod attention;
 mod attention_cuda;
 mod attention_packed;
 mod bias;
+mod bias_gelu;
 mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cross_entropy_cuda;
@@ -158,6 +159,26 @@ pub fn bias_add(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     } else {
         Ok(x.broadcast_add(bias)?)
     }
+}
+
+/// gelu(x + bias), the bias `[C]` broadcast over the rows of x `[.., C]`: a linear layer's bias and GPT-2's GELU as one
+/// op (ops/bias_gelu.rs), which never stores x + bias, bitwise [`bias_add`] then [`gelu`]. Fused where `bias_add` is
+/// (f32 on the CPU, f32/bf16 on a GPU with a bias of x's dtype); anywhere else those two.
+pub fn bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let c = x.dim(candle_core::D::Minus1)?;
+    if bias.dims() != [c] {
+        return Err(Error::Model(format!(
+            "bias-gelu: input {:?}, bias {:?}: the bias must be [{c}]",
+            x.dims(),
+            bias.dims()
+        )));
+    }
+    let pair = (fused(x) && fused(bias))
+        || (fused_gpu(x) && bias.dtype() == x.dtype() && bias.device().same_device(x.device()));
+    if pair {
+        return Ok(x.contiguous()?.apply_op2(&bias.contiguous()?, bias_gelu::BiasGelu)?);
+    }
+    gelu(&bias_add(x, bias)?)
 }
 
 /// Softmax over the last dimension.
@@ -520,6 +541,7 @@ mod tests {
             gelu(x).unwrap(),
             layer_norm(x, w, b, 1e-5).unwrap(),
             bias_add(x, b).unwrap(),
+            bias_gelu(x, b).unwrap(),
             softmax_last_dim(x).unwrap(),
             masked_softmax_last_dim(scores, &mask, 0.3).unwrap(),
             cross_entropy_sum(&x.reshape((15, 19)).unwrap(), &targets).unwrap(),

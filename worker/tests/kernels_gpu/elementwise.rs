@@ -1,6 +1,7 @@
-//! The GELU and bias-add kernels (worker/kernels/elementwise.cu) against the composed candle versions on the same
-//! GPU: `ops::gelu` vs `ops::composed::gelu` (candle's tanh GELU) and `ops::bias_add` vs `broadcast_add`, outputs
-//! and every input gradient.
+//! The GELU, bias-add and fused bias+GELU kernels (worker/kernels/elementwise.cu) against the composed candle
+//! versions on the same GPU: `ops::gelu` vs `ops::composed::gelu` (candle's tanh GELU), `ops::bias_add` vs
+//! `broadcast_add`, and `ops::bias_gelu` vs both (and bitwise vs `ops::bias_add` then `ops::gelu`), outputs and
+//! every input gradient.
 //!
 //! Tolerances, as a fraction of the reference's largest magnitude (at least 1; see `assert_close`): f32 1e-5 (the
 //! two differ by float rounding and candle's 6-digit constants in its GELU backward); bf16 1e-2, the reference
@@ -137,5 +138,56 @@ fn the_bias_gradient_is_bitwise_reproducible() {
                 "bias-add {dtype:?}: db differs between runs"
             );
         }
+    }
+}
+
+/// The fused bias+GELU (`ops::bias_gelu`) against `ops::bias_add` then `ops::gelu` on the same GPU, which it must
+/// equal bitwise (the same per-element functions and bias-gradient sum), and against the composed candle versions in
+/// f32 (the tolerances above); `view` as in `check_bias_add`.
+fn check_bias_gelu(x: &Tensor, b: &Tensor, w: &Tensor, view: &dyn Fn(&Tensor) -> Tensor, what: &str) {
+    let dtype = x.dtype();
+    let fused = bias_and_grads(&|x, b| ops::bias_gelu(&view(x), b).unwrap(), x, b, w);
+    let apart = bias_and_grads(
+        &|x, b| ops::gelu(&ops::bias_add(&view(x), b).unwrap()).unwrap(),
+        x,
+        b,
+        w,
+    );
+    let [x32, b32, w32] = [x, b, w].map(|t| t.to_dtype(DType::F32).unwrap());
+    let composed = |x: &Tensor, b: &Tensor| composed_gelu(&view(x).broadcast_add(b).unwrap());
+    let reference = bias_and_grads(&composed, &x32, &b32, &w32);
+    let parts = |t: &(Tensor, Tensor, Tensor)| [t.0.clone(), t.1.clone(), t.2.clone()];
+    for (((name, f), a), r) in ["y", "dx", "db"]
+        .iter()
+        .zip(parts(&fused))
+        .zip(parts(&apart))
+        .zip(parts(&reference))
+    {
+        assert_eq!(f.dtype(), dtype, "{what} {name}");
+        assert_close(&format!("{what} {name} vs bias-add then GELU"), &f, &a, 0.0);
+        assert_close(&format!("{what} {name} vs composed"), &f, &r, tolerance(dtype));
+    }
+}
+
+#[test]
+fn fused_bias_gelu_is_bias_add_then_gelu_bitwise_and_matches_the_composed_version() {
+    let dev = gpu();
+    for dtype in [DType::F32, DType::BF16] {
+        // The test shapes, and GPT-2's c_fc output: 16x1024 rows of 3072.
+        for (i, dims) in SHAPES.iter().chain([&[16usize, 1024, 3072][..]].iter()).enumerate() {
+            let seed = 400 + 10 * i as u64;
+            let c = dims[dims.len() - 1];
+            let x = randn(seed, dims, 2.0, &dev).to_dtype(dtype).unwrap();
+            let b = randn(seed + 1, &[c], 1.0, &dev).to_dtype(dtype).unwrap();
+            let w = randn(seed + 2, dims, 1.0, &dev).to_dtype(dtype).unwrap();
+            check_bias_gelu(&x, &b, &w, &|x| x.clone(), &format!("bias-gelu {dtype:?} {dims:?}"));
+        }
+        // One element off a 16-byte boundary: the kernels' scalar path.
+        let (rows, c) = (37, 768);
+        let x = randn(500, &[rows * c + 1], 2.0, &dev).to_dtype(dtype).unwrap();
+        let b = randn(501, &[c], 1.0, &dev).to_dtype(dtype).unwrap();
+        let w = randn(502, &[rows, c], 1.0, &dev).to_dtype(dtype).unwrap();
+        let view = |x: &Tensor| x.narrow(0, 1, rows * c).unwrap().reshape((rows, c)).unwrap();
+        check_bias_gelu(&x, &b, &w, &view, &format!("bias-gelu {dtype:?} offset [{rows}, {c}]"));
     }
 }
