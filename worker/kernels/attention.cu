@@ -68,8 +68,9 @@ DEV void check_smem(uint32_t needed) {
 
 // Row t of head (b, h) starts at element b·sb + h·sh + t·st; its D elements are contiguous. Contiguous [B, H, T, D]:
 // (H·T·D, T·D, D). q, k or v as slices of [B, T, 3C] (C = H·D; k and v start C and 2C in): (T·3C, D, 3C). [B, T, C]:
-// (T·C, D, C). For the tensor-core kernels every stride is a multiple of 8 and every base 16-byte aligned
-// (attention_cuda.rs checks), so that rows can be copied in 16-byte pieces.
+// (T·C, D, C). For the tensor-core kernels every stride is a multiple of 8 (D is 16, 32, 64 or 128, so C is a
+// multiple of 16) and every base 16-byte aligned (attention_cuda.rs copies a view that is not), so that rows can be
+// copied in 16-byte pieces.
 struct Rows {
     long long sb, sh;
     int st;

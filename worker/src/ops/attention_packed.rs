@@ -118,8 +118,9 @@ impl CustomOp1 for PackedAttention {
             scatter(&mut y, c, h * hd, (t, hd), bi, o);
             lse.extend_from_slice(l);
         }
-        // A second forward through the same op value (not done by candle) would keep the first L: recomputed in
-        // the backward if absent, so only the cache is lost, never correctness.
+        // Set once: a second forward through the same op value would keep the first L, which the backward would
+        // then use. candle never does that (`apply_op*` takes the op by value) and every call here builds its own
+        // op. Not set (the `let _`), the backward recomputes L.
         let _ = self.lse.set(Saved::Cpu(lse));
         Ok((CpuStorage::F32(y), Shape::from((b, t, c))))
     }

@@ -59,10 +59,16 @@ fn fused_gpu(t: &Tensor) -> bool {
         && t.elem_count() > 0
 }
 
+/// [`fused_gpu`], for the kernels that count elements in 32-bit ints (elementwise.cu, heads.cu): tensors of more than
+/// 2³¹ − 1 elements take candle's ops instead of an error (attention, LayerNorm and the loss count rows instead).
+fn fused_gpu_small(t: &Tensor) -> bool {
+    fused_gpu(t) && t.elem_count() <= i32::MAX as usize
+}
+
 /// GPT-2's GELU, the tanh approximation (Hugging Face "gelu_new"):
 /// 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    if fused(x) || fused_gpu(x) {
+    if fused(x) || fused_gpu_small(x) {
         Ok(x.contiguous()?.apply_op1(gelu::GeluTanh)?)
     } else {
         composed::gelu(x)
@@ -95,7 +101,7 @@ pub fn embedding(weight: &Tensor, ids: &Tensor) -> Result<Tensor> {
 pub fn split_heads(x: &Tensor, n_head: usize) -> Result<Tensor> {
     // The op's own shape check, whichever path runs, so both refuse alike.
     heads::dims(heads::Direction::Split, n_head, x.dims())?;
-    if fused_gpu(x) {
+    if fused_gpu_small(x) {
         let op = heads::Heads {
             n_head,
             dir: heads::Direction::Split,
@@ -110,7 +116,7 @@ pub fn split_heads(x: &Tensor, n_head: usize) -> Result<Tensor> {
 pub fn merge_heads(y: &Tensor) -> Result<Tensor> {
     let nh = y.dims().get(1).copied().unwrap_or(0);
     heads::dims(heads::Direction::Merge, nh, y.dims())?;
-    if fused_gpu(y) {
+    if fused_gpu_small(y) {
         let op = heads::Heads {
             n_head: nh,
             dir: heads::Direction::Merge,
@@ -153,7 +159,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 pub fn bias_add(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let c = x.dim(candle_core::D::Minus1)?;
     let pair = (fused(x) && fused(bias))
-        || (fused_gpu(x) && bias.dtype() == x.dtype() && bias.device().same_device(x.device()));
+        || (fused_gpu_small(x) && bias.dtype() == x.dtype() && bias.device().same_device(x.device()));
     if pair && bias.dims() == [c] {
         Ok(x.contiguous()?.apply_op2(&bias.contiguous()?, bias::BiasAdd)?)
     } else {
@@ -174,7 +180,7 @@ pub fn bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
         )));
     }
     let pair = (fused(x) && fused(bias))
-        || (fused_gpu(x) && bias.dtype() == x.dtype() && bias.device().same_device(x.device()));
+        || (fused_gpu_small(x) && bias.dtype() == x.dtype() && bias.device().same_device(x.device()));
     if pair {
         return Ok(x.contiguous()?.apply_op2(&bias.contiguous()?, bias_gelu::BiasGelu)?);
     }
