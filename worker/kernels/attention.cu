@@ -4,7 +4,8 @@
 // q, k, v, o, dO and the gradients are in the input dtype, the row log-sum-exp L and D_i = rowsum(dO∘O) [B·H, T]
 // in f32. Where a head's rows lie is given by two `Rows` strides, one for q, k, v and their gradients, one for o and
 // dO: contiguous [B, H, T, D] tensors, or the model's own layout, where q, k and v are column slices of the c_attn
-// product [B, T, 3C] and o is written straight into [B, T, C], so that no head is ever split or merged by a copy. For each head, with s_ij = scale·q_i·k_j for j ≤ i:
+// product [B, T, 3C] and o is written straight into [B, T, C], so that no head is ever split or merged by a copy.
+// For each head, with s_ij = scale·q_i·k_j for j ≤ i:
 //
 //   forward    L_i = log Σ_j exp s_ij,   o_i = Σ_j exp(s_ij − L_i)·v_j      (an online softmax over key tiles)
 //   backward   p_ij = exp(s_ij − L_i),   dS_ij = p_ij·(dO_i·v_j − D_i)

@@ -106,7 +106,8 @@ std::vector<float> gather(const std::vector<T_> &src, size_t base, const Rows &r
     std::vector<float> out(size_t(c.bh()) * c.t * c.d);
     for (int bh = 0; bh < c.bh(); ++bh)
         for (int t = 0; t < c.t; ++t)
-            for (int d = 0; d < c.d; ++d) out[(size_t(bh) * c.t + t) * c.d + d] = to_f32(src[base + at(r, c.h, bh, t, d)]);
+            for (int d = 0; d < c.d; ++d)
+                out[(size_t(bh) * c.t + t) * c.d + d] = to_f32(src[base + at(r, c.h, bh, t, d)]);
     return out;
 }
 

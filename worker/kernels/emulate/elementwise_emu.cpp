@@ -1,5 +1,5 @@
-// Runs the GELU, bias and fused bias+GELU kernels of ../elementwise.cu on the CPU through emu.h and compares them with a float64
-// reference, in f32 and bf16, over awkward sizes. No GPU needed:
+// Runs the GELU, bias and fused bias+GELU kernels of ../elementwise.cu on the CPU through emu.h and compares them
+// with a float64 reference, in f32 and bf16, over awkward sizes. No GPU needed:
 //
 //   g++ -std=c++20 -O1 -g -fsanitize=address,undefined -I worker/kernels worker/kernels/emulate/elementwise_emu.cpp
 //       -o /tmp/elementwise_emu && /tmp/elementwise_emu
