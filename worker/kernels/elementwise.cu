@@ -131,10 +131,10 @@ template <typename T> DEV void gelu_bwd(const T *__restrict__ x, const T *__rest
         dx[i] = from_f32<T>(gelu_grad(to_f32(x[i]), to_f32(dy[i])));
 }
 
-// x [n / c, c] + b [c]. Grid as gelu_fwd. The packed path needs c to be a multiple of the pack, so that a pack
-// lies in one row and its bias pack is aligned too.
-template <typename T>
-DEV void bias_fwd(const T *__restrict__ x, const T *__restrict__ b, T *__restrict__ y, int n, int c) {
+// y[i] = f(x[i], b[i % c]) (f gives f32) for x [n / c, c] and b [c]. Grid as gelu_fwd. The packed path needs c to be a
+// multiple of the pack, so that a pack lies in one row and its bias pack is aligned too.
+template <typename T, typename F>
+DEV void with_bias(const T *__restrict__ x, const T *__restrict__ b, T *__restrict__ y, int n, int c, F f) {
     constexpr int V = vec_width<T>();
     const unsigned count = unsigned(n), cols = unsigned(c), stride = grid_threads();
     if (cols % V == 0 && aligned16(x) && aligned16(b) && aligned16(y)) {
@@ -143,35 +143,28 @@ DEV void bias_fwd(const T *__restrict__ x, const T *__restrict__ b, T *__restric
             const Pack<T> xi = reinterpret_cast<const Pack<T> *>(x)[i];
             const Pack<T> bi = reinterpret_cast<const Pack<T> *>(b)[(i * V) % cols / V];
             Pack<T> out;
-            for (int k = 0; k < V; ++k) out.v[k] = from_f32<T>(to_f32(xi.v[k]) + to_f32(bi.v[k]));
+            for (int k = 0; k < V; ++k) out.v[k] = from_f32<T>(f(xi.v[k], bi.v[k]));
             reinterpret_cast<Pack<T> *>(y)[i] = out;
         }
         return;
     }
-    for (unsigned i = global_thread(); i < count; i += stride) y[i] = from_f32<T>(to_f32(x[i]) + to_f32(b[i % cols]));
+    for (unsigned i = global_thread(); i < count; i += stride) y[i] = from_f32<T>(f(x[i], b[i % cols]));
+}
+
+// x [n / c, c] + b [c]. Grid as gelu_fwd.
+template <typename T>
+DEV void bias_fwd(const T *__restrict__ x, const T *__restrict__ b, T *__restrict__ y, int n, int c) {
+    with_bias(x, b, y, n, c, [](T xv, T bv) { return to_f32(xv) + to_f32(bv); });
 }
 
 // x + b as the bias add stores it (rounded to T), back in f32: what the fused bias+GELU kernels feed to GELU, so that
 // they give bitwise what bias_fwd followed by gelu_fwd (or gelu_bwd) give.
 template <typename T> DEV float biased(T x, T b) { return to_f32(from_f32<T>(to_f32(x) + to_f32(b))); }
 
-// gelu(x + b) for x [n / c, c] and b [c], the sum never stored. Grid and packed-path condition as bias_fwd.
+// gelu(x + b) for x [n / c, c] and b [c], the sum never stored. Grid as bias_fwd.
 template <typename T>
 DEV void bias_gelu_fwd(const T *__restrict__ x, const T *__restrict__ b, T *__restrict__ y, int n, int c) {
-    constexpr int V = vec_width<T>();
-    const unsigned count = unsigned(n), cols = unsigned(c), stride = grid_threads();
-    if (cols % V == 0 && aligned16(x) && aligned16(b) && aligned16(y)) {
-        const unsigned packs = count / V;
-        for (unsigned i = global_thread(); i < packs; i += stride) {
-            const Pack<T> xi = reinterpret_cast<const Pack<T> *>(x)[i];
-            const Pack<T> bi = reinterpret_cast<const Pack<T> *>(b)[(i * V) % cols / V];
-            Pack<T> out;
-            for (int k = 0; k < V; ++k) out.v[k] = from_f32<T>(gelu(biased(xi.v[k], bi.v[k])));
-            reinterpret_cast<Pack<T> *>(y)[i] = out;
-        }
-        return;
-    }
-    for (unsigned i = global_thread(); i < count; i += stride) y[i] = from_f32<T>(gelu(biased(x[i], b[i % cols])));
+    with_bias(x, b, y, n, c, [](T xv, T bv) { return gelu(biased(xv, bv)); });
 }
 
 // dx = dy·gelu'(x + b), the sum recomputed as the forward made it; db is then bias_grad_* over dx. Grid and

@@ -491,6 +491,27 @@ fn cuda_parts<'a, G: std::ops::Deref<Target = Storage>, const N: usize>(
         .map_err(|_| candle_core::Error::Msg("causal attention (CUDA): backward operands miscounted".into()))
 }
 
+/// The operands' elements as views (copies where a view would start misaligned, see `Input`); `slices` holds each
+/// operand's storage where it has the call's element type.
+fn inputs<'a, T: DeviceRepr>(
+    slices: &[Option<&'a CudaSlice<T>>],
+    parts: &[(&CudaStorage, (usize, usize))],
+    names: &[&str],
+    dev: &CudaDevice,
+) -> candle_core::Result<Vec<Input<'a, T>>> {
+    let mut inputs = Vec::with_capacity(slices.len());
+    for ((slice, (storage, range)), what) in slices.iter().zip(parts).zip(names) {
+        let Some(slice) = slice else {
+            bail!(
+                "causal attention (CUDA): backward: {what} is {:?}, not the call's dtype",
+                storage.dtype()
+            )
+        };
+        inputs.push(Input::new(slice, *range, dev)?);
+    }
+    Ok(inputs)
+}
+
 /// dQ, dK, dV (q's dtype, shape of q) from the forward's O and L and the upstream gradient dO, all `[B, H, T, D]`.
 pub(super) fn backward(
     q: &Tensor,
@@ -527,13 +548,7 @@ pub(super) fn backward(
                 CudaStorageSlice::$variant(x) => Some(x),
                 _ => None,
             });
-            let mut inputs = Vec::with_capacity(5);
-            for ((slice, (_, range)), what) in slices.iter().zip(&parts).zip(names) {
-                let Some(slice) = slice else {
-                    bail!("causal attention (CUDA): backward: {what} is not {dtype:?}")
-                };
-                inputs.push(Input::new(slice, *range, &dev)?);
-            }
+            let inputs = inputs(&slices, &parts, &names, &dev)?;
             let [qv, kv, vv, ov, dov] = [0, 1, 2, 3, 4].map(|i| inputs[i].view());
             let n = g.lens().0;
             // SAFETY: every element of the gradients is written by the kernels.
@@ -644,13 +659,7 @@ pub(super) fn backward_packed(
                 CudaStorageSlice::$variant(x) => Some(x),
                 _ => None,
             });
-            let mut inputs = Vec::with_capacity(3);
-            for ((slice, (_, range)), what) in slices.iter().zip(&parts).zip(names) {
-                let Some(slice) = slice else {
-                    bail!("causal attention (CUDA): backward: {what} is not {dtype:?}")
-                };
-                inputs.push(Input::new(slice, *range, &dev)?);
-            }
+            let inputs = inputs(&slices, &parts, &names, &dev)?;
             let [all, yv, dyv] = [0, 1, 2].map(|i| inputs[i].view());
             let (q, k, v) = (all.slice(..), all.slice(g.k_at..), all.slice(g.v_at..));
             // SAFETY: every element of dQKV is written by the kernels: dQ's columns by one, dK's and dV's by the
