@@ -57,7 +57,8 @@ pub(super) fn dims(qkv: &[usize], n_head: usize) -> candle_core::Result<(usize, 
     }
 }
 
-/// Head `h` of sequence `b` of the third `third` (0 q, 1 k, 2 v) of `qkv` rows (3C wide), as contiguous [T, hd].
+/// Columns `at..at + hd` of sequence `b`'s T rows (each `width` wide), as a contiguous [T, hd]: one head's q, k or v
+/// (rows of qkv, 3C wide) or output (rows of y, C wide).
 fn gather(x: &[f32], width: usize, at: usize, (t, hd): (usize, usize), b: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(t * hd);
     for row in x[b * t * width..(b + 1) * t * width].chunks_exact(width) {
