@@ -444,20 +444,15 @@ pub(super) fn forward(
     // SAFETY: every element of `lse` (one per row) is written by the kernel.
     let mut lse = unsafe { dev.alloc::<f32>(g.rows()) }?;
 
+    let parts = [(q.0, ranges[0]), (k.0, ranges[1]), (v.0, ranges[2])];
+
     macro_rules! launch {
         ($variant:ident) => {{
-            let slices = [q.0, k.0, v.0].map(|s| match &s.slice {
+            let slices = parts.map(|(s, _)| match &s.slice {
                 CudaStorageSlice::$variant(x) => Some(x),
                 _ => None,
             });
-            let [Some(qs), Some(ks), Some(vs)] = slices else {
-                bail!("causal attention (CUDA): q, k, v must share one dtype, f32 or bf16")
-            };
-            let inputs = [
-                Input::new(qs, ranges[0], &dev)?,
-                Input::new(ks, ranges[1], &dev)?,
-                Input::new(vs, ranges[2], &dev)?,
-            ];
+            let inputs = inputs(&slices, &parts, &["q", "k", "v"], &dev)?;
             let [qv, kv, vv] = [0, 1, 2].map(|i| inputs[i].view());
             // SAFETY: every element of `o` is written by the kernel.
             let mut o = unsafe { dev.alloc(g.lens().1) }?;
@@ -503,7 +498,7 @@ fn inputs<'a, T: DeviceRepr>(
     for ((slice, (storage, range)), what) in slices.iter().zip(parts).zip(names) {
         let Some(slice) = slice else {
             bail!(
-                "causal attention (CUDA): backward: {what} is {:?}, not the call's dtype",
+                "causal attention (CUDA): {what} is {:?}, not the call's dtype",
                 storage.dtype()
             )
         };

@@ -272,10 +272,10 @@ pub(super) fn bias_gelu_backward(x: &Tensor, bias: &Tensor, dy: &Tensor) -> cand
                 };
                 views.push(x.slice(*a..*b));
             }
-            let [x, b, dy]: [_; 3] = views
+            let views: [_; 3] = views
                 .try_into()
                 .map_err(|_| candle_core::Error::Msg(format!("{OP} (CUDA): operands miscounted")))?;
-            [x, b, dy]
+            views
         }};
     }
     let dx = match x.dtype() {
