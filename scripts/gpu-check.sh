@@ -21,8 +21,9 @@
 #   5. a short `lockstep bench train` on the GPU, f32 and bf16 (a smoke run);
 #   6. issue 5's figures, side by side: `lockstep bench train` and scripts/torch_reference.py (when python3 has
 #      torch) for GPT-2 124M (ctx 1024, micro-batch 16, vocab 50304) and the shakespeare-char shape (ctx 256,
-#      batch 64), f32 and bf16, GPU_CHECK_FIGURE_STEPS (10) steps after 3 warm-up steps, then the GPT-2 bf16
-#      step's profile (`lockstep bench train --profile`). Copy them into docs/BENCHMARKS.md with the date and the GPU.
+#      batch 64), f32 and bf16, GPU_CHECK_FIGURE_STEPS (10) steps after 3 warm-up steps, the GPT-2 bf16 step's
+#      profile (`lockstep bench train --profile`), and GPT-2 bf16 once more with every fused GPU kernel off
+#      (LOCKSTEP_GPU_COMPOSED=all: issue 8's "before"). Copy them into docs/BENCHMARKS.md with the date and the GPU.
 # Environment: GPU_CHECK_DEVICE (cuda:0), GPU_CHECK_STEPS (200), GPU_CHECK_BIN (.device/cuda/bin; point it at
 # target/debug with GPU_CHECK_DEVICE=cpu to rehearse sections 1 and 4 on a machine without a GPU),
 # GPU_CHECK_SECTIONS (all: "1 2 2b 2c 3 4 5 6"; run in the order given, e.g. "2b 2c 6 2 3 4 1 5" to get the kernel
@@ -298,15 +299,24 @@ check_6() {
   elif [[ -x $BIN/lockstep ]]; then
     python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null && have_torch=1
     # The order puts issue 9's bars first (GPT-2 bf16, then f32) and the profile third, so that a budget that runs
-    # out takes the small shape's figures, not those.
+    # out takes the small shape's figures and the "before", not those.
     local gpt2="gpt2 --seq-len 1024 --micro-batch 16 --vocab-size 50304" small="shakespeare-char --micro-batch 64"
-    for run in "$gpt2|bf16" "$gpt2|f32" "profile" "$small|bf16" "$small|f32"; do
+    for run in "$gpt2|bf16" "$gpt2|f32" "profile" "$small|bf16" "$small|f32" "before"; do
       if [[ $run == profile ]]; then
         # Where the GPT-2 bf16 step's milliseconds go, part by part (issue 8's profile, rerun after every change).
         echo "\$ lockstep bench train --profile --device $DEVICE --preset $gpt2 --dtype bf16 --warmup 3 --steps $fsteps"
         # shellcheck disable=SC2086 # $gpt2 is several flags
         limited "$BIN/lockstep" bench train --profile --device "$DEVICE" --preset $gpt2 --dtype bf16 --warmup 3 \
           --steps "$fsteps" || ok=0
+        continue
+      fi
+      if [[ $run == before ]]; then
+        # Issue 8's "before": the same GPT-2 bf16 step with every fused GPU kernel off (candle's composed ops,
+        # attention's T×T probabilities stored).
+        echo "\$ LOCKSTEP_GPU_COMPOSED=all lockstep bench train --device $DEVICE --preset $gpt2 --dtype bf16 --warmup 3 --steps $fsteps"
+        # shellcheck disable=SC2086 # $gpt2 is several flags
+        LOCKSTEP_GPU_COMPOSED=all limited "$BIN/lockstep" bench train --device "$DEVICE" --preset $gpt2 --dtype bf16 \
+          --warmup 3 --steps "$fsteps" || ok=0
         continue
       fi
       local shape=${run%|*} dtype=${run#*|}

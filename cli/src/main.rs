@@ -316,6 +316,18 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let (device, _label) = lockstep_worker::device::parse(&device)?;
             // The driver's name (e.g. "NVIDIA H200") is what the table of device peaks knows, not "cuda:0".
             let device_name = lockstep_worker::device::hardware_name(&device);
+            if device.is_cuda() {
+                // Which figures these are: LOCKSTEP_GPU_COMPOSED can turn fused kernels off. Not into --json's output.
+                let line = format!(
+                    "{device_name}: fused GPU kernels: {}",
+                    lockstep_worker::ops::gpu_kernels::check()?
+                );
+                if json {
+                    eprintln!("{line}");
+                } else {
+                    println!("{line}");
+                }
+            }
             let (spec, _generated) = match config {
                 Some(path) => (RunSpec::load(Some(&path))?, None),
                 None => {

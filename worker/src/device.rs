@@ -77,10 +77,15 @@ fn open_cuda(flag: &str, _n: usize) -> Result<Device> {
     )))
 }
 
-/// Opens GPU `n` after checking that a driver answers and that GPU `n` exists, so each failure names its cause.
-/// `flag` is the flag as given, e.g. `--device cuda:1`.
+/// Opens GPU `n` after checking `LOCKSTEP_GPU_COMPOSED`, that a driver answers and that GPU `n` exists, so each
+/// failure names its cause. `flag` is the flag as given, e.g. `--device cuda:1`.
 #[cfg(feature = "cuda")]
 fn open_cuda(flag: &str, n: usize) -> Result<Device> {
+    // A misspelt LOCKSTEP_GPU_COMPOSED is refused here, before any work, rather than at the first op.
+    let kernels = crate::ops::gpu_kernels::check()?;
+    if kernels != "all" {
+        tracing::info!("{flag}: fused GPU kernels: {kernels}");
+    }
     let count = cuda_device_count(flag)?;
     if count == 0 {
         return Err(Error::Usage(format!(

@@ -126,22 +126,15 @@ impl AdamW {
     }
 
     /// The optimizer a trainer uses for `params`: [`AdamW::flat`] where the fused kernels run (a `cuda` build, the
-    /// parameters on a CUDA device) unless `LOCKSTEP_ADAMW=composed` asks for the composed step there too (a
-    /// fallback, and a second implementation to compare against); [`AdamW::new`] everywhere else.
+    /// parameters on a CUDA device) unless `LOCKSTEP_GPU_COMPOSED` names `adamw` (ops/gpu_kernels.rs), which asks
+    /// for the composed step there too (a fallback, and a second implementation to compare against); [`AdamW::new`]
+    /// everywhere else.
     pub fn for_params(params: &Params, cfg: AdamWConfig) -> Result<Self> {
         let on_cuda = params.vars().first().is_some_and(|v| v.device().is_cuda());
-        let fused = match std::env::var("LOCKSTEP_ADAMW") {
-            Err(_) => true,
-            Ok(v) if v.is_empty() || v == "fused" => true,
-            Ok(v) if v == "composed" => false,
-            Ok(v) => {
-                return Err(Error::Usage(format!(
-                    "LOCKSTEP_ADAMW={v}: expected `fused` (the default: the fused kernel on CUDA devices) or \
-                     `composed`"
-                )));
-            }
-        };
-        if cfg!(feature = "cuda") && on_cuda && fused {
+        if cfg!(feature = "cuda")
+            && on_cuda
+            && crate::ops::gpu_kernels::enabled(crate::ops::gpu_kernels::Kernel::AdamW)?
+        {
             Self::flat(params, cfg)
         } else {
             Self::new(params, cfg)

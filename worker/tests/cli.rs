@@ -51,6 +51,26 @@ fn cuda_without_the_feature_says_so() {
     assert!(line.contains("--gpus all") && line.contains("`cuda` feature"), "{line}");
 }
 
+/// Checked before the driver is asked anything, so it holds on a build box (`scripts/cuda/build.sh --check`, the
+/// driver stub loaded) as on a GPU host.
+#[cfg(feature = "cuda")]
+#[test]
+fn a_misspelt_gpu_composed_kernel_is_refused_before_the_gpu_opens() {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lockstep-worker"));
+    cmd.env("LOCKSTEP_TOKEN", "worker-cli-tests-token-0123");
+    cmd.env("LOCKSTEP_GPU_COMPOSED", "gelu,layernorm");
+    let out = cmd.args(["--device", "cuda:0"]).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = one_error_line(&stderr);
+    assert!(
+        line.contains("LOCKSTEP_GPU_COMPOSED=gelu,layernorm")
+            && line.contains("`layernorm`")
+            && line.contains("layer_norm"),
+        "{line}"
+    );
+}
+
 #[test]
 fn a_malformed_gpu_list_is_named() {
     let (ok, stderr) = run(&["--gpus", "0,zero"]);

@@ -16,10 +16,12 @@
 //! `math::exp` is branch-free), compiled for the baseline x86-64 and for AVX2 with a run-time pick
 //! (`math::simd_kernel!`, bitwise the same results), and single-threaded: they are a few percent of a step. The GPU
 //! kernels are CUDA C in worker/kernels/, compiled to PTX by worker/build.rs; they read bf16 or f32 and accumulate
-//! in f32.
+//! in f32. `LOCKSTEP_GPU_COMPOSED` (gpu_kernels.rs) turns GPU kernels off by name, sending their ops to the composed
+//! versions without a rebuild.
 use candle_core::{CpuStorage, DType, Layout, Storage, Tensor};
 
 use crate::error::{Error, Result};
+use gpu_kernels::Kernel;
 
 mod attention;
 #[cfg(feature = "cuda")]
@@ -36,6 +38,7 @@ mod embedding;
 #[cfg(feature = "cuda")]
 mod embedding_cuda;
 mod gelu;
+pub mod gpu_kernels;
 mod heads;
 #[cfg(feature = "cuda")]
 mod heads_cuda;
@@ -65,10 +68,16 @@ fn fused_gpu_small(t: &Tensor) -> bool {
     fused_gpu(t) && t.elem_count() <= i32::MAX as usize
 }
 
+/// `on_gpu` (one of the checks above), and `kernel` not turned off by `LOCKSTEP_GPU_COMPOSED`. The variable is only
+/// read for GPU tensors, so the CPU never fails on it.
+fn gpu_kernel(on_gpu: bool, kernel: Kernel) -> Result<bool> {
+    Ok(on_gpu && gpu_kernels::enabled(kernel)?)
+}
+
 /// GPT-2's GELU, the tanh approximation (Hugging Face "gelu_new"):
 /// 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    if fused(x) || fused_gpu_small(x) {
+    if fused(x) || gpu_kernel(fused_gpu_small(x), Kernel::Gelu)? {
         Ok(x.contiguous()?.apply_op1(gelu::GeluTanh)?)
     } else {
         composed::gelu(x)
@@ -87,7 +96,7 @@ pub fn embedding(weight: &Tensor, ids: &Tensor) -> Result<Tensor> {
         && ids.dtype() == DType::U32
         && ids.elem_count() > 0
         && ids.device().same_device(weight.device());
-    if gpu {
+    if gpu_kernel(gpu, Kernel::Embedding)? {
         return Ok(weight
             .contiguous()?
             .apply_op2(&ids.contiguous()?, embedding::Embedding)?);
@@ -101,7 +110,7 @@ pub fn embedding(weight: &Tensor, ids: &Tensor) -> Result<Tensor> {
 pub fn split_heads(x: &Tensor, n_head: usize) -> Result<Tensor> {
     // The op's own shape check, whichever path runs, so both refuse alike.
     heads::dims(heads::Direction::Split, n_head, x.dims())?;
-    if fused_gpu_small(x) {
+    if gpu_kernel(fused_gpu_small(x), Kernel::Heads)? {
         let op = heads::Heads {
             n_head,
             dir: heads::Direction::Split,
@@ -116,7 +125,7 @@ pub fn split_heads(x: &Tensor, n_head: usize) -> Result<Tensor> {
 pub fn merge_heads(y: &Tensor) -> Result<Tensor> {
     let nh = y.dims().get(1).copied().unwrap_or(0);
     heads::dims(heads::Direction::Merge, nh, y.dims())?;
-    if fused_gpu_small(y) {
+    if gpu_kernel(fused_gpu_small(y), Kernel::Heads)? {
         let op = heads::Heads {
             n_head: nh,
             dir: heads::Direction::Merge,
@@ -134,7 +143,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     let f32_params = weight.dtype() == DType::F32 && bias.dtype() == DType::F32;
     let shapes = weight.dims() == [c] && bias.dims() == [c];
     let same_device = weight.device().same_device(x.device()) && bias.device().same_device(x.device());
-    if fused_gpu(x) && f32_params && shapes && same_device {
+    if gpu_kernel(fused_gpu(x) && f32_params && shapes && same_device, Kernel::LayerNorm)? {
         let op = layer_norm::LayerNorm::new(eps as f32);
         return Ok(x
             .contiguous()?
@@ -158,8 +167,8 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 /// x + bias, the bias `[C]` broadcast over the rows of x `[.., C]` (a linear layer's bias).
 pub fn bias_add(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let c = x.dim(candle_core::D::Minus1)?;
-    let pair = (fused(x) && fused(bias))
-        || (fused_gpu_small(x) && bias.dtype() == x.dtype() && bias.device().same_device(x.device()));
+    let gpu = fused_gpu_small(x) && bias.dtype() == x.dtype() && bias.device().same_device(x.device());
+    let pair = (fused(x) && fused(bias)) || gpu_kernel(gpu, Kernel::BiasAdd)?;
     if pair && bias.dims() == [c] {
         Ok(x.contiguous()?.apply_op2(&bias.contiguous()?, bias::BiasAdd)?)
     } else {
@@ -179,9 +188,8 @@ pub fn bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
             bias.dims()
         )));
     }
-    let pair = (fused(x) && fused(bias))
-        || (fused_gpu_small(x) && bias.dtype() == x.dtype() && bias.device().same_device(x.device()));
-    if pair {
+    let gpu = fused_gpu_small(x) && bias.dtype() == x.dtype() && bias.device().same_device(x.device());
+    if (fused(x) && fused(bias)) || gpu_kernel(gpu, Kernel::BiasGelu)? {
         return Ok(x.contiguous()?.apply_op2(&bias.contiguous()?, bias_gelu::BiasGelu)?);
     }
     gelu(&bias_add(x, bias)?)
@@ -216,7 +224,10 @@ pub fn masked_softmax_last_dim(x: &Tensor, mask: &Tensor, scale: f64) -> Result<
 /// (measured in docs/BENCHMARKS.md), at the cost of B·H·T² floats per layer.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if q.device().is_cuda() && attention_cuda::supports(q.dim(candle_core::D::Minus1)?, q.dtype()) {
+    if gpu_kernel(
+        q.device().is_cuda() && attention_cuda::supports(q.dim(candle_core::D::Minus1)?, q.dtype()),
+        Kernel::Attention,
+    )? {
         return flash_attention(q, k, v, scale);
     }
     composed::causal_attention(q, k, v, scale)
@@ -265,7 +276,10 @@ pub fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result
 pub fn causal_self_attention(qkv: &Tensor, n_head: usize, scale: f64) -> Result<Tensor> {
     let (_, _, _, _hd) = attention_packed::dims(qkv.dims(), n_head)?;
     #[cfg(feature = "cuda")]
-    if fused_gpu(qkv) && attention_cuda::supports(_hd, qkv.dtype()) {
+    if gpu_kernel(
+        fused_gpu(qkv) && attention_cuda::supports(_hd, qkv.dtype()),
+        Kernel::Attention,
+    )? {
         return flash_self_attention(qkv, n_head, scale);
     }
     composed::causal_self_attention(qkv, n_head, scale)
@@ -309,7 +323,10 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         )));
     }
     // On a GPU the kernel reads bf16 logits as they are: a [B·T, 50k] f32 copy would be the step's largest tensor.
-    let gpu = fused_gpu(logits) && targets.device().same_device(logits.device());
+    let gpu = gpu_kernel(
+        fused_gpu(logits) && targets.device().same_device(logits.device()),
+        Kernel::CrossEntropy,
+    )?;
     let logits = if gpu {
         logits.clone()
     } else {

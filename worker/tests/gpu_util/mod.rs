@@ -5,8 +5,17 @@ use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-/// `LOCKSTEP_TEST_DEVICE`, default `cuda:0`; no GPU is a failure, not a skip.
+/// `LOCKSTEP_TEST_DEVICE`, default `cuda:0`; no GPU is a failure, not a skip. So is `LOCKSTEP_GPU_COMPOSED`: with
+/// kernels turned off, tests of the fused ops against the composed ones would compare the composed ones with
+/// themselves and pass for nothing.
 pub fn gpu() -> Device {
+    if let Some(v) = std::env::var_os(lockstep_worker::ops::gpu_kernels::VAR) {
+        panic!(
+            "{}={}: the GPU kernel tests need every fused kernel on; unset it",
+            lockstep_worker::ops::gpu_kernels::VAR,
+            v.to_string_lossy()
+        );
+    }
     let flag = std::env::var("LOCKSTEP_TEST_DEVICE").unwrap_or_else(|_| "cuda:0".into());
     match lockstep_worker::device::parse(&flag) {
         Ok((device, _)) if device.is_cuda() => device,
