@@ -153,80 +153,80 @@ check_1() {
   out=$("$BIN/lockstep-worker" --device "$DEVICE" --coordinator http://127.0.0.1:1 --connect-timeout-secs 1 2>&1); rc=$?
   echo "\$ lockstep-worker --device $DEVICE --coordinator http://127.0.0.1:1   (exit $rc)"; echo "$out"
   [[ $rc -ne 0 && $out == *"127.0.0.1:1"* && $out != *"--device"* ]] || ok=0
-  ((ok)) && result PASS "1 --device" || result FAIL "1 --device"
+  verdict $ok "1 --device"
 }
+
+# on_gpu LABEL: true on a GPU; on the CPU (a rehearsal) says LABEL is skipped as a GPU check.
+on_gpu() {
+  [[ $DEVICE != cpu ]] && return 0
+  result SKIP "$1 (a GPU check)"
+  return 1
+}
+
+# has_binary LABEL NAME: true if $BIN/NAME is there; else says LABEL is skipped for the want of it.
+has_binary() {
+  [[ -x $BIN/$2 ]] && return 0
+  result SKIP "$1 (no $BIN/$2)"
+  return 1
+}
+
+# test_binary NAME ARGS...: the test binary $BIN/NAME on $DEVICE under the time limit, its command line echoed. The
+# caller's environment assignments reach it.
+test_binary() {
+  local name=$1
+  shift
+  echo "\$ $name $*"
+  LOCKSTEP_TEST_DEVICE=$DEVICE limited "$BIN/$name" "$@"
+}
+
+# verdict OK LABEL: PASS or FAIL for LABEL, as OK is 1 or 0.
+verdict() { if (($1)); then result PASS "$2"; else result FAIL "$2"; fi; }
 
 check_2() {
   section "2. golden fixture tests on $DEVICE (f32)"
-  if [[ -x $BIN/test-golden ]]; then
-    # The tests find worker/tests/fixtures through CARGO_MANIFEST_DIR, as under cargo.
-    if CARGO_MANIFEST_DIR=$PWD/worker LOCKSTEP_TEST_DEVICE=$DEVICE limited "$BIN/test-golden" --test-threads=1; then
-      result PASS "2 golden tests on $DEVICE"
-    else
-      result FAIL "2 golden tests on $DEVICE"
-    fi
-  else
-    result SKIP "2 golden tests (no $BIN/test-golden)"
-  fi
+  has_binary "2 golden tests" test-golden || return 0
+  # The tests find worker/tests/fixtures through CARGO_MANIFEST_DIR, as under cargo.
+  local ok=1
+  CARGO_MANIFEST_DIR=$PWD/worker test_binary test-golden --test-threads=1 || ok=0
+  verdict $ok "2 golden tests on $DEVICE"
 }
 
 check_2b() {
   section "2b. fused causal attention on $DEVICE: kernels against the composed attention, and their speed"
-  if [[ $DEVICE == cpu ]]; then
-    result SKIP "2b attention kernels (a GPU check)"
-  elif [[ -x $BIN/test-attention_gpu ]]; then
-    local ok=1 kernels
-    # The default picks the tensor cores for bf16; simt is the plain-FMA fallback (and the f32 path either way).
-    for kernels in mma simt; do
-      echo "\$ LOCKSTEP_ATTENTION_KERNELS=$kernels test-attention_gpu --test-threads=1 --nocapture"
-      LOCKSTEP_ATTENTION_KERNELS=$kernels LOCKSTEP_TEST_DEVICE=$DEVICE limited "$BIN/test-attention_gpu" \
-        --test-threads=1 --nocapture || ok=0
-    done
-    for kernels in mma simt; do
-      echo "\$ LOCKSTEP_ATTENTION_KERNELS=$kernels test-attention_gpu --ignored --nocapture time_gpt2_shape_bf16"
-      LOCKSTEP_ATTENTION_KERNELS=$kernels LOCKSTEP_TEST_DEVICE=$DEVICE limited "$BIN/test-attention_gpu" \
-        --ignored --nocapture time_gpt2_shape_bf16 || ok=0
-    done
-    if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-      limited python3 scripts/torch_attention.py || ok=0
-    else
-      echo "(no PyTorch with CUDA here: no flash-attention time to compare with)"
-    fi
-    ((ok)) && result PASS "2b attention kernels on $DEVICE" || result FAIL "2b attention kernels on $DEVICE"
+  on_gpu "2b attention kernels" && has_binary "2b attention kernels" test-attention_gpu || return 0
+  local ok=1 kernels
+  # The default picks the tensor cores for bf16; simt is the plain-FMA fallback (and the f32 path either way).
+  for kernels in mma simt; do
+    echo "(LOCKSTEP_ATTENTION_KERNELS=$kernels)"
+    LOCKSTEP_ATTENTION_KERNELS=$kernels test_binary test-attention_gpu --test-threads=1 --nocapture || ok=0
+  done
+  for kernels in mma simt; do
+    echo "(LOCKSTEP_ATTENTION_KERNELS=$kernels)"
+    LOCKSTEP_ATTENTION_KERNELS=$kernels test_binary test-attention_gpu --ignored --nocapture time_gpt2_shape_bf16 \
+      || ok=0
+  done
+  if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    limited python3 scripts/torch_attention.py || ok=0
   else
-    result SKIP "2b attention kernels (no $BIN/test-attention_gpu)"
+    echo "(no PyTorch with CUDA here: no flash-attention time to compare with)"
   fi
+  verdict $ok "2b attention kernels on $DEVICE"
 }
 
 check_2c() {
   section "2c. fused LayerNorm, GELU, bias, cross-entropy, AdamW, embedding, heads kernels on $DEVICE vs composed ops"
-  if [[ $DEVICE == cpu ]]; then
-    result SKIP "2c fused kernels (a GPU check)"
-  elif [[ -x $BIN/test-kernels_gpu ]]; then
-    echo "\$ test-kernels_gpu --test-threads=1 --nocapture"
-    if LOCKSTEP_TEST_DEVICE=$DEVICE limited "$BIN/test-kernels_gpu" --test-threads=1 --nocapture; then
-      result PASS "2c fused kernels on $DEVICE"
-    else
-      result FAIL "2c fused kernels on $DEVICE"
-    fi
-  else
-    result SKIP "2c fused kernels (no $BIN/test-kernels_gpu)"
-  fi
+  on_gpu "2c fused kernels" && has_binary "2c fused kernels" test-kernels_gpu || return 0
+  local ok=1
+  test_binary test-kernels_gpu --test-threads=1 --nocapture || ok=0
+  verdict $ok "2c fused kernels on $DEVICE"
 }
 
 check_3() {
   section "3. NCCL all-reduce, world size 1, on $DEVICE"
-  if [[ $DEVICE == cpu ]]; then
-    result SKIP "3 NCCL (a GPU check)"
-  elif [[ -x $BIN/test-nccl ]]; then
-    if NCCL_DEBUG=${NCCL_DEBUG:-WARN} LOCKSTEP_TEST_DEVICE=$DEVICE limited "$BIN/test-nccl" --test-threads=1; then
-      result PASS "3 NCCL world size 1"
-    else
-      result FAIL "3 NCCL world size 1"
-    fi
-  else
-    result SKIP "3 NCCL (no $BIN/test-nccl)"
-  fi
+  on_gpu "3 NCCL" && has_binary "3 NCCL" test-nccl || return 0
+  local ok=1
+  NCCL_DEBUG=${NCCL_DEBUG:-WARN} test_binary test-nccl --test-threads=1 || ok=0
+  verdict $ok "3 NCCL world size 1"
 }
 
 check_4() {
@@ -276,66 +276,56 @@ EOF
 
 check_5() {
   section "5. lockstep bench train on $DEVICE (smoke)"
-  if [[ $DEVICE == cpu ]]; then
-    result SKIP "5 bench (a GPU check)"
-  elif [[ -x $BIN/lockstep ]]; then
-    local ok=1 dtype
-    for dtype in f32 bf16; do
-      echo "\$ lockstep bench train --device $DEVICE --preset shakespeare-char --micro-batch 64 --dtype $dtype --warmup 2 --steps 5"
-      limited "$BIN/lockstep" bench train --device "$DEVICE" --preset shakespeare-char --micro-batch 64 --dtype "$dtype" \
-        --warmup 2 --steps 5 || ok=0
-    done
-    ((ok)) && result PASS "5 bench smoke" || result FAIL "5 bench smoke"
-  else
-    result SKIP "5 bench (no $BIN/lockstep)"
-  fi
+  on_gpu "5 bench" && has_binary "5 bench" lockstep || return 0
+  local ok=1 dtype
+  for dtype in f32 bf16; do
+    echo "\$ lockstep bench train --device $DEVICE --preset shakespeare-char --micro-batch 64 --dtype $dtype --warmup 2 --steps 5"
+    limited "$BIN/lockstep" bench train --device "$DEVICE" --preset shakespeare-char --micro-batch 64 --dtype "$dtype" \
+      --warmup 2 --steps 5 || ok=0
+  done
+  verdict $ok "5 bench smoke"
 }
 
 check_6() {
   section "6. figures: lockstep bench train vs PyTorch, same GPU, same sitting"
+  on_gpu "6 figures" && has_binary "6 figures" lockstep || return 0
   local fsteps=${GPU_CHECK_FIGURE_STEPS:-10} ok=1 have_torch=0
-  if [[ $DEVICE == cpu ]]; then
-    result SKIP "6 figures (a GPU check)"
-  elif [[ -x $BIN/lockstep ]]; then
-    python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null && have_torch=1
-    # The order puts issue 9's bars first (GPT-2 bf16, then f32) and the profile third, so that a budget that runs
-    # out takes the small shape's figures and the "before", not those.
-    local gpt2="gpt2 --seq-len 1024 --micro-batch 16 --vocab-size 50304" small="shakespeare-char --micro-batch 64"
-    for run in "$gpt2|bf16" "$gpt2|f32" "profile" "$small|bf16" "$small|f32" "before"; do
-      if [[ $run == profile ]]; then
-        # Where the GPT-2 bf16 step's milliseconds go, part by part (issue 8's profile, rerun after every change).
-        echo "\$ lockstep bench train --profile --device $DEVICE --preset $gpt2 --dtype bf16 --warmup 3 --steps $fsteps"
-        # shellcheck disable=SC2086 # $gpt2 is several flags
-        limited "$BIN/lockstep" bench train --profile --device "$DEVICE" --preset $gpt2 --dtype bf16 --warmup 3 \
-          --steps "$fsteps" || ok=0
-        continue
-      fi
-      if [[ $run == before ]]; then
-        # Issue 8's "before": the same GPT-2 bf16 step with every fused GPU kernel off (candle's composed ops,
-        # attention's T×T probabilities stored).
-        echo "\$ LOCKSTEP_GPU_COMPOSED=all lockstep bench train --device $DEVICE --preset $gpt2 --dtype bf16 --warmup 3 --steps $fsteps"
-        # shellcheck disable=SC2086 # $gpt2 is several flags
-        LOCKSTEP_GPU_COMPOSED=all limited "$BIN/lockstep" bench train --device "$DEVICE" --preset $gpt2 --dtype bf16 \
-          --warmup 3 --steps "$fsteps" || ok=0
-        continue
-      fi
-      local shape=${run%|*} dtype=${run#*|}
-      echo "\$ lockstep bench train --device $DEVICE --preset $shape --dtype $dtype --warmup 3 --steps $fsteps"
-      # shellcheck disable=SC2086 # $shape is several flags
-      limited "$BIN/lockstep" bench train --device "$DEVICE" --preset $shape --dtype "$dtype" --warmup 3 \
+  python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null && have_torch=1
+  # The order puts issue 9's bars first (GPT-2 bf16, then f32) and the profile third, so that a budget that runs
+  # out takes the small shape's figures and the "before", not those.
+  local gpt2="gpt2 --seq-len 1024 --micro-batch 16 --vocab-size 50304" small="shakespeare-char --micro-batch 64"
+  for run in "$gpt2|bf16" "$gpt2|f32" "profile" "$small|bf16" "$small|f32" "before"; do
+    if [[ $run == profile ]]; then
+      # Where the GPT-2 bf16 step's milliseconds go, part by part (issue 8's profile, rerun after every change).
+      echo "\$ lockstep bench train --profile --device $DEVICE --preset $gpt2 --dtype bf16 --warmup 3 --steps $fsteps"
+      # shellcheck disable=SC2086 # $gpt2 is several flags
+      limited "$BIN/lockstep" bench train --profile --device "$DEVICE" --preset $gpt2 --dtype bf16 --warmup 3 \
         --steps "$fsteps" || ok=0
-      if ((have_torch)); then
-        echo "\$ python3 scripts/torch_reference.py --preset $shape --dtype $dtype --warmup 3 --steps $fsteps"
-        # shellcheck disable=SC2086
-        limited python3 scripts/torch_reference.py --preset $shape --dtype "$dtype" --warmup 3 --steps "$fsteps" \
-          || ok=0
-      fi
-    done
-    ((have_torch)) || echo "(no PyTorch with CUDA here: the reference figures are missing)"
-    ((ok)) && result PASS "6 figures printed" || result FAIL "6 figures"
-  else
-    result SKIP "6 figures (no $BIN/lockstep)"
-  fi
+      continue
+    fi
+    if [[ $run == before ]]; then
+      # Issue 8's "before": the same GPT-2 bf16 step with every fused GPU kernel off (candle's composed ops,
+      # attention's T×T probabilities stored).
+      echo "\$ LOCKSTEP_GPU_COMPOSED=all lockstep bench train --device $DEVICE --preset $gpt2 --dtype bf16 --warmup 3 --steps $fsteps"
+      # shellcheck disable=SC2086 # $gpt2 is several flags
+      LOCKSTEP_GPU_COMPOSED=all limited "$BIN/lockstep" bench train --device "$DEVICE" --preset $gpt2 --dtype bf16 \
+        --warmup 3 --steps "$fsteps" || ok=0
+      continue
+    fi
+    local shape=${run%|*} dtype=${run#*|}
+    echo "\$ lockstep bench train --device $DEVICE --preset $shape --dtype $dtype --warmup 3 --steps $fsteps"
+    # shellcheck disable=SC2086 # $shape is several flags
+    limited "$BIN/lockstep" bench train --device "$DEVICE" --preset $shape --dtype "$dtype" --warmup 3 \
+      --steps "$fsteps" || ok=0
+    if ((have_torch)); then
+      echo "\$ python3 scripts/torch_reference.py --preset $shape --dtype $dtype --warmup 3 --steps $fsteps"
+      # shellcheck disable=SC2086
+      limited python3 scripts/torch_reference.py --preset $shape --dtype "$dtype" --warmup 3 --steps "$fsteps" \
+        || ok=0
+    fi
+  done
+  ((have_torch)) || echo "(no PyTorch with CUDA here: the reference figures are missing)"
+  verdict $ok "6 figures printed"
 }
 
 section "environment"
@@ -346,6 +336,16 @@ if [[ $DEVICE == cuda* ]]; then
 fi
 echo "device $DEVICE, binaries $BIN, scratch $WORK"
 "$BIN/lockstep-worker" --version
+if [[ $DEVICE == cuda* ]]; then
+  # Preflight: if the GPU does not open, every section would fail for that one reason; say it once and stop.
+  said=$("$BIN/lockstep-worker" --device "$DEVICE" --coordinator http://127.0.0.1:1 --connect-timeout-secs 1 2>&1)
+  if [[ $said == *"--device $DEVICE"* || $said == *"error while loading shared libraries"* ]]; then
+    echo "$said"
+    echo "$DEVICE does not open here, so no check can run: fix the above (docs/CUDA.md, 'When it does not work')"
+    rm -rf "$WORK"
+    exit 2
+  fi
+fi
 
 for s in "${SECTIONS[@]}"; do
   if (($(left) < SECTION_MIN)); then

@@ -158,22 +158,21 @@ impl Geometry {
         if !HEAD_DIMS.contains(&d) {
             bail!("causal attention (CUDA): head size {d} has no kernel (supported: {HEAD_DIMS:?})");
         }
-        // What the tensor-core kernels' 16-byte row copies need of the strides; it follows from the head sizes.
-        debug_assert!(
-            [
-                input.sb,
-                input.sh,
-                input.st,
-                output.sb,
-                output.sh,
-                output.st,
-                k_at as i64,
-                v_at as i64
-            ]
-            .iter()
-            .all(|s| s % 8 == 0),
-            "{g:?}"
-        );
+        // What the tensor-core kernels' 16-byte row copies need of the strides. It follows from today's head sizes
+        // (all multiples of 8); checked anyway, since a new head size that broke it would read misaligned rows.
+        let strides = [
+            input.sb,
+            input.sh,
+            input.st,
+            output.sb,
+            output.sh,
+            output.st,
+            k_at as i64,
+            v_at as i64,
+        ];
+        if strides.iter().any(|s| s % 8 != 0) {
+            bail!("causal attention (CUDA): {what} {dims:?} gives strides {g:?} that are not whole 16-byte rows");
+        }
         // The kernels count rows and take row strides as 32-bit ints, and the grid's y dimension counts row tiles
         // (at most 65535).
         let wide = g.rows() > i32::MAX as usize
