@@ -1,5 +1,5 @@
 //! lockstep-cli: the `lockstep` command — the user's single entry point. `run` launches a local coordinator and
-//! workers and shows progress; `status` asks a coordinator; `bench` measures. It owns no training logic of its own:
+//! workers and shows progress; `status` and `history` ask a coordinator; `bench` measures. It owns no training logic of its own:
 //! it starts the daemons, talks gRPC to them, and loads checkpoints through lockstep-worker for evaluation.
 
 pub mod bench;
@@ -11,6 +11,7 @@ pub mod demo;
 pub mod error;
 pub mod eval;
 pub mod generate;
+pub mod history;
 pub mod prepare;
 pub mod procs;
 pub mod run;

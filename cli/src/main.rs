@@ -23,12 +23,12 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use lockstep_cli::{
-    bench, bench_coordinator, bench_profile, bench_score, chat, demo, eval, generate, prepare, run, score, sft_demo,
-    status_view,
+    bench, bench_coordinator, bench_profile, bench_score, chat, demo, eval, generate, history, prepare, run, score,
+    sft_demo, status_view,
 };
 use lockstep_common::RunSpec;
 use lockstep_common::data::corpus::Split;
-use lockstep_common::proto::{GetStatusRequest, RunState, StopRunRequest, WatchStatusRequest};
+use lockstep_common::proto::{GetHistoryRequest, GetStatusRequest, RunState, StopRunRequest, WatchStatusRequest};
 use lockstep_common::spec::DataSource;
 use lockstep_common::transport::{self, CoordinatorClient};
 use lockstep_worker::coordinator_link::SecurityArgs;
@@ -50,6 +50,9 @@ enum Command {
     Run(RunArgs),
     /// Show a coordinator's run: state, step, loss, throughput, ETA and one row per worker.
     Status(StatusArgs),
+    /// A run's loss curve, one row per step (loss, lr, gradient norm, tokens, skipped, validation loss), as CSV or
+    /// JSON lines: from its coordinator while it runs, or from its cluster.state_dir afterwards.
+    History(HistoryArgs),
     /// Ask a coordinator to stop its run cleanly: the ranks agree on a step, rank 0 checkpoints it, and the run can
     /// be resumed later by starting the coordinator again with the same config.
     Stop(StopArgs),
@@ -107,6 +110,24 @@ struct StatusArgs {
     /// Keep printing after every change until the run ends.
     #[arg(long)]
     watch: bool,
+    #[command(flatten)]
+    security: SecurityArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct HistoryArgs {
+    #[arg(long, env = "LOCKSTEP_COORDINATOR", default_value = "http://127.0.0.1:7070")]
+    coordinator: String,
+    /// Read the run's cluster.state_dir instead of asking a coordinator (for a run whose coordinator has exited,
+    /// e.g. runs/<name>/state after `lockstep run`). Wins over --coordinator.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Only the steps after this one (e.g. the last step already fetched).
+    #[arg(long, default_value_t = 0)]
+    after: u64,
+    /// JSON lines instead of CSV.
+    #[arg(long)]
+    json: bool,
     #[command(flatten)]
     security: SecurityArgs,
 }
@@ -266,6 +287,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Run(args) => run_cmd(args).await,
         Command::DemoSft(args) => demo_sft_cmd(args).await,
         Command::Status(args) => status_cmd(args).await,
+        Command::History(args) => history_cmd(args).await,
         Command::Stop(args) => stop_cmd(args).await,
         Command::Generate(args) => {
             tokio::task::spawn_blocking(move || generate::command(&args)).await??;
@@ -657,6 +679,40 @@ async fn status_cmd(args: StatusArgs) -> anyhow::Result<ExitCode> {
         show(&s);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn history_cmd(args: HistoryArgs) -> anyhow::Result<ExitCode> {
+    let messages = match &args.state_dir {
+        Some(dir) => {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || history::read_state_dir(&dir, args.after)).await??
+        }
+        None => {
+            let mut client = connect(&args.coordinator, &args.security).await?;
+            let refused = |status: tonic::Status| rpc_error(&args.coordinator, status);
+            let mut stream = client
+                .get_history(GetHistoryRequest { after_step: args.after })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            let mut messages = Vec::new();
+            while let Some(m) = stream.message().await.map_err(refused)? {
+                messages.push(m);
+            }
+            messages
+        }
+    };
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let written = if args.json {
+        history::write_jsonl(&mut out, &messages)
+    } else {
+        history::write_csv(&mut out, &messages)
+    };
+    match written.and_then(|()| std::io::Write::flush(&mut out)) {
+        // `lockstep history | head` closes the pipe early; that is not a failure.
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e).context("writing the history to stdout"),
+        _ => Ok(ExitCode::SUCCESS),
+    }
 }
 
 async fn interrupted() {

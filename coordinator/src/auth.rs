@@ -166,6 +166,7 @@ mod tests {
         let wrong = RunToken::generate().bearer();
         for path in [
             "/lockstep.v1.Coordinator/GetStatus",
+            "/lockstep.v1.Coordinator/GetHistory",
             "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
             "/anything/else",
         ] {

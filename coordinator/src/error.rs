@@ -102,6 +102,12 @@ pub enum Error {
         source: serde_json::Error,
     },
 
+    #[error("{path} does not exist: no run has kept its state there; give the cluster.state_dir of a run")]
+    NoState { path: PathBuf },
+
+    #[error("this coordinator keeps no run state (it was started without cluster.state_dir), so it has no history")]
+    NoHistory,
+
     #[error("cannot encode a record for the run state {path}: {source}; this is a bug in lockstep-coordinator")]
     StateEncode {
         path: PathBuf,
@@ -119,13 +125,14 @@ impl From<Error> for tonic::Status {
             Error::Protocol(_) => tonic::Status::invalid_argument(message),
             Error::JoinTimeout { .. } => tonic::Status::deadline_exceeded(message),
             Error::ShuttingDown => tonic::Status::unavailable(message),
-            Error::StateConflict(_) => tonic::Status::failed_precondition(message),
+            Error::StateConflict(_) | Error::NoHistory => tonic::Status::failed_precondition(message),
             Error::Spec(_) => tonic::Status::failed_precondition(message),
             Error::Listener(_)
             | Error::Reflection(_)
             | Error::Serve { .. }
             | Error::ServerStopped { .. }
             | Error::StateDir { .. }
+            | Error::NoState { .. }
             | Error::StateLocked { .. }
             | Error::StateOpen { .. }
             | Error::StateVersion { .. }

@@ -2,7 +2,8 @@
 //!
 //! It admits workers, forms a generation (ranks, world size, peer addresses), hands out assignments, records the
 //! progress workers report (loss, throughput, checksums, committed checkpoints), decides when the run finished or
-//! failed, and answers status over gRPC together with the standard health and reflection services.
+//! failed, and answers status and the loss history over gRPC together with the standard health and reflection
+//! services.
 //!
 //! What it must not do: link candle or touch tensors, or sit on the per-step data path — gradients travel between
 //! workers only, and a slow coordinator must never slow a step. The decisions live in [`machine::RunMachine`], a
@@ -11,6 +12,7 @@
 pub mod admission;
 pub mod auth;
 pub mod error;
+pub mod history;
 pub mod machine;
 pub mod progress;
 pub mod record;

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use futures::Stream;
 use lockstep_common::proto::{
-    self, CoordinatorMessage, GetStatusRequest, RunStatus, WatchStatusRequest, WorkerMessage,
-    coordinator_server::Coordinator, worker_message::Msg as Up,
+    self, CoordinatorMessage, GetHistoryRequest, GetStatusRequest, RunHistory, RunStatus, WatchStatusRequest,
+    WorkerMessage, coordinator_server::Coordinator, worker_message::Msg as Up,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -38,8 +38,9 @@ struct Session {
 struct Inner {
     machine: RunMachine,
     sessions: HashMap<ConnId, Session>,
-    /// The run's durable state; `None` keeps it in memory only (tests of the service alone).
-    store: Option<Store>,
+    /// The run's durable state; `None` keeps it in memory only (tests of the service alone). Shared with
+    /// `GetHistory`, which reads it outside this lock (redb readers do not block the writer).
+    store: Option<Arc<Store>>,
 }
 
 /// The run machine plus the open sessions, shared by every RPC and by the server's tasks.
@@ -62,7 +63,7 @@ impl Shared {
             inner: Mutex::new(Inner {
                 machine,
                 sessions: HashMap::new(),
-                store,
+                store: store.map(Arc::new),
             }),
             next_conn: AtomicU64::new(1),
             status: watch::Sender::new(status),
@@ -327,6 +328,7 @@ fn phase_name(phase: Phase) -> &'static str {
 }
 
 type StatusStream = Pin<Box<dyn Stream<Item = Result<RunStatus, Status>> + Send>>;
+type HistoryStream = Pin<Box<dyn Stream<Item = Result<RunHistory, Status>> + Send>>;
 
 fn is_final(status: &RunStatus) -> bool {
     matches!(
@@ -339,6 +341,7 @@ fn is_final(status: &RunStatus) -> bool {
 impl Coordinator for CoordinatorService {
     type SessionStream = UnboundedReceiverStream<Result<CoordinatorMessage, Status>>;
     type WatchStatusStream = StatusStream;
+    type GetHistoryStream = HistoryStream;
 
     async fn session(
         &self,
@@ -396,6 +399,27 @@ impl Coordinator for CoordinatorService {
     async fn get_status(&self, _request: Request<GetStatusRequest>) -> Result<Response<RunStatus>, Status> {
         let _span = info_span!("get_status").entered();
         Ok(Response::new(self.shared.status_now()))
+    }
+
+    async fn get_history(
+        &self,
+        request: Request<GetHistoryRequest>,
+    ) -> Result<Response<Self::GetHistoryStream>, Status> {
+        let after_step = request.into_inner().after_step;
+        let store = self.shared.lock().store.clone().ok_or(Error::NoHistory)?;
+        // Folding every record takes a while on a long run: off the async threads, and outside the machine's lock.
+        let read = tokio::task::spawn_blocking(move || {
+            store
+                .load()
+                .map(|saved| crate::history::messages(&saved, after_step, crate::history::STEPS_PER_MESSAGE))
+        });
+        let messages = read
+            .instrument(info_span!("get_history", after_step))
+            .await
+            .map_err(|e| Status::internal(format!("reading the run history failed: {e}")))??;
+        Ok(Response::new(Box::pin(futures::stream::iter(
+            messages.into_iter().map(Ok),
+        ))))
     }
 
     async fn watch_status(

@@ -86,6 +86,16 @@ impl Store {
         Ok(store)
     }
 
+    /// Opens the run state that `state_dir` already holds, to read it (`lockstep history --state-dir`); unlike
+    /// [`Store::open`] it never creates one. A coordinator running on it holds the lock: [`Error::StateLocked`].
+    pub fn open_existing(state_dir: &Path) -> Result<Store> {
+        let path = state_dir.join(FILE_NAME);
+        if !path.is_file() {
+            return Err(Error::NoState { path });
+        }
+        Self::open(state_dir)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -28,6 +28,11 @@ struct Coordinator {
 }
 
 async fn start(workers: u32, total_steps: u64) -> Coordinator {
+    start_with(workers, total_steps, None).await
+}
+
+/// [`start`], keeping the run's state in `state_dir` (and then answering RPCs after the run ended, until shutdown).
+async fn start_with(workers: u32, total_steps: u64, state_dir: Option<std::path::PathBuf>) -> Coordinator {
     let mut spec = RunSpec::default();
     spec.cluster.min_workers = workers;
     spec.cluster.max_workers = workers;
@@ -38,6 +43,8 @@ async fn start(workers: u32, total_steps: u64) -> Coordinator {
     let (shutdown, signal) = oneshot::channel::<()>();
     let opts = ServeOptions {
         session_grace: Duration::from_secs(5),
+        serve_after_finish: state_dir.is_some(),
+        state_dir,
         ..ServeOptions::new(ServerSecurity::new(token()))
     };
     let run = tokio::spawn(lockstep_coordinator::run(spec, listener, opts, async move {
@@ -173,6 +180,80 @@ async fn two_workers_train_to_the_end_and_the_server_returns() {
     // Workers exit after Stop; then the server returns.
     drop(workers);
     assert_eq!(coordinator.outcome().await, RunOutcome::Finished);
+}
+
+/// Every step point GetHistory streams after `after_step`: (step, loss, skipped), and the evaluations.
+async fn history(endpoint: &str, after_step: u64) -> (String, Vec<(u64, f64, bool)>, Vec<(u64, f64)>) {
+    let mut stream = client(endpoint)
+        .await
+        .get_history(proto::GetHistoryRequest { after_step })
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut name, mut steps, mut evals) = (String::new(), Vec::new(), Vec::new());
+    while let Some(m) = stream.message().await.unwrap() {
+        name = m.run_name;
+        steps.extend(m.steps.iter().map(|s| (s.step, s.loss, s.skipped)));
+        evals.extend(m.evals.iter().map(|e| (e.step, e.val_loss)));
+    }
+    (name, steps, evals)
+}
+
+#[tokio::test]
+async fn the_history_of_a_run_is_its_loss_curve_from_the_state_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let coordinator = start_with(1, 3, Some(dir.path().to_path_buf())).await;
+    let mut w = FakeWorker::join(&coordinator.endpoint, "0").await;
+    assert!(matches!(w.next().await, Some(Down::Welcome(_))));
+    assert!(matches!(w.next().await, Some(Down::Assignment(_))));
+    for (step, loss) in [(1, 3.0), (2, 2.0), (3, 1.0)] {
+        w.send(Up::Step(proto::StepReport {
+            rank: 0,
+            step,
+            loss,
+            tokens: 100,
+            param_checksum: format!("{step:016x}"),
+            ..Default::default()
+        }))
+        .await;
+    }
+    w.send(Up::Finished(proto::Finished {
+        generation: 0,
+        rank: 0,
+        step: 3,
+    }))
+    .await;
+    assert!(matches!(w.next().await, Some(Down::Stop(_))));
+    // Finished means every step was recorded; the coordinator still answers (serve_after_finish).
+    let mut watch = client(&coordinator.endpoint)
+        .await
+        .watch_status(WatchStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(status) = tokio::time::timeout(PATIENCE, watch.next()).await.unwrap() {
+        if status.unwrap().state == RunState::Finished as i32 {
+            break;
+        }
+    }
+    let (name, steps, evals) = history(&coordinator.endpoint, 0).await;
+    assert_eq!(name, RunSpec::default().run.name);
+    assert_eq!(steps, vec![(1, 3.0, false), (2, 2.0, false), (3, 1.0, false)]);
+    assert!(evals.is_empty());
+    let (_, newer, _) = history(&coordinator.endpoint, 2).await;
+    assert_eq!(newer, vec![(3, 1.0, false)]);
+}
+
+#[tokio::test]
+async fn a_coordinator_without_a_state_dir_says_it_has_no_history() {
+    let coordinator = start(1, 3).await;
+    let refused = client(&coordinator.endpoint)
+        .await
+        .get_history(proto::GetHistoryRequest { after_step: 0 })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(refused.message().contains("no history"), "{}", refused.message());
 }
 
 #[tokio::test]

@@ -68,6 +68,23 @@ async fn status_and_stop_need_the_run_token() {
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["state"], "waiting");
 
+    // The history: refused without the token, the CSV header alone before any step with it. The state directory
+    // itself is the running coordinator's, which says who to ask instead.
+    let none = one_error_line(&lockstep(&["history", "--coordinator", &url], None));
+    assert!(none.contains("--token-file"), "{none}");
+    let out = lockstep(&["history", "--coordinator", &url], Some(&token));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "step,loss,lr,grad_norm,tokens,skipped,val_loss\n"
+    );
+    let state = spec.cluster.state_dir.to_str().unwrap().to_string();
+    let locked = one_error_line(&lockstep(&["history", "--state-dir", &state], None));
+    assert!(
+        locked.contains("a coordinator is running") && locked.contains("--coordinator"),
+        "{locked}"
+    );
+
     // Stop: accepted, so exit 0 with the coordinator's answer; the coordinator then ends the run cleanly.
     let out = lockstep(
         &["stop", "--coordinator", &url, "--reason", "security test"],
@@ -109,6 +126,15 @@ fn lockstep_run_trains_with_a_token_of_its_own() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("finished 3 steps"), "{stdout}");
+    // Its loss curve, from the state directory the finished run left: one row per step, ending at the loss it printed.
+    let state = out_dir.join("state");
+    let history = lockstep(&["history", "--state-dir", state.to_str().unwrap()], None);
+    assert!(history.status.success(), "{}", String::from_utf8_lossy(&history.stderr));
+    let csv = String::from_utf8_lossy(&history.stdout).into_owned();
+    let rows: Vec<Vec<&str>> = csv.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.iter().map(|r| r[0]).collect::<Vec<_>>(), ["1", "2", "3"], "{csv}");
+    let last: f64 = rows[2][1].parse().unwrap();
+    assert!(stdout.contains(&format!("loss {last:.4}")), "{stdout}\n{csv}");
     for log in ["worker-0.log", "worker-1.log"] {
         let text = std::fs::read_to_string(Path::new(&out_dir).join("logs").join(log)).unwrap();
         assert!(!text.contains("failed authentication"), "{text}");
