@@ -31,8 +31,9 @@
 # GPU_CHECK_LIMIT (300: seconds any one test binary or benchmark may run before it is killed and counted as FAIL, so
 # a hung kernel costs one check, not the device time of the rest),
 # GPU_CHECK_BUDGET (unset: no limit; else seconds for the whole script: each command's limit shrinks to what is left,
-# a section that would start with under 20 s left is skipped as SKIP, and the summary still prints, so a runner with a
-# hard time limit gets every result finished before it), GPU_CHECK_LOG (also write everything to this file, e.g.
+# a section that would start with under 20 s left is skipped as SKIP, one that the budget cuts short is PARTIAL
+# (FAIL if something else in it failed), and the summary still prints, so a runner with a hard time limit gets every
+# result finished before it), GPU_CHECK_LOG (also write everything to this file, e.g.
 # "$OUT/gpu-check.log" on the device tool, whose reply keeps only the output's tail).
 # One call on a time-limited GPU machine (docs/CUDA.md), with the runner's limit ~40 s above the budget:
 #     GPU_CHECK_SECTIONS="2b 2c 6 2 3 4 1 5" GPU_CHECK_BUDGET=520 GPU_CHECK_LOG=$OUT/gpu-check.log \
@@ -40,8 +41,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 exec 2>&1
+TEE_PID=""
 if [[ -n ${GPU_CHECK_LOG:-} ]]; then
   exec > >(tee "$GPU_CHECK_LOG") 2>&1
+  TEE_PID=$!
 fi
 LIMIT=${GPU_CHECK_LIMIT:-300}
 BUDGET=${GPU_CHECK_BUDGET:-}
@@ -55,19 +58,37 @@ RESERVE=10 SECTION_MIN=20
 left() { if [[ -n $BUDGET ]]; then echo $((BUDGET - RESERVE - SECONDS)); else echo 1000000; fi; }
 # limit_now: the time limit for a command started now, GPU_CHECK_LIMIT or what is left of the budget.
 limit_now() { local l; l=$(left); ((l < LIMIT)) && echo "$l" || echo "$LIMIT"; }
-# limited CMD...: CMD under the time limit; 124 (timeout's status) says it was killed or never started.
+# CUT counts the commands the budget (not GPU_CHECK_LIMIT) cut short or never started; a section during which it
+# grows is PARTIAL, not FAIL (see verdict).
+CUT=0
+# limited CMD...: CMD under the time limit. Killed by GPU_CHECK_LIMIT: 124 (timeout's status), a failure. Killed, or
+# never started, because the budget ran out: counted in CUT, status 0 (it did not fail; it did not finish).
 limited() {
   local lim
   lim=$(limit_now)
   if ((lim < 1)); then
     echo "(not started: GPU_CHECK_BUDGET spent)"
-    return 124
+    CUT=$((CUT + 1))
+    return 0
   fi
-  timeout --kill-after=10 "$lim" "$@"
+  # In the background, waited for: bash runs a signal's trap during `wait` but not during a foreground command, and
+  # timeout puts its command in a process group of its own, out of reach of a signal to ours (see finish).
+  timeout --kill-after=10 "$lim" "$@" &
+  wait $!
   local rc=$?
-  ((rc == 124 || rc == 137)) && echo "(killed after ${lim} s: GPU_CHECK_LIMIT or GPU_CHECK_BUDGET)"
+  if ((rc == 124 || rc == 137)); then
+    if ((lim < LIMIT)); then
+      echo "(killed after ${lim} s: GPU_CHECK_BUDGET ran out)"
+      CUT=$((CUT + 1))
+      return 0
+    fi
+    echo "(killed after ${lim} s: GPU_CHECK_LIMIT)"
+  fi
   return $rc
 }
+# quick CMD...: a command that answers in seconds when all is well (nvidia-smi, a worker that opens the GPU and
+# gives up on an absent coordinator), limited to a minute so a wedged driver cannot hold the script past its budget.
+quick() { timeout --kill-after=5 60 "$@"; }
 DEVICE=${GPU_CHECK_DEVICE:-cuda:0}
 STEPS=${GPU_CHECK_STEPS:-200}
 BIN=${GPU_CHECK_BIN:-.device/cuda/bin}
@@ -80,6 +101,26 @@ for s in "${SECTIONS[@]}"; do
   fi
 done
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/lockstep-gpu-check.XXXXXX")
+# On any exit: stop what is still running in the background (every limited command runs there, each in the process
+# group timeout gives it, which a signal to the script's group does not reach), remove the scratch, and let tee write
+# the log's last lines before the caller collects it.
+finish() {
+  local pids
+  pids=$(jobs -p)
+  if [[ -n $pids ]]; then
+    kill $pids 2>/dev/null
+    # They may still be writing into $WORK.
+    wait $pids 2>/dev/null
+  fi
+  rm -rf "$WORK"
+  if [[ -n $TEE_PID ]]; then
+    exec >&- 2>&-
+    wait "$TEE_PID" 2>/dev/null
+  fi
+}
+trap finish EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 declare -a RESULTS=()
 section() { echo; echo "==================== $*"; }
 # The coordinators and workers started here share one run token (they refuse to run without one).
@@ -117,7 +158,7 @@ EOF
   # Both processes run under one limit: a worker that fails leaves a coordinator waiting for it, which the limit ends.
   local lim
   lim=$(limit_now)
-  ((lim >= 1)) || { echo "(not started: GPU_CHECK_BUDGET spent)"; return 1; }
+  ((lim >= 1)) || { echo "(not started: GPU_CHECK_BUDGET spent)"; CUT=$((CUT + 1)); return 1; }
   (cd "$dir" && exec timeout --kill-after=10 "$lim" "$BIN/lockstep-coordinator" --config run.toml \
      > coordinator.out 2> coordinator.log) &
   local coordinator=$!
@@ -131,26 +172,37 @@ EOF
     echo "the coordinator did not start:"; cat "$dir/coordinator.log"; kill "$coordinator" 2>/dev/null; return 1
   fi
   local started=$SECONDS
+  # The coordinator's start took some of the budget.
+  lim=$(limit_now)
+  ((lim >= 1)) || lim=1
   (cd "$dir" && exec timeout --kill-after=10 "$lim" "$BIN/lockstep-worker" --coordinator "http://$addr" \
-     --device "$device" --log-format json > worker.log 2>&1)
+     --device "$device" --log-format json > worker.log 2>&1) &
+  wait $!
   local worker_rc=$?
   ((worker_rc == 0)) || kill "$coordinator" 2>/dev/null
   wait "$coordinator"; local coordinator_rc=$?
   echo "$device: $STEPS steps in $((SECONDS - started)) s (worker exit $worker_rc, coordinator exit $coordinator_rc)"
-  ((worker_rc == 124 || worker_rc == 137)) \
-    && echo "(the worker was killed after ${lim} s: GPU_CHECK_LIMIT or GPU_CHECK_BUDGET)"
+  if ((worker_rc == 124 || worker_rc == 137)); then
+    if ((lim < LIMIT)); then
+      echo "(the worker was killed after ${lim} s: GPU_CHECK_BUDGET ran out)"
+      CUT=$((CUT + 1))
+      return 1
+    fi
+    echo "(the worker was killed after ${lim} s: GPU_CHECK_LIMIT)"
+  fi
   [[ $worker_rc -eq 0 && $coordinator_rc -eq 0 ]] || { tail -n 5 "$dir/worker.log" "$dir/coordinator.log"; return 1; }
 }
 
 check_1() {
   section "1. --device"
   local out rc ok
-  out=$("$BIN/lockstep-worker" --device cuda:99 2>&1); rc=$?
+  out=$(quick "$BIN/lockstep-worker" --device cuda:99 2>&1); rc=$?
   echo "\$ lockstep-worker --device cuda:99   (exit $rc)"; echo "$out"
   ok=1
   [[ $rc -ne 0 && $(grep -c '^error:' <<<"$out") -eq 1 && $out == *"--device cuda:99"* ]] || ok=0
   # The device opens, then the worker fails only on the coordinator that is not there.
-  out=$("$BIN/lockstep-worker" --device "$DEVICE" --coordinator http://127.0.0.1:1 --connect-timeout-secs 1 2>&1); rc=$?
+  out=$(quick "$BIN/lockstep-worker" --device "$DEVICE" --coordinator http://127.0.0.1:1 --connect-timeout-secs 1 2>&1)
+  rc=$?
   echo "\$ lockstep-worker --device $DEVICE --coordinator http://127.0.0.1:1   (exit $rc)"; echo "$out"
   [[ $rc -ne 0 && $out == *"127.0.0.1:1"* && $out != *"--device"* ]] || ok=0
   verdict $ok "1 --device"
@@ -179,8 +231,17 @@ test_binary() {
   LOCKSTEP_TEST_DEVICE=$DEVICE limited "$BIN/$name" "$@"
 }
 
-# verdict OK LABEL: PASS or FAIL for LABEL, as OK is 1 or 0.
-verdict() { if (($1)); then result PASS "$2"; else result FAIL "$2"; fi; }
+# verdict OK LABEL: PASS or FAIL for LABEL, as OK is 1 or 0; PARTIAL if it passed so far but the budget cut some of
+# it short (CUT grew since the section began: CUT_BEFORE).
+verdict() {
+  if ! (($1)); then
+    result FAIL "$2"
+  elif ((CUT > CUT_BEFORE)); then
+    result PARTIAL "$2 (GPU_CHECK_BUDGET ran out before all of it ran)"
+  else
+    result PASS "$2"
+  fi
+}
 
 check_2() {
   section "2. golden fixture tests on $DEVICE (f32)"
@@ -231,6 +292,7 @@ check_3() {
 
 check_4() {
   section "4. demo, $STEPS steps: $DEVICE against cpu (same seed, f32)"
+  local ok=1
   if run_demo cpu "$WORK/demo-cpu" && run_demo "$DEVICE" "$WORK/demo-gpu"; then
     if python3 - "$WORK/demo-cpu/worker.log" "$WORK/demo-gpu/worker.log" <<'EOF'
 import json, sys
@@ -264,14 +326,11 @@ for s in steps:
 print(f"max |gpu - cpu| over {len(steps)} steps: {worst:.3e}; steps outside 0.02 + 2%: {len(bad)}")
 sys.exit(1 if bad else 0)
 EOF
-    then
-      result PASS "4 demo loss curve $DEVICE vs cpu"
-    else
-      result FAIL "4 demo loss curve $DEVICE vs cpu"
-    fi
-  else
-    result FAIL "4 demo runs"
+    then :; else ok=0; fi
+  elif ((CUT == CUT_BEFORE)); then
+    ok=0
   fi
+  verdict $ok "4 demo loss curve $DEVICE vs cpu"
 }
 
 check_5() {
@@ -332,22 +391,27 @@ section "environment"
 if [[ $DEVICE == cuda* ]]; then
   # shellcheck source=scripts/cuda/cuda-libs.sh
   . scripts/cuda/cuda-libs.sh
-  nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv 2>/dev/null || echo "(no nvidia-smi)"
+  quick nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv 2>/dev/null \
+    || echo "(no nvidia-smi, or it did not answer)"
 fi
 echo "device $DEVICE, binaries $BIN, scratch $WORK"
-"$BIN/lockstep-worker" --version
+quick "$BIN/lockstep-worker" --version
 if [[ $DEVICE == cuda* ]]; then
   # Preflight: if the GPU does not open, every section would fail for that one reason; say it once and stop.
-  said=$("$BIN/lockstep-worker" --device "$DEVICE" --coordinator http://127.0.0.1:1 --connect-timeout-secs 1 2>&1)
-  if [[ $said == *"--device $DEVICE"* || $said == *"error while loading shared libraries"* ]]; then
+  said=$(quick "$BIN/lockstep-worker" --device "$DEVICE" --coordinator http://127.0.0.1:1 --connect-timeout-secs 1 2>&1)
+  rc=$?
+  ((rc == 124 || rc == 137)) && said="$said
+(the worker did not answer within 60 s of opening $DEVICE: is the driver hung? see nvidia-smi)"
+  if [[ $rc -eq 124 || $rc -eq 137 || $said == *"--device $DEVICE"* || $said == *"error while loading shared libraries"* ]]
+  then
     echo "$said"
     echo "$DEVICE does not open here, so no check can run: fix the above (docs/CUDA.md, 'When it does not work')"
-    rm -rf "$WORK"
     exit 2
   fi
 fi
 
 for s in "${SECTIONS[@]}"; do
+  CUT_BEFORE=$CUT
   if (($(left) < SECTION_MIN)); then
     section "$s: not started"
     result SKIP "$s (GPU_CHECK_BUDGET spent)"
@@ -365,5 +429,4 @@ for r in "${RESULTS[@]}"; do
   echo "$r"
   [[ $r == FAIL* ]] && failed=1
 done
-rm -rf "$WORK"
 exit $failed

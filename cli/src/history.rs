@@ -14,20 +14,17 @@ use crate::error::{Error, Result};
 /// The history kept in `state_dir` after `after_step`, as the coordinator would send it. A coordinator running on
 /// that directory holds its lock: then it is the one to ask.
 pub fn read_state_dir(state_dir: &Path, after_step: u64) -> Result<Vec<RunHistory>> {
-    let store = Store::open_existing(state_dir).map_err(|e| match e {
+    let saved = Store::read(state_dir).map_err(|e| match e {
         lockstep_coordinator::Error::StateLocked { path } => Error::Usage(format!(
             "{}: a coordinator is running on this state directory; ask it instead: lockstep history --coordinator URL",
             path.display()
         )),
         e => Error::Usage(format!("--state-dir {}: {e}", state_dir.display())),
     })?;
-    let saved = store
-        .load()
-        .map_err(|e| Error::Usage(format!("--state-dir {}: {e}", state_dir.display())))?;
     Ok(lockstep_coordinator::history::messages(
         &saved,
         after_step,
-        lockstep_coordinator::history::STEPS_PER_MESSAGE,
+        lockstep_coordinator::history::MESSAGE_BYTES,
     ))
 }
 
@@ -55,7 +52,7 @@ fn rows(messages: &[RunHistory]) -> BTreeMap<u64, Row> {
 pub const CSV_HEADER: &str = "step,loss,lr,grad_norm,tokens,skipped,val_loss";
 
 /// CSV with [`CSV_HEADER`]: a field a row does not have is empty; a non-finite loss is written as Rust prints it
-/// (`NaN`, `inf`), which pandas and spreadsheets read as such.
+/// (`NaN`, `inf`), which pandas reads as numbers (spreadsheets keep them as text, which a chart skips).
 pub fn write_csv(out: &mut impl Write, messages: &[RunHistory]) -> std::io::Result<()> {
     writeln!(out, "{CSV_HEADER}")?;
     for (step, row) in rows(messages) {
@@ -126,11 +123,12 @@ mod tests {
                         val_loss: 2.75,
                     },
                 ],
+                ..RunHistory::default()
             },
             RunHistory {
                 run_name: "r".into(),
                 steps: vec![point(3, 2.5)],
-                evals: Vec::new(),
+                ..RunHistory::default()
             },
         ]
     }

@@ -122,7 +122,9 @@ struct HistoryArgs {
     /// e.g. runs/<name>/state after `lockstep run`). Wins over --coordinator.
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
-    /// Only the steps after this one (e.g. the last step already fetched).
+    /// Only the steps after this one (e.g. the last step already fetched), and the evaluations from it on (one is
+    /// recorded a moment after its step). A restart runs the steps after its checkpoint again: after one, fetch
+    /// again from the checkpoint's step.
     #[arg(long, default_value_t = 0)]
     after: u64,
     /// JSON lines instead of CSV.

@@ -105,6 +105,10 @@ pub enum Error {
     #[error("{path} does not exist: no run has kept its state there; give the cluster.state_dir of a run")]
     NoState { path: PathBuf },
 
+    /// Reading a run state without a coordinator (`lockstep history --state-dir`) failed.
+    #[error("cannot read the run state {path}: {reason}")]
+    StateRead { path: PathBuf, reason: String },
+
     #[error("this coordinator keeps no run state (it was started without cluster.state_dir), so it has no history")]
     NoHistory,
 
@@ -133,6 +137,7 @@ impl From<Error> for tonic::Status {
             | Error::ServerStopped { .. }
             | Error::StateDir { .. }
             | Error::NoState { .. }
+            | Error::StateRead { .. }
             | Error::StateLocked { .. }
             | Error::StateOpen { .. }
             | Error::StateVersion { .. }

@@ -163,6 +163,9 @@ impl Saved {
                 resume_from,
                 members,
             } => {
+                // A generation trains on from its resume point: whatever was recorded past it belonged to a timeline
+                // that ended before its next checkpoint.
+                self.keep_before(start_step.saturating_add(1));
                 self.generations.push((generation, start_step, resume_from, members));
             }
             Record::Checkpoint { step, path } => {
@@ -176,15 +179,12 @@ impl Saved {
                 self.damaged.push((step, path, reason));
             }
             Record::Step(step) => {
-                // Cheap in the common case: steps arrive in order, and only a restart makes one go back.
+                // Steps arrive in order; only a restart makes one go back (its Generation record has cut the
+                // timeline already; this covers files without one). An evaluation AT a step that goes forward is
+                // not stale: rank 0 reports it while the slowest rank's report of that step may still be on its way,
+                // so the Eval record can come first.
                 if self.steps.last().is_some_and(|last| last.step >= step.step) {
-                    self.steps.retain(|s| s.step < step.step);
-                }
-                if self.evals.last().is_some_and(|(s, _)| *s >= step.step) {
-                    self.evals.retain(|(s, _)| *s < step.step);
-                }
-                if self.eval_metrics.as_ref().is_some_and(|(s, _)| *s >= step.step) {
-                    self.eval_metrics = None;
+                    self.keep_before(step.step);
                 }
                 self.steps.push(step);
             }
@@ -214,6 +214,19 @@ impl Saved {
                     self.ended = None;
                 }
             }
+        }
+    }
+
+    /// Keeps only the steps and evaluations before `limit`: the timeline the others belonged to was abandoned.
+    fn keep_before(&mut self, limit: u64) {
+        if self.steps.last().is_some_and(|last| last.step >= limit) {
+            self.steps.retain(|s| s.step < limit);
+        }
+        if self.evals.last().is_some_and(|(s, _)| *s >= limit) {
+            self.evals.retain(|(s, _)| *s < limit);
+        }
+        if self.eval_metrics.as_ref().is_some_and(|(s, _)| *s >= limit) {
+            self.eval_metrics = None;
         }
     }
 
@@ -386,6 +399,59 @@ mod tests {
             vec![(4, 4.5)],
             "the eval at step 8 belonged to the abandoned timeline"
         );
+    }
+
+    /// Rank 0's evaluation report can overtake the slowest rank's report of the same step; the step record that
+    /// completes it afterwards must not take the evaluation for a stale one.
+    #[test]
+    fn an_evaluation_recorded_before_its_step_is_kept() {
+        let eval = |step, val_loss| Record::Eval {
+            step,
+            val_loss,
+            metrics: [("bleu".to_string(), 7.0)].into(),
+        };
+        let saved = fold([step(1, 5.0), eval(2, 4.5), step(2, 4.0), step(3, 3.5)]);
+        assert_eq!(step_numbers(&saved), vec![1, 2, 3]);
+        assert_eq!(saved.evals, vec![(2, 4.5)]);
+        assert_eq!(saved.eval_metrics, Some((2, [("bleu".to_string(), 7.0)].into())));
+    }
+
+    /// A new generation resumes from its checkpoint: what was recorded after it goes, even before any step is re-run
+    /// (a history read between the restart and the next step report shows the surviving timeline only).
+    #[test]
+    fn a_generation_cuts_the_timeline_back_to_its_resume_point() {
+        let generation = |generation, start_step| Record::Generation {
+            generation,
+            start_step,
+            resume_from: format!("ck/step-{start_step}"),
+            members: vec![],
+        };
+        let eval = |step, val_loss| Record::Eval {
+            step,
+            val_loss,
+            metrics: [("bleu".to_string(), val_loss)].into(),
+        };
+        let saved = fold([
+            generation(0, 0),
+            step(1, 5.0),
+            step(2, 4.0),
+            eval(2, 4.2),
+            step(3, 3.0),
+            step(4, 2.0),
+            eval(4, 2.2),
+            generation(1, 2),
+        ]);
+        assert_eq!(step_numbers(&saved), vec![1, 2]);
+        assert_eq!(
+            saved.evals,
+            vec![(2, 4.2)],
+            "the evaluation at the checkpoint's own step stays"
+        );
+        // Only the newest metrics are kept, and they were step 4's: none remain until the next evaluation.
+        assert_eq!(saved.eval_metrics, None);
+        let from_scratch = fold([generation(0, 0), step(1, 5.0), eval(1, 5.1), generation(1, 0)]);
+        assert!(from_scratch.steps.is_empty() && from_scratch.evals.is_empty());
+        assert_eq!(from_scratch.eval_metrics, None);
     }
 
     #[test]

@@ -115,7 +115,7 @@ pub async fn run_with_signals(
         })?;
     }
     let limit = opts.security.max_message_bytes;
-    let coordinator = CoordinatorServer::new(CoordinatorService::new(shared.clone()))
+    let coordinator = CoordinatorServer::new(CoordinatorService::new(shared.clone(), limit))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
 

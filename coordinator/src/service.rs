@@ -247,11 +247,17 @@ impl Shared {
 #[derive(Clone)]
 pub struct CoordinatorService {
     shared: Arc<Shared>,
+    /// The encoded size a `GetHistory` message may reach (see [`crate::history::message_budget`]).
+    history_message_bytes: usize,
 }
 
 impl CoordinatorService {
-    pub fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
+    /// A service whose messages stay under `max_message_bytes` (the server's `security.max_message_bytes`).
+    pub fn new(shared: Arc<Shared>, max_message_bytes: usize) -> Self {
+        Self {
+            shared,
+            history_message_bytes: crate::history::message_budget(max_message_bytes),
+        }
     }
 }
 
@@ -407,11 +413,12 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<Self::GetHistoryStream>, Status> {
         let after_step = request.into_inner().after_step;
         let store = self.shared.lock().store.clone().ok_or(Error::NoHistory)?;
+        let max_bytes = self.history_message_bytes;
         // Folding every record takes a while on a long run: off the async threads, and outside the machine's lock.
         let read = tokio::task::spawn_blocking(move || {
             store
                 .load()
-                .map(|saved| crate::history::messages(&saved, after_step, crate::history::STEPS_PER_MESSAGE))
+                .map(|saved| crate::history::messages(&saved, after_step, max_bytes))
         });
         let messages = read
             .instrument(info_span!("get_history", after_step))

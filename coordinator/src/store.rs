@@ -18,6 +18,7 @@
 //!
 //! redb takes an exclusive lock on the file (Linux: an open-file-description lock, so a second open conflicts even
 //! within one process); a second coordinator on the same `state_dir` is refused with [`Error::StateLocked`].
+//! [`Store::read`] (`lockstep history --state-dir`) opens it read-only instead, beside other readers.
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -86,14 +87,79 @@ impl Store {
         Ok(store)
     }
 
-    /// Opens the run state that `state_dir` already holds, to read it (`lockstep history --state-dir`); unlike
-    /// [`Store::open`] it never creates one. A coordinator running on it holds the lock: [`Error::StateLocked`].
-    pub fn open_existing(state_dir: &Path) -> Result<Store> {
+    /// Reads the run state that `state_dir` already holds, without a coordinator (`lockstep history --state-dir`).
+    /// It opens the file read-only: it writes nothing and needs no write permission, and readers do not exclude
+    /// each other. A coordinator running on it holds the lock: [`Error::StateLocked`]. A file its coordinator did
+    /// not close (killed, or its host went down) needs the repair any coordinator start does, which only a writer
+    /// may run: then it is opened as [`Store::open`] does, which checks and repairs it.
+    pub fn read(state_dir: &Path) -> Result<Saved> {
         let path = state_dir.join(FILE_NAME);
-        if !path.is_file() {
-            return Err(Error::NoState { path });
+        let failed = |reason: String| Error::StateRead {
+            path: path.clone(),
+            reason,
+        };
+        match std::fs::metadata(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::NoState { path }),
+            Err(e) => return Err(failed(e.to_string())),
+            Ok(_) => {}
         }
-        Self::open(state_dir)
+        let db = match Database::builder().set_cache_size(CACHE_BYTES).open_read_only(&path) {
+            Ok(db) => db,
+            Err(DatabaseError::RepairAborted) => {
+                return Self::open(state_dir)
+                    .and_then(|store| store.load())
+                    .map_err(|e| match e {
+                        Error::StateOpen { source, .. } => failed(format!(
+                            "{source}; it was not closed cleanly, and repairing it needs write permission \
+                             (or resume the run: its coordinator repairs it)"
+                        )),
+                        e => e,
+                    });
+            }
+            Err(DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch) => {
+                return Err(Error::StateLocked { path });
+            }
+            Err(e) => {
+                return Err(failed(format!(
+                    "{e}; is it a lockstep run state (cluster.state_dir/{FILE_NAME})?"
+                )));
+            }
+        };
+        let redb = |e: redb::Error| Error::State {
+            path: path.clone(),
+            source: e,
+        };
+        // Without a writer there is no integrity check on open; redb panics on a damaged page where a checked
+        // open would have refused the file, so such a panic becomes the same refusal here.
+        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let txn = db.begin_read().map_err(|e| redb(e.into()))?;
+            let meta = txn.open_table(META).map_err(|e| redb(e.into()))?;
+            match meta
+                .get(FORMAT_VERSION_KEY)
+                .map_err(|e| redb(e.into()))?
+                .map(|v| v.value())
+            {
+                Some(found) if found <= FORMAT_VERSION => {}
+                Some(found) => {
+                    return Err(Error::StateVersion {
+                        path: path.clone(),
+                        found,
+                        supported: FORMAT_VERSION,
+                    });
+                }
+                None => {
+                    return Err(failed(format!(
+                        "it has no {FORMAT_VERSION_KEY}: not a lockstep run state"
+                    )));
+                }
+            }
+            fold(&txn, &path)
+        }));
+        read.unwrap_or_else(|_| {
+            Err(failed(
+                "it is damaged (see the panic above); resume the run to have its coordinator check it".into(),
+            ))
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -103,19 +169,7 @@ impl Store {
     /// Everything recorded so far, folded.
     pub fn load(&self) -> Result<Saved> {
         let txn = self.db.begin_read().map_err(self.redb())?;
-        let table = txn.open_table(RECORDS).map_err(self.redb())?;
-        let mut saved = Saved::default();
-        for entry in table.iter().map_err(self.redb())? {
-            let (seq, bytes) = entry.map_err(self.redb())?;
-            let seq = seq.value();
-            let record = serde_json::from_slice(bytes.value()).map_err(|source| Error::StateRecord {
-                path: self.path.clone(),
-                seq,
-                source,
-            })?;
-            saved.apply(record);
-        }
-        Ok(saved)
+        fold(&txn, &self.path)
     }
 
     /// Appends `records` in one write transaction. When it returns, they are durable (fsynced) — except that a
@@ -193,6 +247,27 @@ impl Store {
             source: e.into(),
         }
     }
+}
+
+/// Every record of `txn`'s file (`path`), folded in order.
+fn fold(txn: &redb::ReadTransaction, path: &Path) -> Result<Saved> {
+    let redb = |e: redb::Error| Error::State {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let table = txn.open_table(RECORDS).map_err(|e| redb(e.into()))?;
+    let mut saved = Saved::default();
+    for entry in table.iter().map_err(|e| redb(e.into()))? {
+        let (seq, bytes) = entry.map_err(|e| redb(e.into()))?;
+        let seq = seq.value();
+        let record = serde_json::from_slice(bytes.value()).map_err(|source| Error::StateRecord {
+            path: path.to_path_buf(),
+            seq,
+            source,
+        })?;
+        saved.apply(record);
+    }
+    Ok(saved)
 }
 
 #[cfg(test)]
@@ -482,6 +557,105 @@ mod tests {
         let err = store.load().expect_err("record 1 is not a Record");
         assert!(matches!(err, Error::StateRecord { seq: 1, .. }), "{err:?}");
         assert!(err.to_string().contains(&store.path().display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn read_sees_the_fold_writes_nothing_and_is_refused_while_a_coordinator_holds_the_file() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let err = Store::read(&tmp.path().join("absent")).expect_err("no state there");
+        assert!(matches!(err, Error::NoState { .. }), "{err:?}");
+        let all: Vec<Record> = a_run().concat();
+        let path = {
+            let store = Store::open(tmp.path()).expect("open");
+            for batch in a_run() {
+                store.append(&batch).expect("append");
+            }
+            let err = Store::read(tmp.path()).expect_err("the coordinator holds it");
+            assert!(matches!(err, Error::StateLocked { .. }), "{err:?}");
+            store.path().to_path_buf()
+        };
+        let before = std::fs::read(&path).expect("read the file");
+        assert_same(&Store::read(tmp.path()).expect("read"), &fold(&all));
+        assert_same(&Store::read(tmp.path()).expect("read again"), &fold(&all));
+        assert!(
+            std::fs::read(&path).expect("read the file") == before,
+            "reading changed the file"
+        );
+        Store::open(tmp.path()).expect("a coordinator opens it afterwards");
+    }
+
+    #[test]
+    fn read_refuses_garbage_and_newer_formats_naming_the_file() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join(FILE_NAME);
+        std::fs::write(&path, b"not a database\n".repeat(1000)).expect("write");
+        let err = Store::read(tmp.path()).expect_err("garbage is not a run state");
+        assert!(matches!(err, Error::StateRead { .. }), "{err:?}");
+        assert!(err.to_string().contains(&path.display().to_string()), "{err}");
+        std::fs::remove_file(&path).expect("remove");
+        drop(Store::open(tmp.path()).expect("open"));
+        {
+            let db = Database::create(&path).expect("raw open");
+            let txn = db.begin_write().expect("write");
+            txn.open_table(META)
+                .expect("meta")
+                .insert(FORMAT_VERSION_KEY, FORMAT_VERSION + 1)
+                .expect("insert");
+            txn.commit().expect("commit");
+        }
+        let err = Store::read(tmp.path()).expect_err("newer format");
+        assert!(matches!(err, Error::StateVersion { found: 2, .. }), "{err:?}");
+    }
+
+    /// A file whose coordinator was killed needs a repair that only a writer may do: read does it, and then reads.
+    #[test]
+    fn read_repairs_a_file_its_coordinator_did_not_close() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        run_child_and_kill(tmp.path(), 0);
+        let saved = Store::read(tmp.path()).expect("read after SIGKILL");
+        let durable = fold(&a_run().into_iter().take(6).flatten().collect::<Vec<_>>());
+        assert_eq!(saved.checkpoints, durable.checkpoints);
+        assert_eq!(saved.lost, durable.lost);
+        assert!(saved.steps.len() >= durable.steps.len());
+        // Repaired: a second read needs no writer.
+        assert_eq!(Store::read(tmp.path()).expect("read again"), saved);
+    }
+
+    /// The read-only open has no integrity check: a damaged page may panic inside redb, which read turns into an
+    /// error naming the file.
+    #[test]
+    fn read_of_a_damaged_file_is_an_error_naming_it_never_a_panic() {
+        let mut refused = 0;
+        for offset_percent in [10, 30, 50, 70, 90, 99] {
+            let tmp = tempfile::tempdir().expect("tempdir");
+            let path = {
+                let store = Store::open(tmp.path()).expect("open");
+                for batch in 0..50u64 {
+                    let records: Vec<Record> = (0..40)
+                        .map(|i| Record::Checkpoint {
+                            step: batch * 40 + i,
+                            path: format!("ck/{batch}/{i}"),
+                        })
+                        .collect();
+                    store.append(&records).expect("append");
+                }
+                store.path().to_path_buf()
+            };
+            let mut bytes = std::fs::read(&path).expect("read");
+            let at = bytes.len() * offset_percent / 100;
+            let end = (at + 512).min(bytes.len());
+            bytes[at..end].iter_mut().for_each(|b| *b ^= 0x5a);
+            std::fs::write(&path, &bytes).expect("write");
+            match Store::read(tmp.path()) {
+                // The flip hit a page no committed tree uses, or one the fold does not read.
+                Ok(saved) => assert!(saved.checkpoints.len() <= 2000),
+                Err(err) => {
+                    refused += 1;
+                    assert!(err.to_string().contains(&path.display().to_string()), "{err}");
+                }
+            }
+        }
+        assert!(refused > 0, "no flip hit live data: the test no longer tests anything");
     }
 
     /// The child half of `append_survives_sigkill`; a no-op unless started by it.

@@ -9,12 +9,16 @@ use rand_chacha::ChaCha8Rng;
 /// kernels turned off, tests of the fused ops against the composed ones would compare the composed ones with
 /// themselves and pass for nothing.
 pub fn gpu() -> Device {
-    if let Some(v) = std::env::var_os(lockstep_worker::ops::gpu_kernels::VAR) {
-        panic!(
-            "{}={}: the GPU kernel tests need every fused kernel on; unset it",
-            lockstep_worker::ops::gpu_kernels::VAR,
-            v.to_string_lossy()
-        );
+    use lockstep_worker::ops::gpu_kernels;
+    // An empty value turns nothing off, as in the worker; a misspelt one is refused here as there.
+    match gpu_kernels::turned_off() {
+        Ok([]) => {}
+        Ok(off) => panic!(
+            "{}: the GPU kernel tests need every fused kernel on, but {} turned off; unset it",
+            gpu_kernels::VAR,
+            off.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ")
+        ),
+        Err(e) => panic!("{e}"),
     }
     let flag = std::env::var("LOCKSTEP_TEST_DEVICE").unwrap_or_else(|_| "cuda:0".into());
     match lockstep_worker::device::parse(&flag) {
