@@ -76,15 +76,21 @@ limited() {
   timeout --kill-after=10 "$lim" "$@" &
   wait $!
   local rc=$?
-  if ((rc == 124 || rc == 137)); then
-    if ((lim < LIMIT)); then
-      echo "(killed after ${lim} s: GPU_CHECK_BUDGET ran out)"
-      CUT=$((CUT + 1))
-      return 0
-    fi
-    echo "(killed after ${lim} s: GPU_CHECK_LIMIT)"
+  if ((rc == 124 || rc == 137)) && cut_short "$lim" "it was"; then
+    return 0
   fi
   return $rc
+}
+# cut_short LIM WHO: after a command run under timeout LIM was killed, says which limit did it; true, and counted in
+# CUT, if it was the budget (LIM below GPU_CHECK_LIMIT).
+cut_short() {
+  if (($1 < LIMIT)); then
+    echo "($2 killed after $1 s: GPU_CHECK_BUDGET ran out)"
+    CUT=$((CUT + 1))
+    return 0
+  fi
+  echo "($2 killed after $1 s: GPU_CHECK_LIMIT)"
+  return 1
 }
 # quick CMD...: a command that answers in seconds when all is well (nvidia-smi, a worker that opens the GPU and
 # gives up on an absent coordinator), limited to a minute so a wedged driver cannot hold the script past its budget.
@@ -156,10 +162,10 @@ $( ((STEPS < 50)) && echo "warmup_steps = $((STEPS / 2))  # the default 50 may n
 dir = "$dir/checkpoints"
 EOF
   # Both processes run under one limit: a worker that fails leaves a coordinator waiting for it, which the limit ends.
-  local lim
-  lim=$(limit_now)
-  ((lim >= 1)) || { echo "(not started: GPU_CHECK_BUDGET spent)"; CUT=$((CUT + 1)); return 1; }
-  (cd "$dir" && exec timeout --kill-after=10 "$lim" "$BIN/lockstep-coordinator" --config run.toml \
+  local lim clim
+  clim=$(limit_now)
+  ((clim >= 1)) || { echo "(not started: GPU_CHECK_BUDGET spent)"; CUT=$((CUT + 1)); return 1; }
+  (cd "$dir" && exec timeout --kill-after=10 "$clim" "$BIN/lockstep-coordinator" --config run.toml \
      > coordinator.out 2> coordinator.log) &
   local coordinator=$!
   for _ in $(seq 300); do
@@ -181,14 +187,14 @@ EOF
   local worker_rc=$?
   ((worker_rc == 0)) || kill "$coordinator" 2>/dev/null
   wait "$coordinator"; local coordinator_rc=$?
-  echo "$device: $STEPS steps in $((SECONDS - started)) s (worker exit $worker_rc, coordinator exit $coordinator_rc)"
-  if ((worker_rc == 124 || worker_rc == 137)); then
-    if ((lim < LIMIT)); then
-      echo "(the worker was killed after ${lim} s: GPU_CHECK_BUDGET ran out)"
-      CUT=$((CUT + 1))
-      return 1
-    fi
-    echo "(the worker was killed after ${lim} s: GPU_CHECK_LIMIT)"
+  echo "$device: the $STEPS-step run ended after $((SECONDS - started)) s (worker exit $worker_rc, coordinator exit $coordinator_rc)"
+  # Both end at about the same moment when the budget runs out; whichever limit fired first, it was the budget's.
+  if ((worker_rc == 124 || worker_rc == 137)) && cut_short "$lim" "the worker was"; then
+    return 1
+  fi
+  if ((worker_rc == 0 && (coordinator_rc == 124 || coordinator_rc == 137))) \
+    && cut_short "$clim" "the coordinator was"; then
+    return 1
   fi
   [[ $worker_rc -eq 0 && $coordinator_rc -eq 0 ]] || { tail -n 5 "$dir/worker.log" "$dir/coordinator.log"; return 1; }
 }
