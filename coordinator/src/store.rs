@@ -527,19 +527,22 @@ mod tests {
         assert!(refused > 0, "no flip hit live data: the test no longer tests anything");
     }
 
+    /// A run state in `dir` that says it has the format after this code's.
+    fn write_a_newer_format(dir: &Path) {
+        let path = Store::open(dir).expect("open").path().to_path_buf();
+        let db = Database::create(&path).expect("raw open");
+        let txn = db.begin_write().expect("write");
+        txn.open_table(META)
+            .expect("meta")
+            .insert(FORMAT_VERSION_KEY, FORMAT_VERSION + 1)
+            .expect("insert");
+        txn.commit().expect("commit");
+    }
+
     #[test]
     fn a_newer_format_is_refused() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let path = Store::open(tmp.path()).expect("open").path().to_path_buf();
-        {
-            let db = Database::create(&path).expect("raw open");
-            let txn = db.begin_write().expect("write");
-            txn.open_table(META)
-                .expect("meta")
-                .insert(FORMAT_VERSION_KEY, FORMAT_VERSION + 1)
-                .expect("insert");
-            txn.commit().expect("commit");
-        }
+        write_a_newer_format(tmp.path());
         let err = Store::open(tmp.path()).expect_err("newer format");
         assert!(
             matches!(
@@ -600,16 +603,7 @@ mod tests {
         assert!(matches!(err, Error::StateRead { .. }), "{err:?}");
         assert!(err.to_string().contains(&path.display().to_string()), "{err}");
         std::fs::remove_file(&path).expect("remove");
-        drop(Store::open(tmp.path()).expect("open"));
-        {
-            let db = Database::create(&path).expect("raw open");
-            let txn = db.begin_write().expect("write");
-            txn.open_table(META)
-                .expect("meta")
-                .insert(FORMAT_VERSION_KEY, FORMAT_VERSION + 1)
-                .expect("insert");
-            txn.commit().expect("commit");
-        }
+        write_a_newer_format(tmp.path());
         let err = Store::read(tmp.path()).expect_err("newer format");
         assert!(matches!(err, Error::StateVersion { found: 2, .. }), "{err:?}");
     }
