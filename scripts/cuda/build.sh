@@ -13,7 +13,7 @@
 #          CPU paths as built with the feature, and the host-side logic of the kernel launches), its CPU integration
 #          tests and the lockstep CLI's tests, with the toolchain's driver stub standing in for libcuda.so.1 (every
 #          driver call fails, so nothing touches a GPU); and that --device cuda:0 then ends with the one-line error
-#          naming the stub. ~3 min warm.
+#          naming the stub. About a minute warm; 4 min after a change to the workspace's code.
 # Environment: LOCKSTEP_CUDA_PREFIX (toolchain, default ~/.cache/lockstep-cuda), CUDA_COMPUTE_CAP (default 90 =
 # H100/H200), CARGO_TARGET_DIR (default target-cuda).
 set -euo pipefail
