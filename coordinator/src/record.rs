@@ -15,6 +15,9 @@ pub const OUTCOME_FINISHED: &str = "finished";
 pub const OUTCOME_FAILED: &str = "failed";
 /// `Ended::outcome` of a run the coordinator stopped on purpose; a later coordinator may resume it.
 pub const OUTCOME_STOPPED: &str = "stopped";
+/// `Ended::outcome` of a run that failed for want of workers (`cluster.reform_timeout_secs`): it failed, but nothing
+/// is wrong with its state, so a later coordinator may resume it once workers are back.
+pub const OUTCOME_STALLED: &str = "stalled";
 
 /// One fact the coordinator must remember across its own restart. The machine emits them (`Action::Persist`), the
 /// store appends them in order; `Store::load` folds them back into a `Saved`.
@@ -60,7 +63,7 @@ pub enum Record {
         generation: u64,
         reason: String,
     },
-    /// The run ended. `outcome` is "finished", "failed" or "stopped" (stopped = resumable).
+    /// The run ended. `outcome` is "finished", "failed", "stopped" or "stalled" (the last two are resumable).
     Ended {
         outcome: String,
         message: String,
@@ -205,11 +208,12 @@ impl Saved {
             Record::Restart { .. } => self.restarts = self.restarts.saturating_add(1),
             Record::Ended { outcome, message } => self.ended = Some((outcome, message)),
             Record::Resumed => {
-                // Only a stopped run is resumable; a finished or failed one stays ended whatever a caller appends.
+                // Only a stopped or stalled run is resumable; a finished or failed one stays ended whatever a caller
+                // appends.
                 if self
                     .ended
                     .as_ref()
-                    .is_some_and(|(outcome, _)| outcome == OUTCOME_STOPPED)
+                    .is_some_and(|(outcome, _)| outcome == OUTCOME_STOPPED || outcome == OUTCOME_STALLED)
                 {
                     self.ended = None;
                 }

@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use lockstep_common::RunSpec;
-use lockstep_common::proto::{self, FailureKind, coordinator_message::Msg as Down};
+use lockstep_common::proto::{self, FailureKind, coordinator_message::Msg as Down, worker_message::Msg as Up};
 use lockstep_coordinator::record::{LostRecord, Member, Record, StepRecord};
 use lockstep_coordinator::{Action, ConnId, Phase, RunMachine, RunOutcome};
 
@@ -805,17 +805,128 @@ fn a_committed_final_checkpoint_finishes_the_run_when_it_forms() {
         },
     ];
     let (mut h, _) = Harness::restored(spec, fold(records));
-    h.join(1, join("w0"));
-    let actions = h.join(2, join("w1"));
+    // Nothing is left to train, so the first worker to come ends the run: no need to wait for min_workers.
+    let actions = h.join(1, join("w0"));
     assert!(all_assignments(&actions).is_empty(), "{actions:?}");
     assert_eq!(outcome(&actions), Some(RunOutcome::Finished));
-    assert_eq!(the_stop(&actions, 1).0, "run finished");
     assert!(
-        matches!(sent_to(&actions, 2).as_slice(), [Down::Welcome(_), Down::Stop(s)] if s.reason == "run finished"),
+        matches!(sent_to(&actions, 1).as_slice(), [Down::Welcome(_), Down::Stop(s)] if s.reason == "run finished"),
         "{actions:?}"
     );
+    assert!(rejection(&h.join(2, join("w1")), 2).contains("already finished"));
     assert_eq!(
         (h.status().state, h.status().step),
         (proto::RunState::Finished as i32, 10)
     );
+}
+
+/// A re-form that times out fails the run (exit status 1, status FAILED), but for want of workers only: it is
+/// recorded as stalled, and a coordinator started again on the state resumes it, as the message says.
+#[test]
+fn a_run_that_timed_out_short_of_workers_can_be_resumed() {
+    let mut h = short_of_one(30);
+    h.advance(31.0);
+    h.msg(1, heartbeat());
+    let actions = h.tick();
+    let Some(RunOutcome::Failed(message)) = outcome(&actions) else {
+        panic!("{actions:?}")
+    };
+    assert!(
+        message.contains("resume by starting the coordinator again"),
+        "{message}"
+    );
+    let ended = persisted(&actions);
+    assert!(
+        ended.contains(&Record::Ended {
+            outcome: "stalled".into(),
+            message: message.clone()
+        }),
+        "{ended:?}"
+    );
+    let spec = spec(2, 100);
+    let mut records = interrupted(&spec);
+    records.extend(ended);
+    let (mut h, appended) = Harness::restored(spec, fold(records));
+    assert_eq!(appended, vec![Record::Resumed]);
+    assert_eq!(h.machine.phase(), Phase::Waiting);
+    h.join(1, join("w0"));
+    let actions = h.join(2, join("w1"));
+    assert!(
+        assignments(&actions, &[1, 2]).iter().all(|a| a.start_step == 8),
+        "{actions:?}"
+    );
+}
+
+/// A stop was requested and the members were pausing when one of them reported a collective failure (no member
+/// lost): the run stops on the newest committed checkpoint at once, rather than re-form only to wait out
+/// cluster.reform_timeout_secs and fail.
+#[test]
+fn a_failure_during_a_stop_ends_the_run_stopped() {
+    let mut h = Harness::formed(100);
+    h.steps(0, &[(1, 0), (2, 1)], 1..=3);
+    h.msg(1, checkpoint(0, 0, 2));
+    h.stop("lockstep stop");
+    let actions = h.msg(2, worker_error(FailureKind::Peer, 0, "ring timed out", ""));
+    let Some(RunOutcome::Stopped(reason)) = outcome(&actions) else {
+        panic!("{actions:?}")
+    };
+    assert!(
+        reason.starts_with("lockstep stop (during the stop,") && reason.contains("ring timed out"),
+        "{reason}"
+    );
+    assert!(!the_stop(&actions, 1).1 && !the_stop(&actions, 2).1);
+    assert_eq!(h.status().last_checkpoint, ck_path(2));
+    assert!(
+        !persisted(&actions).iter().any(|r| matches!(r, Record::Restart { .. })),
+        "a stop is not a restart: {actions:?}"
+    );
+}
+
+/// Rank 0 committed the final checkpoint; rank 1 fails before it says it finished. The training is complete: the
+/// run finishes instead of re-forming to train nothing (and failing when no spare worker comes).
+#[test]
+fn a_member_failing_after_the_final_checkpoint_finishes_the_run() {
+    let mut h = Harness::formed(5);
+    h.steps(0, &[(1, 0), (2, 1)], 1..=5);
+    h.msg(1, checkpoint(0, 0, 5));
+    h.msg(1, finished(0, 5));
+    let actions = h.disconnect(2, "stream closed");
+    assert_eq!(outcome(&actions), Some(RunOutcome::Finished), "{actions:?}");
+    assert_eq!(the_stop(&actions, 1), ("run finished".to_string(), false));
+    assert_eq!(h.status().state, proto::RunState::Finished as i32);
+}
+
+/// The status's validation loss goes back with the timeline: an evaluation of a step the new generation will run
+/// again is not shown as the run's current one.
+#[test]
+fn a_re_form_forgets_evaluations_after_its_resume_point() {
+    let eval = |step: u64, val_loss: f64| {
+        Up::Eval(proto::EvalReport {
+            generation: 0,
+            rank: 0,
+            step,
+            val_loss,
+            metrics: [("bleu".to_string(), 12.5)].into(),
+        })
+    };
+    let mut h = Harness::formed(100);
+    h.steps(0, &[(1, 0), (2, 1)], 1..=2);
+    h.msg(1, eval(2, 3.5));
+    h.msg(1, checkpoint(0, 0, 2));
+    h.steps(0, &[(1, 0), (2, 1)], 3..=4);
+    h.msg(1, eval(4, 2.0));
+    assert_eq!(h.status().val_loss, Some(2.0));
+    h.disconnect(2, "stream closed");
+    h.msg(1, idle(0));
+    let formed = h.join(3, join("w2"));
+    assert!(
+        assignments(&formed, &[1, 3]).iter().all(|a| a.start_step == 2),
+        "{formed:?}"
+    );
+    let status = h.status();
+    assert_eq!(
+        status.val_loss, None,
+        "step 4's evaluation belongs to the abandoned timeline"
+    );
+    assert!(status.eval_metrics.is_empty(), "{status:?}");
 }

@@ -38,7 +38,9 @@ impl RunMachine {
         let w = &mut self.workers[idx];
         w.ready = false;
         if !adoptable {
-            // It trains a generation nobody runs any more: stop it; it answers Idle and is then free.
+            // It trains a generation nobody runs any more: stop it; it answers Idle and is then free. Until then it
+            // is winding down (Training, no rank): not waited for, but not forgotten when a generation forms.
+            w.state = proto::WorkerState::Training;
             info!(worker = %w.id, generation, "rejoined still training an old generation; stopping it");
             out.push(send(
                 w.conn,
@@ -132,9 +134,35 @@ impl RunMachine {
                 w.state = proto::WorkerState::Finished;
                 self.try_adopt(now, out);
             }
+            Up::Paused(r) => {
+                // The generation ended while the coordinator was away: the one before was stopping the run, its
+                // members paused at the step they agreed on, and rank 0 checkpointed it (reported just before).
+                // Nothing is left to take over; the run re-forms from that checkpoint once the others are idle.
+                self.pause_member(idx, r);
+                self.abandon_adoption("its members paused while the coordinator was away", out);
+                self.try_form(now, out);
+            }
             _ => {}
         }
         true
+    }
+
+    /// Gives up taking the generation over: the members back so far are told to stop it (they answer `Idle`, which
+    /// frees them for the next generation).
+    pub(super) fn abandon_adoption(&mut self, reason: &str, out: &mut Vec<Action>) {
+        let Some(adoption) = self.adopting.take() else {
+            return;
+        };
+        warn!(generation = adoption.generation, %reason, "not taking the generation over; re-forming from the newest checkpoint");
+        for w in self.workers.iter().filter(|w| w.is_busy()) {
+            out.push(send(
+                w.conn,
+                Down::Abort(proto::Abort {
+                    generation: adoption.generation,
+                    reason: format!("the coordinator restarted and cannot take the generation over: {reason}"),
+                }),
+            ));
+        }
     }
 
     /// The members did not all come back in time: abort the ones that did; the run re-forms from the newest
@@ -146,25 +174,11 @@ impl RunMachine {
         if adoption.deadline.is_none_or(|d| now < d) {
             return;
         }
-        let generation = adoption.generation;
         let back = self.workers.iter().filter(|w| w.connected && w.rank.is_some()).count();
-        warn!(
-            generation,
-            back,
-            members = adoption.members.len(),
-            "not every member rejoined in time; re-forming from the newest checkpoint"
+        let reason = format!(
+            "only {back} of its {} members came back in time",
+            adoption.members.len()
         );
-        self.adopting = None;
-        for w in self.workers.iter().filter(|w| w.is_busy()) {
-            out.push(send(
-                w.conn,
-                Down::Abort(proto::Abort {
-                    generation,
-                    reason: format!(
-                        "only {back} of the generation's members came back after the coordinator restarted"
-                    ),
-                }),
-            ));
-        }
+        self.abandon_adoption(&reason, out);
     }
 }

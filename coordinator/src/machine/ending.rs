@@ -5,7 +5,7 @@ use lockstep_common::proto::{self, coordinator_message::Msg as Down};
 use tracing::{error, info, warn};
 
 use super::{Action, Phase, RunMachine, RunOutcome, send};
-use crate::record::{OUTCOME_FAILED, OUTCOME_FINISHED, OUTCOME_STOPPED, Record};
+use crate::record::{OUTCOME_FAILED, OUTCOME_FINISHED, OUTCOME_STALLED, OUTCOME_STOPPED, Record};
 
 impl RunMachine {
     /// Stop cleanly: while a generation runs, its members agree on a step, rank 0 checkpoints it, and they pause;
@@ -60,7 +60,27 @@ impl RunMachine {
         self.end(Phase::Failed, message, now, out);
     }
 
+    /// Fails the run for want of workers: FAILED now, as `fail`, but recorded as stalled, so a coordinator started
+    /// again on the same state resumes it from the newest checkpoint instead of refusing it.
+    pub(super) fn fail_resumable(&mut self, message: String, now: Instant, out: &mut Vec<Action>) {
+        if self.phase.is_final() {
+            return;
+        }
+        error!(run = %self.spec.run.name, %message, "run failed; it can be resumed");
+        self.end_as(Phase::Failed, OUTCOME_STALLED, message, now, out);
+    }
+
     fn end(&mut self, phase: Phase, message: String, now: Instant, out: &mut Vec<Action>) {
+        let recorded = match phase {
+            Phase::Finished => OUTCOME_FINISHED,
+            Phase::Failed => OUTCOME_FAILED,
+            _ => OUTCOME_STOPPED,
+        };
+        self.end_as(phase, recorded, message, now, out);
+    }
+
+    /// Ends the run in `phase`, recording `recorded` as its outcome.
+    fn end_as(&mut self, phase: Phase, recorded: &str, message: String, now: Instant, out: &mut Vec<Action>) {
         if self.phase.is_final() {
             warn!(?phase, current = ?self.phase, "the run already ended");
             return;
@@ -93,13 +113,8 @@ impl RunMachine {
                 }),
             ));
         }
-        let name = match phase {
-            Phase::Finished => OUTCOME_FINISHED,
-            Phase::Failed => OUTCOME_FAILED,
-            _ => OUTCOME_STOPPED,
-        };
         out.push(Action::Persist(Record::Ended {
-            outcome: name.to_string(),
+            outcome: recorded.to_string(),
             message,
         }));
         out.push(Action::RunEnded { outcome });

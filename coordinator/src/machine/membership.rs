@@ -154,7 +154,7 @@ impl RunMachine {
                     self.spec.cluster.min_workers,
                     timeout.as_secs()
                 );
-                self.fail(message, now, out);
+                self.fail_resumable(message, now, out);
                 return;
             }
         }
@@ -213,6 +213,18 @@ impl RunMachine {
         if self.phase != Phase::Running {
             return;
         }
+        if self.resume_point().0 >= self.spec.train.total_steps {
+            // The final checkpoint is committed: whatever went wrong after it, the training is complete.
+            info!(%reason, "a member failed after the final checkpoint was committed; the run is complete");
+            self.end_finished(now, out);
+            return;
+        }
+        if let Some(stop) = self.draining.clone() {
+            // A stop was requested: the agreed pause cannot happen now; stop on the newest committed checkpoint
+            // rather than re-form a generation only to stop it.
+            self.end_stopped(format!("{stop} (during the stop, {reason})"), now, out);
+            return;
+        }
         if restart {
             self.restarts += 1;
             let max = self.spec.cluster.max_restarts;
@@ -264,11 +276,19 @@ impl RunMachine {
         if self.workers.iter().any(Worker::is_busy) {
             return;
         }
+        if self.resume_point().0 >= self.spec.train.total_steps {
+            // The final checkpoint is committed (the members went away before they said they finished): nothing is
+            // left to train, whoever is here.
+            self.form_generation(&[], now, out);
+            return;
+        }
         if self.ready_workers().len() < self.spec.cluster.min_workers as usize {
             return;
         }
-        // Forget everyone who is gone; `members` is rebuilt below, so indices may move now.
-        self.workers.retain(|w| w.connected && w.ready);
+        // Forget everyone who is gone; `members` is rebuilt below, so indices may move now. A worker still winding
+        // down a generation it rejoined with (Training, no rank) stays: its Idle frees it for a later one.
+        self.workers
+            .retain(|w| w.connected && (w.ready || w.state == proto::WorkerState::Training));
         let picked = self.ready_workers();
         self.form_generation(&picked, now, out);
     }
@@ -294,6 +314,14 @@ impl RunMachine {
         self.reforming = None;
         self.members = picked.to_vec();
         self.step = start_step;
+        // Evaluations after the resume point belonged to the abandoned timeline; the status must not show them
+        // until this one evaluates those steps again.
+        if self.val_loss.is_some_and(|(step, _)| step > start_step) {
+            self.val_loss = None;
+        }
+        if self.eval_metrics.as_ref().is_some_and(|(step, _)| *step > start_step) {
+            self.eval_metrics = None;
+        }
         let world_size = u32::try_from(picked.len()).unwrap_or(u32::MAX);
         let peers: Vec<String> = picked.iter().map(|&i| self.workers[i].ring_addr.clone()).collect();
         // NCCL only when every member can take part; one CPU worker puts the whole generation on the ring.

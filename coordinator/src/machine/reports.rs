@@ -228,22 +228,10 @@ impl RunMachine {
 
     /// A member stopped at the step the ranks agreed on (a requested stop, or someone leaving).
     fn on_paused(&mut self, idx: usize, r: &proto::Paused, now: Instant, out: &mut Vec<Action>) {
-        let w = &mut self.workers[idx];
-        if w.state != proto::WorkerState::Training {
+        if self.workers[idx].state != proto::WorkerState::Training {
             return;
         }
-        w.last_step = w.last_step.max(r.step);
-        if !r.nccl_unique_id.is_empty() {
-            w.nccl_unique_id = r.nccl_unique_id.clone();
-        }
-        if r.leaving {
-            w.state = proto::WorkerState::Left;
-            info!(worker = %w.id, step = r.step, "worker leaves after the agreed step");
-        } else {
-            w.state = proto::WorkerState::Joined;
-            w.ready = true;
-            info!(worker = %w.id, step = r.step, "worker paused");
-        }
+        self.pause_member(idx, r);
         let all_paused = self.members.iter().all(|&i| {
             let m = &self.workers[i];
             !m.connected || matches!(m.state, proto::WorkerState::Joined | proto::WorkerState::Left)
@@ -292,6 +280,24 @@ impl RunMachine {
         self.try_form(now, out);
     }
 
+    /// The member at `idx` stopped after the step its ranks agreed on: free for the next generation, or gone if it
+    /// was leaving.
+    pub(super) fn pause_member(&mut self, idx: usize, r: &proto::Paused) {
+        let w = &mut self.workers[idx];
+        w.last_step = w.last_step.max(r.step);
+        if !r.nccl_unique_id.is_empty() {
+            w.nccl_unique_id = r.nccl_unique_id.clone();
+        }
+        if r.leaving {
+            w.state = proto::WorkerState::Left;
+            info!(worker = %w.id, step = r.step, "worker leaves after the agreed step");
+        } else {
+            w.state = proto::WorkerState::Joined;
+            w.ready = true;
+            info!(worker = %w.id, step = r.step, "worker paused");
+        }
+    }
+
     /// The worker's training stopped; it can be given the next assignment.
     fn on_idle(&mut self, idx: usize, generation: u64, now: Instant, out: &mut Vec<Action>) {
         let w = &mut self.workers[idx];
@@ -336,6 +342,16 @@ impl RunMachine {
                     e.message
                 );
                 self.abort_generation(reason, true, now, out);
+            }
+            proto::FailureKind::Peer if self.adopting.as_ref().is_some_and(|a| a.generation == e.generation) => {
+                // The generation a restarted coordinator waits to take over failed while it was away: nothing is
+                // left to take over.
+                let reason = format!(
+                    "the collective of worker {} failed while the coordinator was away",
+                    w.id
+                );
+                self.abandon_adoption(&reason, out);
+                self.try_form(now, out);
             }
             proto::FailureKind::Peer => {
                 debug!(worker = %w.id, generation = e.generation, error = %e.message, "collective failure of an old generation");

@@ -15,8 +15,9 @@ impl RunMachine {
     /// - Fresh state: a new run.
     /// - Another run's state, or this run with another training spec: refused (resuming would mix two runs).
     /// - Finished or failed: the machine is in that final phase (status still answers; nothing is trained).
-    /// - Otherwise (interrupted, or stopped on request): WAITING for workers; the next generation resumes from the
-    ///   newest committed checkpoint, with the restart count, lost workers and metric history kept.
+    /// - Otherwise (interrupted, stopped on request, or failed for want of workers — "stalled"): WAITING for
+    ///   workers; the next generation resumes from the newest committed checkpoint, with the restart count, lost
+    ///   workers and metric history kept.
     pub fn restore(spec: RunSpec, saved: Saved, state: &str, now: Instant) -> Result<(Self, Vec<Record>)> {
         let mut machine = RunMachine::new(spec, now);
         let Some((name, hash, json)) = saved.run.clone() else {
