@@ -258,12 +258,45 @@ fn protocol_mismatch_is_rejected() {
 fn duplicate_worker_id_is_rejected_while_connected() {
     let mut h = Harness::new(spec(3, 10));
     h.join(1, join("w0"));
-    let reason = rejection(&h.join(2, join("w0")), 2);
+    // Another process (its own ring address) given the same --worker-id.
+    let twin = proto::Join {
+        ring_addr: "elsewhere.local:9000".into(),
+        ..join("w0")
+    };
+    let reason = rejection(&h.join(2, twin), 2);
     assert!(reason.contains("w0") && reason.contains("unique"), "{reason}");
     // Once the first one has gone, the id is free again.
     h.disconnect(1, "stream closed");
     assert!(h.status().workers.is_empty());
     assert!(matches!(sent_to(&h.join(3, join("w0")), 3).as_slice(), [Down::Welcome(w)] if w.waiting == 1));
+}
+
+/// The worker saw its session break before the coordinator did and joins again (same id, same ring address): the
+/// old session is ended as a lost one, not kept while the worker is refused as its own duplicate.
+#[test]
+fn a_worker_joining_again_before_its_old_session_is_seen_broken_replaces_it() {
+    let mut h = Harness::formed(100);
+    h.steps(0, &[(1, 0), (2, 1)], 1..=3);
+    let actions = h.join(3, join("w1"));
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::Close { conn } if *conn == ConnId(2))),
+        "{actions:?}"
+    );
+    assert!(
+        matches!(sent_to(&actions, 3).first(), Some(Down::Welcome(_))),
+        "{actions:?}"
+    );
+    assert_eq!(
+        the_abort(&actions, 1).0,
+        0,
+        "the old session's member was lost: {actions:?}"
+    );
+    let formed = h.msg(1, idle(0));
+    let assigned = assignments(&formed, &[1, 3]);
+    assert_eq!(assigned.len(), 2, "{formed:?}");
+    assert!(assigned.iter().all(|a| a.generation == 1));
 }
 
 #[test]

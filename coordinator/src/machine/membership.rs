@@ -16,6 +16,20 @@ impl RunMachine {
             warn!(worker = %id, %conn, "second Join on one session ignored");
             return;
         }
+        // The same worker process (same id and ring address: its listener's, unique to the process) joining while
+        // its old session still looks connected: the worker saw that session break before the coordinator did (a
+        // half-open connection). End the old one as if its break had been seen first, rather than refuse the worker
+        // as a duplicate, which would make it give up.
+        let stale = self
+            .workers
+            .iter()
+            .find(|w| w.connected && w.id == id && !join.ring_addr.is_empty() && w.ring_addr == join.ring_addr)
+            .map(|w| w.conn);
+        if let Some(old) = stale {
+            info!(worker = %id, %old, %conn, "the worker joined again; its old session is gone");
+            out.push(Action::Close { conn: old });
+            self.on_disconnect(old, "replaced by a new session of the same worker", now, out);
+        }
         let closed = match self.phase {
             Phase::Waiting | Phase::Running | Phase::Reforming => None,
             Phase::Finished => Some(format!(
