@@ -472,6 +472,7 @@ fn name(down: &Down) -> String {
         Down::Stop(s) => format!("Stop ({})", s.reason),
         Down::Reject(r) => format!("Reject ({})", r.reason),
         Down::Drain(d) => format!("Drain ({})", d.reason),
+        Down::Committed(c) => format!("CheckpointCommitted ({})", c.step),
     }
 }
 
@@ -647,7 +648,7 @@ async fn report_steps(mut session: Session, plan: Plan) -> Reported {
                         let what = down.map_or_else(|e| e, |d| format!("got {}", name(&d)));
                         interrupted = Some(format!("{} at step {step}: {what}", session.id));
                     }
-                    Ok(Down::Welcome(_) | Down::Assignment(_)) => {}
+                    Ok(Down::Welcome(_) | Down::Assignment(_) | Down::Committed(_)) => {}
                 }
                 continue;
             }

@@ -28,5 +28,6 @@ pub mod proto {
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("lockstep_descriptor");
 }
 
-/// The wire version spoken by this build; the coordinator rejects workers that speak another.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The wire version spoken by this build; the coordinator rejects workers that speak another. Version 2 added
+/// `CheckpointCommitted`: a worker prunes checkpoints only when told, so under an older coordinator it never would.
+pub const PROTOCOL_VERSION: u32 = 2;

@@ -254,7 +254,8 @@ pub struct CheckpointSpec {
     pub dir: PathBuf,
     /// Write one every this many steps (and always at the end); 0 = only at the end.
     pub interval: u64,
-    /// Keep the newest this many; older ones are deleted after a newer one is complete. 0 = keep all.
+    /// Keep the newest this many; older ones are deleted once the coordinator has committed a newer one (never while
+    /// it is unreachable). 0 = keep all.
     pub keep: usize,
 }
 

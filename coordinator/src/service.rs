@@ -109,6 +109,9 @@ impl Shared {
             && let Err(e) = store.append(&records)
         {
             error!(error = %e, "cannot persist the run state; failing the run");
+            // A commit that was not recorded must not be confirmed: its writer would prune the checkpoint that a
+            // coordinator started again on this state resumes from.
+            actions.retain(|a| !confirms_commit(a));
             let message = e.to_string();
             actions.extend(inner.machine.handle(Event::StoreFailed { message }, now));
             // Its own Ended record cannot be written either; the state keeps the run resumable.
@@ -259,6 +262,19 @@ impl CoordinatorService {
             history_message_bytes: crate::history::message_budget(max_message_bytes),
         }
     }
+}
+
+/// A `CheckpointCommitted`, which lets its writer delete older checkpoints.
+fn confirms_commit(action: &Action) -> bool {
+    matches!(
+        action,
+        Action::Send {
+            msg: CoordinatorMessage {
+                msg: Some(proto::coordinator_message::Msg::Committed(_))
+            },
+            ..
+        }
+    )
 }
 
 fn kind(msg: &Up) -> &'static str {

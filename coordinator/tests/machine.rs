@@ -152,13 +152,25 @@ fn steps_progress_and_finish_stops_everyone() {
         (Some(&42.0), Some(3))
     );
     let actions = h.msg(1, checkpoint(0, 0, 3));
-    // Nobody waits to be admitted: the checkpoint is recorded and nothing else happens.
+    // Nobody waits to be admitted: the checkpoint is recorded, confirmed to its writer, and nothing else happens.
     assert_eq!(
         actions,
-        vec![Action::Persist(Record::Checkpoint {
-            step: 3,
-            path: ck_path(3)
-        })]
+        vec![
+            Action::Persist(Record::Checkpoint {
+                step: 3,
+                path: ck_path(3)
+            }),
+            Action::Send {
+                conn: ConnId(1),
+                msg: proto::CoordinatorMessage {
+                    msg: Some(Down::Committed(proto::CheckpointCommitted {
+                        generation: 0,
+                        step: 3,
+                        path: ck_path(3)
+                    }))
+                }
+            }
+        ]
     );
     let status = h.status();
     assert_eq!((status.step, status.val_loss), (3, Some(1.5)));
@@ -343,7 +355,7 @@ fn a_worker_joining_mid_run_waits_and_is_admitted_at_the_next_checkpoint() {
         "an admission is not a restart: {records:?}"
     );
     for conn in [1, 2] {
-        let (generation, reason) = the_abort(&actions, conn);
+        let (generation, reason) = the_abort(&without_confirmations(&actions), conn);
         assert_eq!(generation, 0);
         assert!(reason.contains("admitting 1 new worker(s): w2"), "{reason}");
     }
@@ -383,7 +395,7 @@ fn the_final_checkpoint_admits_no_one() {
     h.join(1, join("w0"));
     h.steps(0, &[(1, 0)], 1..=2);
     h.join(2, join("w1"));
-    let actions = h.msg(1, checkpoint(0, 0, 2));
+    let actions = without_confirmations(&h.msg(1, checkpoint(0, 0, 2)));
     assert!(
         sent_to(&actions, 1).is_empty(),
         "nothing left to train together: {actions:?}"

@@ -34,7 +34,10 @@ fn steps(cluster: &Cluster, i: usize) -> Vec<(u64, f64, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_train_loss_falls_and_parameters_stay_identical() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = small_spec(dir.path(), 2, 24);
+    let mut spec = small_spec(dir.path(), 2, 24);
+    // Checkpoints at 5, 10, 15, 20 and 24, pruned each time the coordinator commits one.
+    spec.checkpoint.interval = 5;
+    spec.checkpoint.keep = 2;
     let mut cluster = Cluster::start(&spec, 2, dir.path()).await;
     let status = finished(&mut cluster).await;
     assert_eq!(status.step, 24);
@@ -65,6 +68,13 @@ async fn two_workers_train_loss_falls_and_parameters_stay_identical() {
     ] {
         assert!(ckpt.join(file).is_file(), "{} missing in {}", file, ckpt.display());
     }
+    let mut kept: Vec<String> = std::fs::read_dir(&spec.checkpoint.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|name| name.starts_with("step-"))
+        .collect();
+    kept.sort();
+    assert_eq!(kept, ["step-00000020", "step-00000024"]);
 }
 
 /// Runs `spec` with `workers` workers to the end; returns per-step losses and the final model tensors.

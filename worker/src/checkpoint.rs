@@ -136,9 +136,8 @@ fn save_tensors(path: &Path, tensors: HashMap<String, Tensor>) -> Result<()> {
     candle_core::safetensors::save(&tensors, path).map_err(|e| ckpt_err(path, format!("cannot write tensors: {e}")))
 }
 
-/// Writes the checkpoint of `state.step` under `root` and returns its path; then keeps only the newest `keep`
-/// checkpoints (0 = all), never deleting the one just written. Re-saving an existing step replaces it.
-#[allow(clippy::too_many_arguments)]
+/// Writes the checkpoint of `state.step` under `root` and returns its path. Re-saving an existing step replaces it.
+/// Nothing older is deleted here: only [`prune_committed`], once the coordinator has committed a newer checkpoint.
 pub fn save(
     root: &Path,
     state: &TrainerState,
@@ -147,7 +146,6 @@ pub fn save(
     opt: &AdamW,
     tokenizer: &Tokenizer,
     spec_json: &str,
-    keep: usize,
 ) -> Result<PathBuf> {
     std::fs::create_dir_all(root).map_err(io_err(format!("create checkpoint directory {}", root.display())))?;
     let name = step_dir_name(state.step);
@@ -217,7 +215,6 @@ pub fn save(
         std::fs::rename(&tmp, &final_dir).map_err(io_err(format!("rename {} into place", tmp.display())))?;
     }
     fsync_dir(root)?;
-    prune(root, keep, state.step)?;
     Ok(final_dir)
 }
 
@@ -252,15 +249,46 @@ fn step_dirs(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
     Ok(out)
 }
 
-fn prune(root: &Path, keep: usize, just_written: u64) -> Result<()> {
+/// Where an assignment's checkpoints go and how many of them stay on disk: its spec's `checkpoint.dir` and
+/// `checkpoint.keep` (0 = all). The writer and the pruner both take them from here, so they agree on the directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retention {
+    pub root: PathBuf,
+    pub keep: usize,
+}
+
+impl Retention {
+    pub fn of(spec: &RunSpec) -> Self {
+        Self {
+            root: spec.checkpoint.dir.clone(),
+            keep: spec.checkpoint.keep,
+        }
+    }
+}
+
+/// Deletes the `step-*` directories under `root` older than the newest `keep` (0 = keep all) of those at or before
+/// `committed`, the newest step the coordinator has committed. Anything newer than `committed` stays: it may not be
+/// committed yet, and until it is, an older checkpoint is what a restart resumes from.
+pub fn prune_committed(root: &Path, keep: usize, committed: u64) -> Result<()> {
     if keep == 0 {
         return Ok(());
     }
-    let dirs = step_dirs(root)?;
-    let excess = dirs.len().saturating_sub(keep);
-    for (step, path) in dirs.into_iter().take(excess) {
-        if step != just_written {
-            std::fs::remove_dir_all(&path).map_err(io_err(format!("remove old checkpoint {}", path.display())))?;
+    let settled: Vec<(u64, PathBuf)> = step_dirs(root)?
+        .into_iter()
+        .filter(|(step, _)| *step <= committed)
+        .collect();
+    let excess = settled.len().saturating_sub(keep);
+    for (_, path) in settled.into_iter().take(excess) {
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => {}
+            // Already gone (another pruner, or an operator): what was asked for holds.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(Error::Io {
+                    context: format!("remove old checkpoint {}", path.display()),
+                    source: e,
+                });
+            }
         }
     }
     Ok(())
@@ -602,18 +630,18 @@ mod tests {
         }
     }
 
-    fn save_at(root: &Path, f: &Fixture, step: u64, keep: usize) -> PathBuf {
-        save(
-            root,
-            &state(step),
-            &f.params,
-            &f.cfg,
-            &f.opt,
-            &f.tok,
-            "{\"spec\":1}",
-            keep,
-        )
-        .unwrap()
+    fn save_at(root: &Path, f: &Fixture, step: u64) -> PathBuf {
+        save(root, &state(step), &f.params, &f.cfg, &f.opt, &f.tok, "{\"spec\":1}").unwrap()
+    }
+
+    /// The names under `root`, sorted.
+    fn names(root: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
     }
 
     fn values(t: &Tensor) -> Vec<f32> {
@@ -624,7 +652,7 @@ mod tests {
     fn round_trip_gives_identical_tensors_and_state() {
         let root = tempfile::tempdir().unwrap();
         let f = fixture();
-        let dir = save_at(root.path(), &f, 120, 0);
+        let dir = save_at(root.path(), &f, 120);
         assert_eq!(dir, root.path().join("step-00000120"));
         let loaded = load(&dir, &Device::Cpu).unwrap();
         assert_eq!(loaded.cfg, f.cfg);
@@ -666,7 +694,7 @@ mod tests {
     fn corrupted_file_is_detected_and_named() {
         let root = tempfile::tempdir().unwrap();
         let f = fixture();
-        let dir = save_at(root.path(), &f, 3, 0);
+        let dir = save_at(root.path(), &f, 3);
         let model = dir.join(MODEL_FILE);
         let mut bytes = std::fs::read(&model).unwrap();
         let last = bytes.len() - 1;
@@ -684,34 +712,74 @@ mod tests {
     }
 
     #[test]
-    fn keep_deletes_old_but_never_the_newest_and_resave_replaces() {
+    fn save_deletes_nothing_prune_keeps_the_newest_committed_and_resave_replaces() {
         let root = tempfile::tempdir().unwrap();
         let f = fixture();
         for step in [10, 20, 30, 40] {
-            save_at(root.path(), &f, step, 2);
+            save_at(root.path(), &f, step);
         }
-        let names = |root: &Path| -> Vec<String> {
-            let mut v: Vec<String> = std::fs::read_dir(root)
-                .unwrap()
-                .map(|e| e.unwrap().file_name().into_string().unwrap())
-                .collect();
-            v.sort();
-            v
-        };
+        assert_eq!(
+            names(root.path()),
+            ["step-00000010", "step-00000020", "step-00000030", "step-00000040"]
+        );
+        prune_committed(root.path(), 2, 40).unwrap();
         assert_eq!(names(root.path()), ["step-00000030", "step-00000040"]);
         assert_eq!(newest(root.path()).unwrap(), Some(root.path().join("step-00000040")));
-        // Saving an older step while keeping 1 must still keep the one just written.
-        save_at(root.path(), &f, 5, 1);
-        assert!(root.path().join("step-00000005").is_dir());
-        assert!(!root.path().join("step-00000030").exists());
+        // A re-formed run resumed further back and committed an older step: keeping 1 keeps that one, and the
+        // newer directories stay, since nothing says they are not still needed.
+        save_at(root.path(), &f, 5);
+        prune_committed(root.path(), 1, 5).unwrap();
+        assert_eq!(names(root.path()), ["step-00000005", "step-00000030", "step-00000040"]);
         // Re-saving an existing step replaces it in place.
-        let dir = save_at(root.path(), &f, 40, 0);
+        let dir = save_at(root.path(), &f, 40);
         verify(&dir).unwrap();
-        assert_eq!(names(root.path()), ["step-00000005", "step-00000040"]);
+        assert_eq!(names(root.path()), ["step-00000005", "step-00000030", "step-00000040"]);
+        prune_committed(root.path(), 1, 40).unwrap();
+        assert_eq!(names(root.path()), ["step-00000040"]);
         // An incomplete directory (no manifest) is not a checkpoint.
         std::fs::create_dir(root.path().join("step-00000099")).unwrap();
         assert_eq!(newest(root.path()).unwrap(), Some(root.path().join("step-00000040")));
         assert_eq!(newest(&root.path().join("absent")).unwrap(), None);
+    }
+
+    /// The reviewer's interleaving: 500, 1000 and 1500 committed, then 2000..3000 written while the coordinator was
+    /// away. Until it confirms one of those, the committed ones are what a restart resumes from.
+    #[test]
+    fn prune_never_counts_checkpoints_newer_than_the_committed_one() {
+        let root = tempfile::tempdir().unwrap();
+        let steps = |from: u64| -> Vec<String> { (from..=3000).step_by(500).map(step_dir_name).collect() };
+        for step in (500..=3000).step_by(500) {
+            std::fs::create_dir(root.path().join(step_dir_name(step))).unwrap();
+        }
+        std::fs::create_dir(root.path().join(".tmp-step-00003500")).unwrap();
+        std::fs::write(root.path().join("notes"), "not a checkpoint").unwrap();
+        let listed =
+            |root: &Path| -> Vec<String> { names(root).into_iter().filter(|n| n.starts_with("step-")).collect() };
+
+        prune_committed(root.path(), 3, 1500).unwrap();
+        assert_eq!(listed(root.path()), steps(500));
+        prune_committed(root.path(), 3, 2000).unwrap();
+        assert_eq!(listed(root.path()), steps(1000));
+        // A confirmation that comes late (an older step than one already pruned for) deletes nothing new.
+        prune_committed(root.path(), 3, 1500).unwrap();
+        assert_eq!(listed(root.path()), steps(1000));
+        prune_committed(root.path(), 1, 3000).unwrap();
+        assert_eq!(listed(root.path()), steps(3000));
+        // Only `step-*` directories are checkpoints to prune.
+        assert!(root.path().join(".tmp-step-00003500").is_dir());
+        assert!(root.path().join("notes").is_file());
+    }
+
+    #[test]
+    fn keep_zero_keeps_every_checkpoint() {
+        let root = tempfile::tempdir().unwrap();
+        for step in [1, 2, 3] {
+            std::fs::create_dir(root.path().join(step_dir_name(step))).unwrap();
+        }
+        prune_committed(root.path(), 0, 3).unwrap();
+        assert_eq!(names(root.path()), ["step-00000001", "step-00000002", "step-00000003"]);
+        // Nothing written yet: nothing to prune, and no error.
+        prune_committed(&root.path().join("absent"), 2, 3).unwrap();
     }
 
     /// Interop, Lockstep → Hugging Face: for the config of the fixture that `save_pretrained` wrote, our
@@ -735,7 +803,7 @@ mod tests {
         .unwrap();
         let root = tempfile::tempdir().unwrap();
         let tok = Tokenizer::for_text(&TokenizerSpec::Char, "0123456789+=\n").unwrap();
-        let dir = save(root.path(), &state(1), &params, &cfg, &opt, &tok, "{}", 0).unwrap();
+        let dir = save(root.path(), &state(1), &params, &cfg, &opt, &tok, "{}").unwrap();
 
         let layout = |path: &Path| -> BTreeMap<String, (Vec<usize>, DType)> {
             candle_core::safetensors::load(path, &Device::Cpu)
@@ -810,7 +878,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let err = check_is_checkpoint(root.path()).unwrap_err().to_string();
         assert!(err.contains("manifest.json"), "{err}");
-        let dir = save_at(root.path(), &fixture(), 7, 0);
+        let dir = save_at(root.path(), &fixture(), 7);
         check_is_checkpoint(&dir).unwrap();
         let err = check_is_checkpoint(root.path()).unwrap_err().to_string();
         assert!(err.contains("step-00000007"), "{err}");
@@ -822,7 +890,7 @@ mod tests {
     fn missing_or_misshaped_tensor_is_named() {
         let root = tempfile::tempdir().unwrap();
         let f = fixture();
-        let dir = save_at(root.path(), &f, 1, 0);
+        let dir = save_at(root.path(), &f, 1);
         let model = dir.join(MODEL_FILE);
         let mut tensors = candle_core::safetensors::load(&model, &Device::Cpu).unwrap();
         tensors.remove("transformer.h.0.attn.c_proj.bias");

@@ -20,15 +20,17 @@ use std::time::Duration;
 use candle_core::Device;
 use lockstep_common::RunSpec;
 use lockstep_common::proto::{
-    CoordinatorMessage, FailureKind, Heartbeat, Idle, Join, WorkerError, WorkerMessage, coordinator_message,
-    worker_message,
+    CheckpointCommitted, CoordinatorMessage, FailureKind, Heartbeat, Idle, Join, WorkerError, WorkerMessage,
+    coordinator_message, worker_message,
 };
 use lockstep_common::transport::{self, ClientSecurity};
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use self::train::{Controls, Failure, Job, TrainEnd};
+use crate::checkpoint::{self, Retention};
 use crate::collective::{RingListener, offered_nccl_id};
 pub use crate::coordinator_link::default_worker_id;
 use crate::coordinator_link::{hostname, local_ip_towards, resolve};
@@ -117,52 +119,65 @@ pub async fn run(opts: WorkerOptions, mut signals: Signals) -> Result<Exit> {
         events,
         events_rx,
         progress: Arc::default(),
+        retention: None,
+        pruning: None,
     };
     async move {
-        let mut timeout = opts.connect_timeout;
-        loop {
-            let connected = tokio::select! {
-                connected = transport::connect(&opts.coordinator, &opts.security, timeout) => connected,
-                // A signal while the coordinator is unreachable: nobody can agree on a checkpoint; stop now.
-                _ = signals.changed() => {
-                    stop(&mut state.training).await;
-                    return Err(Error::Aborted("interrupted by a signal while the coordinator was unreachable".into()));
-                }
-            };
-            let client = match connected {
-                Ok(client) => client,
-                Err(e) => {
-                    stop(&mut state.training).await;
-                    return Err(e.into());
-                }
-            };
-            let ended = session(&opts, &me, client, &mut signals, &mut state).await;
-            match ended {
-                Ok(exit) => return Ok(exit),
-                Err(SessionEnd::Fatal(e)) => {
-                    stop(&mut state.training).await;
-                    return Err(e);
-                }
-                Err(SessionEnd::Lost(e)) if *signals.borrow() > 0 => {
-                    stop(&mut state.training).await;
-                    return Err(e);
-                }
-                Err(SessionEnd::Lost(e)) => {
-                    // Training goes on: the coordinator is not on the data path, and a restarted one adopts the
-                    // generation when every member is back. Reports wait in `events` meanwhile.
-                    warn!(
-                        error = %e,
-                        secs = opts.reconnect_timeout.as_secs(),
-                        training = state.training.is_some(),
-                        "lost the coordinator; reconnecting"
-                    );
-                    timeout = opts.reconnect_timeout;
-                }
-            }
+        let exit = serve(&opts, &me, &mut signals, &mut state).await;
+        // The prune after the final checkpoint comes just before the Stop: exiting without it would leave one
+        // checkpoint more than `checkpoint.keep` on disk.
+        if let Some(pruning) = state.pruning.take() {
+            let _ = pruning.await;
         }
+        exit
     }
     .instrument(span)
     .await
+}
+
+/// Sessions with the coordinator, one after another, until the worker's end.
+async fn serve(opts: &WorkerOptions, me: &Identity, signals: &mut Signals, state: &mut State) -> Result<Exit> {
+    let mut timeout = opts.connect_timeout;
+    loop {
+        let connected = tokio::select! {
+            connected = transport::connect(&opts.coordinator, &opts.security, timeout) => connected,
+            // A signal while the coordinator is unreachable: nobody can agree on a checkpoint; stop now.
+            _ = signals.changed() => {
+                stop(&mut state.training).await;
+                return Err(Error::Aborted("interrupted by a signal while the coordinator was unreachable".into()));
+            }
+        };
+        let client = match connected {
+            Ok(client) => client,
+            Err(e) => {
+                stop(&mut state.training).await;
+                return Err(e.into());
+            }
+        };
+        let ended = session(opts, me, client, signals, state).await;
+        match ended {
+            Ok(exit) => return Ok(exit),
+            Err(SessionEnd::Fatal(e)) => {
+                stop(&mut state.training).await;
+                return Err(e);
+            }
+            Err(SessionEnd::Lost(e)) if *signals.borrow() > 0 => {
+                stop(&mut state.training).await;
+                return Err(e);
+            }
+            Err(SessionEnd::Lost(e)) => {
+                // Training goes on: the coordinator is not on the data path, and a restarted one adopts the
+                // generation when every member is back. Reports wait in `events` meanwhile.
+                warn!(
+                    error = %e,
+                    secs = opts.reconnect_timeout.as_secs(),
+                    training = state.training.is_some(),
+                    "lost the coordinator; reconnecting"
+                );
+                timeout = opts.reconnect_timeout;
+            }
+        }
+    }
 }
 
 /// What outlives one session: the training in progress and the reports it has not been able to send yet.
@@ -173,6 +188,11 @@ struct State {
     events_rx: mpsc::UnboundedReceiver<WorkerMessage>,
     /// The newest step done, for heartbeats and rejoining.
     progress: Arc<std::sync::atomic::AtomicU64>,
+    /// Where the latest assignment's checkpoints go and how many to keep; `None` before the first assignment.
+    /// Kept past the training, since the coordinator may confirm its checkpoints after it ended.
+    retention: Option<Retention>,
+    /// The prune in progress: the next one waits for it, and the worker does before it exits.
+    pruning: Option<JoinHandle<()>>,
 }
 
 /// The training in progress, if any.
@@ -275,6 +295,8 @@ async fn session(
                             warn!(generation = a.generation, "a new assignment while training; stopping the old one first");
                             stop(training).await;
                         }
+                        // An unreadable spec fails the training thread, which says why; nothing is pruned meanwhile.
+                        state.retention = RunSpec::from_json(&a.spec_json).ok().map(|spec| Retention::of(&spec));
                         let controls = Controls { progress: progress.clone(), ..Controls::default() };
                         let (generation, rank) = (a.generation, a.rank);
                         let job = Job {
@@ -323,6 +345,9 @@ async fn session(
                         if let Some(t) = &training {
                             t.controls.pause.store(true, Ordering::SeqCst);
                         }
+                    }
+                    coordinator_message::Msg::Committed(c) => {
+                        prune_for(&mut state.pruning, state.retention.as_ref(), &c);
                     }
                     coordinator_message::Msg::Stop(s) => {
                         stop(training).await;
@@ -419,6 +444,31 @@ async fn session(
             }
         }
     }
+}
+
+/// Prunes for a checkpoint the coordinator committed. Deleting the checkpoints of a large model takes a while, so it
+/// runs off the session loop, which must keep sending heartbeats; and after any prune still running, so that two
+/// never delete the same directories at once.
+fn prune_for(pruning: &mut Option<JoinHandle<()>>, retention: Option<&Retention>, c: &CheckpointCommitted) {
+    let Some(Retention { root, keep }) = retention.cloned() else {
+        debug!(step = c.step, path = %c.path, "a checkpoint committed before any assignment; nothing to prune");
+        return;
+    };
+    debug!(step = c.step, path = %c.path, "checkpoint committed; pruning older ones");
+    let (before, step) = (pruning.take(), c.step);
+    let prune = async move {
+        if let Some(before) = before {
+            let _ = before.await;
+        }
+        let dir = root.clone();
+        match tokio::task::spawn_blocking(move || checkpoint::prune_committed(&root, keep, step)).await {
+            Ok(Ok(())) => {}
+            // The checkpoints stay; the run does not depend on deleting them.
+            Ok(Err(e)) => warn!(dir = %dir.display(), error = %e, "cannot prune old checkpoints"),
+            Err(e) => warn!(dir = %dir.display(), error = %e, "pruning old checkpoints failed"),
+        }
+    };
+    *pruning = Some(tokio::spawn(prune.in_current_span()));
 }
 
 async fn stop(training: &mut Option<Training>) {

@@ -529,7 +529,8 @@ impl Trainer {
         self.params.checksum()
     }
 
-    /// Writes a checkpoint of the current step under `checkpoint.dir`; returns its directory.
+    /// Writes a checkpoint of the current step under `checkpoint.dir`; returns its directory. Older ones stay until
+    /// the coordinator commits this one ([`checkpoint::prune_committed`]).
     pub fn save_checkpoint(&self) -> Result<std::path::PathBuf> {
         let state = TrainerState {
             step: self.step,
@@ -538,20 +539,19 @@ impl Trainer {
             spec_hash: self.spec.training_hash(),
             seed: self.spec.run.seed,
         };
-        let c = &self.spec.checkpoint;
-        std::fs::create_dir_all(&c.dir).map_err(|source| Error::Io {
-            context: format!("create checkpoint.dir {}", c.dir.display()),
+        let root = checkpoint::Retention::of(&self.spec).root;
+        std::fs::create_dir_all(&root).map_err(|source| Error::Io {
+            context: format!("create checkpoint.dir {}", root.display()),
             source,
         })?;
         checkpoint::save(
-            &c.dir,
+            &root,
             &state,
             &self.params,
             self.model.config(),
             &self.opt,
             &self.corpus.tokenizer,
             &self.spec.to_json(),
-            c.keep,
         )
     }
 

@@ -60,5 +60,5 @@ fn save_tiny(root: &Path, tok: &Tokenizer, vocab_size: usize, block_size: usize,
         spec_hash: "test".into(),
         seed: 3,
     };
-    checkpoint::save(root, &state, &params, &cfg, &opt, tok, spec_json, 0).unwrap()
+    checkpoint::save(root, &state, &params, &cfg, &opt, tok, spec_json).unwrap()
 }

@@ -200,8 +200,18 @@ impl RunMachine {
         self.keep_newest_checkpoints();
         out.push(Action::Persist(Record::Checkpoint {
             step: r.step,
-            path: r.path,
+            path: r.path.clone(),
         }));
+        // Only now may the writer prune older checkpoints: until this commit is durable, one of them is the
+        // resume point. The Persist above is written before this goes out (service.rs).
+        out.push(super::send(
+            self.workers[idx].conn,
+            proto::coordinator_message::Msg::Committed(proto::CheckpointCommitted {
+                generation: r.generation,
+                step: r.step,
+                path: r.path,
+            }),
+        ));
     }
 
     fn on_finished(&mut self, idx: usize, r: &proto::Finished, now: Instant, out: &mut Vec<Action>) {

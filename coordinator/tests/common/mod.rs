@@ -345,3 +345,22 @@ pub fn ranked(status: &proto::RunStatus) -> Vec<(i32, String)> {
     out.sort();
     out
 }
+
+/// `actions` less the `CheckpointCommitted` confirmations, for tests about what else a checkpoint report causes.
+pub fn without_confirmations(actions: &[Action]) -> Vec<Action> {
+    actions
+        .iter()
+        .filter(|a| {
+            !matches!(
+                a,
+                Action::Send {
+                    msg: CoordinatorMessage {
+                        msg: Some(Down::Committed(_))
+                    },
+                    ..
+                }
+            )
+        })
+        .cloned()
+        .collect()
+}
