@@ -23,4 +23,4 @@ pub mod store;
 pub use auth::ServerSecurity;
 pub use error::{Error, Result};
 pub use machine::{Action, ConnId, Event, Phase, RunMachine, RunOutcome};
-pub use server::{ServeOptions, run, run_with_signals};
+pub use server::{RunState, ServeOptions, open_state, run, run_with_signals, serve_state};

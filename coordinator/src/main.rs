@@ -3,7 +3,8 @@
 //! Prints exactly one line to stdout, `listening on <addr>`, once the port is bound (port 0 picks a free one);
 //! everything else goes to stderr. Exit status: 0 the run finished, or stopped cleanly (the first SIGINT/SIGTERM:
 //! the workers checkpoint at an agreed step; starting again with the same config resumes); 1 it failed (or the server
-//! broke); 2 bad input (flags, config, data, listen address); 130 stopped at once by a second signal.
+//! broke); 2 bad input (flags, config, data, a state directory it cannot use, listen address); 130 stopped at once by
+//! a second signal.
 //!
 //! The run's state lives in `cluster.state_dir`: a coordinator killed outright and started again with the same
 //! config picks the run up from its newest committed checkpoint.
@@ -205,6 +206,11 @@ fn server_security(spec: &RunSpec) -> anyhow::Result<(ServerSecurity, TokenOrigi
 
 async fn serve(spec: RunSpec, opts: ServeOptions) -> Result<RunOutcome, (u8, anyhow::Error)> {
     let listen = spec.cluster.listen.clone();
+    // Before the port: a state directory that cannot be used (another run's or spec's, held by another coordinator,
+    // damaged) is bad input, refused before anything says it is listening.
+    let state = lockstep_coordinator::open_state(spec, &opts)
+        .context("cluster.state_dir")
+        .map_err(|e| (EXIT_BAD_INPUT, e))?;
     let listener = bind(&listen)
         .with_context(|| format!("cannot listen on {listen} (cluster.listen / --listen)"))
         .map_err(|e| (EXIT_BAD_INPUT, e))?;
@@ -213,7 +219,7 @@ async fn serve(spec: RunSpec, opts: ServeOptions) -> Result<RunOutcome, (u8, any
         .with_context(|| format!("cannot read the bound address of {listen}"))
         .map_err(|e| (EXIT_FAILED, e))?;
     announce(addr);
-    lockstep_coordinator::run_with_signals(spec, listener, opts, signals(), std::future::pending())
+    lockstep_coordinator::serve_state(state, listener, opts, signals(), std::future::pending())
         .await
         .map_err(|e| (EXIT_FAILED, anyhow::Error::new(e)))
 }

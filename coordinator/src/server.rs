@@ -75,19 +75,48 @@ pub async fn run_with_signals(
     signals: impl Stream<Item = String>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<RunOutcome> {
-    let addr = listener.local_addr().map_err(Error::Listener)?;
+    let state = open_state(spec, &opts)?;
+    serve_state(state, listener, opts, signals, shutdown).await
+}
+
+/// The run machine and its store, as `cluster.state_dir` left them: what [`serve_state`] serves.
+pub struct RunState {
+    machine: RunMachine,
+    store: Option<Store>,
+}
+
+/// Opens the run's state (`opts.state_dir`) and restores the run from it: a fresh run, one to resume, or one that
+/// already ended. Everything that can be wrong with the state directory — another run's, another spec's, held by
+/// another coordinator, damaged — is found here, so a caller can refuse it before it binds a port.
+pub fn open_state(spec: RunSpec, opts: &ServeOptions) -> Result<RunState> {
     let now = std::time::Instant::now();
-    let (machine, store) = match &opts.state_dir {
-        Some(dir) => {
-            let store = Store::open(dir)?;
-            let saved = store.load()?;
-            let state = store.path().display().to_string();
-            let (machine, records) = RunMachine::restore(spec, saved, &state, now)?;
-            store.append(&records)?;
-            (machine, Some(store))
-        }
-        None => (RunMachine::new(spec, now), None),
+    let Some(dir) = &opts.state_dir else {
+        return Ok(RunState {
+            machine: RunMachine::new(spec, now),
+            store: None,
+        });
     };
+    let store = Store::open(dir)?;
+    let saved = store.load()?;
+    let state = store.path().display().to_string();
+    let (machine, records) = RunMachine::restore(spec, saved, &state, now)?;
+    store.append(&records)?;
+    Ok(RunState {
+        machine,
+        store: Some(store),
+    })
+}
+
+/// As [`run_with_signals`], for a state [`open_state`] opened.
+pub async fn serve_state(
+    state: RunState,
+    listener: TcpListener,
+    opts: ServeOptions,
+    signals: impl Stream<Item = String>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<RunOutcome> {
+    let addr = listener.local_addr().map_err(Error::Listener)?;
+    let RunState { machine, store } = state;
     let ended_already = machine.outcome();
     let shared = Shared::new(machine.with_data_fingerprint(opts.data_fingerprint.clone()), store);
 

@@ -179,3 +179,38 @@ async fn listen_flag_overrides_the_config() {
     listening_addr(&mut child).await;
     child.kill().await.unwrap();
 }
+
+/// A state directory that cannot be used is bad input like a bad config: exit 2, one error line naming what
+/// differs, and no `listening on` line first.
+#[tokio::test]
+async fn a_state_dir_of_another_spec_is_refused_before_listening() {
+    let dir = tempfile::tempdir().unwrap();
+    let text =
+        |lr: &str| format!("[run]\nname = \"state-test\"\n[cluster]\nlisten = \"127.0.0.1:0\"\n[train]\nlr = {lr}\n");
+    let config = write_config(dir.path(), &text("0.01"));
+    let mut first = coordinator(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Listening means the state is written: the run and its spec are recorded before the port is bound.
+    listening_addr(&mut first).await;
+    first.kill().await.unwrap();
+    first.wait().await.unwrap();
+    let config = write_config(dir.path(), &text("0.001"));
+    let out = tokio::time::timeout(START_TIMEOUT, coordinator(&config).output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(out.stdout.is_empty(), "{:?}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    // The data check's log lines come first; the error is the one line a script reads.
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error: ")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert_eq!(stderr.lines().last(), errors.first().copied(), "{stderr}");
+    assert!(
+        errors[0].starts_with("error: cluster.state_dir: ") && errors[0].contains("train.lr: 0.01 vs 0.001"),
+        "{stderr}"
+    );
+}
