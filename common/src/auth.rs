@@ -146,7 +146,11 @@ impl RunToken {
     pub fn for_client(env_token: Option<String>, file: Option<&Path>) -> Result<Self> {
         match (env_token, file) {
             (Some(text), _) => Self::parse(&text, TOKEN_ENV),
-            (None, Some(path)) => Self::from_file(path),
+            // The flag named, as the file's own errors do not know which flag gave it.
+            (None, Some(path)) => Self::from_file(path).map_err(|e| Error::Token {
+                origin: "--token-file".into(),
+                message: e.to_string(),
+            }),
             (None, None) => Err(Error::Token {
                 origin: format!("--token-file or {TOKEN_ENV}"),
                 message: format!(
