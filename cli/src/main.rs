@@ -83,13 +83,16 @@ struct RunArgs {
     /// Worker processes to start.
     #[arg(long, default_value_t = 2)]
     workers: u32,
-    /// A TOML run spec (default: the built-in demo). Its cluster settings are replaced for a local run.
+    /// A TOML run spec (default: the built-in demo). For a local run its [cluster] settings and checkpoint.dir are
+    /// replaced: the run state goes to <out>/state, checkpoints to <out>/checkpoints. Run the same command again to
+    /// resume a stopped or interrupted run; a finished or failed one is refused (use another --out).
     #[arg(long)]
     config: Option<PathBuf>,
     /// Override train.total_steps.
     #[arg(long)]
     steps: Option<u64>,
-    /// Run directory for run.toml, logs/ and checkpoints/ (default: runs/<run name>).
+    /// Run directory (default: runs/<run name>): run.toml, logs/, the run state in state/ and the checkpoints in
+    /// checkpoints/. The built-in demo starts afresh each time: it deletes <out>/state and <out>/checkpoints first.
     #[arg(long)]
     out: Option<PathBuf>,
     /// CPU threads per worker (default: cores / workers, at least 1).
@@ -497,21 +500,24 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<ExitCode> {
         spec.train.warmup_steps = spec.train.warmup_steps.min(steps);
     }
     let out = args.out.unwrap_or_else(|| PathBuf::from("runs").join(&spec.run.name));
-    if args.config.is_none() {
-        // The built-in demo is a fresh run every time: its run state (what a restarted coordinator would resume
-        // from) starts empty. A run from a config keeps `cluster.state_dir`, so it resumes where it stopped.
-        spec.checkpoint.dir = out.join("checkpoints");
-        spec.cluster.state_dir = out.join("state");
-        if spec.cluster.state_dir.exists() {
-            std::fs::remove_dir_all(&spec.cluster.state_dir).with_context(|| {
-                format!(
-                    "cannot clear the demo's old run state {}",
-                    spec.cluster.state_dir.display()
-                )
-            })?;
-        }
-    }
+    // Everything the run leaves is under --out, config or not: a state or checkpoint directory shared by the runs of
+    // several configs (the spec defaults, relative to the working directory) would mix them, or refuse the next run.
+    spec.checkpoint.dir = run::checkpoint_dir(&out);
+    spec.cluster.state_dir = run::state_dir(&out);
     spec.validate()?;
+    // Decided before any process starts: a coordinator started on an ended run's state only reports its old outcome.
+    let start = if args.config.is_some() {
+        let (out, spec) = (out.clone(), spec.clone());
+        tokio::task::spawn_blocking(move || run::plan_config_run(&out, &spec)).await??
+    } else {
+        // The built-in demo is a fresh run every time: no earlier state or checkpoints of it are kept.
+        let out = out.clone();
+        tokio::task::spawn_blocking(move || run::plan_demo_run(&out)).await??
+    };
+    if let run::Start::Refuse(why) = &start {
+        eprintln!("error: {why}");
+        return Ok(ExitCode::from(2));
+    }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = args
         .threads_per_worker
@@ -525,6 +531,9 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<ExitCode> {
         threads,
         out.join("logs").display()
     );
+    if let Some(line) = start.resuming_line() {
+        println!("{line}");
+    }
     let opts = run::RunOptions {
         spec: spec.clone(),
         workers: args.workers,
@@ -534,10 +543,13 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let summary = run::run_local(opts, interrupted()).await?;
     if summary.interrupted {
-        eprintln!(
-            "interrupted: every process was stopped; logs are in {}",
-            out.join("logs").display()
-        );
+        let line = if args.config.is_some() {
+            let out = out.clone();
+            tokio::task::spawn_blocking(move || run::interrupted_line(&out)).await?
+        } else {
+            "interrupted; the demo starts afresh each time".to_string()
+        };
+        eprintln!("{line}; logs are in {}", out.join("logs").display());
         return Ok(ExitCode::from(130));
     }
     let s = &summary.status;
@@ -549,14 +561,33 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::FAILURE);
     }
-    println!(
-        "finished {} steps in {}: loss {}  val loss {}  {}",
-        s.step,
-        status_view::duration(s.elapsed_secs),
+    let resumed_at = start.resume_step();
+    let figures = format!(
+        "loss {}  val loss {}  {}",
         s.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
         status_view::val(s.val_loss),
         status_view::rate(s.tokens_per_sec)
     );
+    if s.step <= resumed_at {
+        // Its checkpoint was already the last step: nothing was trained now, so no "finished N steps in 0s".
+        println!(
+            "run {} had no steps left after its checkpoint at step {resumed_at}",
+            spec.run.name
+        );
+    } else if resumed_at > 0 {
+        println!(
+            "finished {} steps ({} of them now, resumed at step {resumed_at}) in {}: {figures}",
+            s.step,
+            s.step - resumed_at,
+            status_view::duration(s.elapsed_secs)
+        );
+    } else {
+        println!(
+            "finished {} steps in {}: {figures}",
+            s.step,
+            status_view::duration(s.elapsed_secs)
+        );
+    }
     println!("checkpoint: {}", s.last_checkpoint);
     let ckpt = PathBuf::from(&s.last_checkpoint);
     if spec.data.source == DataSource::Addition {

@@ -85,7 +85,8 @@ state_dir = "{root}/state"
 
     let mut chat = Command::new(env!("CARGO_BIN_EXE_lockstep"))
         .args(["chat", "--temperature", "0", "--checkpoint"])
-        .arg(root.join("ckpt"))
+        // `lockstep run` puts the checkpoints under --out, whatever the spec's checkpoint.dir says.
+        .arg(root.join("out").join("checkpoints"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
