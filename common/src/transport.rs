@@ -1,6 +1,6 @@
 //! How clients (workers, `lockstep status` and `lockstep stop`, tests) reach the coordinator: the URL, TLS or mutual
-//! TLS when asked for, the run token on every request, message size limits, and retrying while the coordinator
-//! starts.
+//! TLS when asked for, the run token on every request, message size limits, a deadline on every call that answers
+//! once, and retrying while the coordinator starts.
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -12,6 +12,17 @@ use crate::auth::{AUTHORIZATION, RunToken};
 use crate::error::{Error, Result};
 use crate::proto;
 use crate::spec::DEFAULT_MAX_MESSAGE_BYTES;
+
+/// How long a call that answers once (`GetStatus`, `StopRun`, the start of `GetHistory`) may wait for its answer. A
+/// port that accepts connections but is not a coordinator (or a hung one) would otherwise keep a person waiting
+/// forever. A coordinator answers these at once; reading a long run's history takes seconds, not this.
+pub const CALL_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Calls that stay open for the life of a worker or a `--watch`: no deadline.
+const LONG_LIVED_CALLS: [&str; 2] = ["Session", "WatchStatus"];
+
+/// The header a call's deadline travels in (tonic's `Request::set_timeout`).
+const GRPC_TIMEOUT: &str = "grpc-timeout";
 
 /// TLS towards the coordinator (an `https://` URL).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,8 +121,30 @@ impl Interceptor for AuthInterceptor {
     }
 }
 
-/// A Coordinator client that sends the run token with every call.
-pub type CoordinatorClient = proto::coordinator_client::CoordinatorClient<InterceptedService<Channel, AuthInterceptor>>;
+/// The run token on every call, and a deadline on every call that answers once (the caller's own deadline wins).
+#[derive(Debug, Clone)]
+pub struct CallInterceptor {
+    auth: AuthInterceptor,
+    deadline: Duration,
+}
+
+impl Interceptor for CallInterceptor {
+    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let mut request = self.auth.call(request)?;
+        let answers_once = request
+            .extensions()
+            .get::<tonic::GrpcMethod>()
+            .is_some_and(|m| !LONG_LIVED_CALLS.contains(&m.method()));
+        if answers_once && request.metadata().get(GRPC_TIMEOUT).is_none() {
+            request.set_timeout(self.deadline);
+        }
+        Ok(request)
+    }
+}
+
+/// A Coordinator client that sends the run token with every call and gives up on calls that answer once after
+/// [`CALL_DEADLINE`].
+pub type CoordinatorClient = proto::coordinator_client::CoordinatorClient<InterceptedService<Channel, CallInterceptor>>;
 
 /// `url` as an endpoint with `security`'s TLS. The scheme and the TLS flags must agree: `https://` needs
 /// `--tls-ca`, and `http://` takes no TLS flag.
@@ -125,7 +158,22 @@ pub fn endpoint(url: &str, security: &ClientSecurity) -> Result<Endpoint> {
             "not a valid --coordinator URL ({e}); use http://HOST:PORT or https://HOST:PORT"
         ))
     })?;
-    let https = url.starts_with("https://");
+    // Without this check a URL like HOST:PORT parses, and every connection attempt fails until the timeout.
+    let https = match endpoint.uri().scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        None => {
+            return Err(bad(format!(
+                "no scheme in this --coordinator URL; use http://{url} (or https://{url} with TLS)"
+            )));
+        }
+        Some(other) => {
+            return Err(bad(format!(
+                "--coordinator URL scheme {other}:// is not one a coordinator speaks; use http://HOST:PORT or \
+                 https://HOST:PORT"
+            )));
+        }
+    };
     match (&security.tls, https) {
         (None, false) => Ok(endpoint),
         (None, true) => Err(bad(
@@ -179,11 +227,25 @@ pub fn read_pem(flag: &str, path: &Path) -> std::result::Result<Vec<u8>, String>
     Ok(bytes)
 }
 
-/// A client over `channel` that sends `security`'s token and applies its message limit.
+/// A client over `channel` that sends `security`'s token, applies its message limit, and gives up on calls that
+/// answer once after [`CALL_DEADLINE`].
 pub fn client(channel: Channel, security: &ClientSecurity) -> Result<CoordinatorClient> {
+    client_with_deadline(channel, security, CALL_DEADLINE)
+}
+
+/// [`client`], with `deadline` instead of [`CALL_DEADLINE`].
+pub fn client_with_deadline(
+    channel: Channel,
+    security: &ClientSecurity,
+    deadline: Duration,
+) -> Result<CoordinatorClient> {
     let limit = security.max_message_bytes;
+    let interceptor = CallInterceptor {
+        auth: AuthInterceptor::new(&security.token)?,
+        deadline,
+    };
     Ok(
-        proto::coordinator_client::CoordinatorClient::with_interceptor(channel, AuthInterceptor::new(&security.token)?)
+        proto::coordinator_client::CoordinatorClient::with_interceptor(channel, interceptor)
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit),
     )
@@ -198,7 +260,8 @@ pub async fn connect(url: &str, security: &ClientSecurity, timeout: Duration) ->
     };
     let endpoint =
         endpoint(url, security)?.connect_timeout(Duration::from_secs(2).min(timeout.max(Duration::from_millis(100))));
-    let deadline = Instant::now() + timeout;
+    // `None`: a timeout too long to end (a huge --connect-timeout-secs).
+    let deadline = Instant::now().checked_add(timeout);
     let mut backoff = Duration::from_millis(100);
     loop {
         match endpoint.connect().await {
@@ -211,7 +274,7 @@ pub async fn connect(url: &str, security: &ClientSecurity, timeout: Duration) ->
                          security.tls_cert"
                     )));
                 }
-                if Instant::now() + backoff >= deadline {
+                if deadline.is_some_and(|deadline| Instant::now() + backoff >= deadline) {
                     return Err(bad(format!(
                         "unreachable after {timeout:.0?} ({why}); is lockstep-coordinator running and listening there?"
                     )));
@@ -284,5 +347,78 @@ mod tests {
         assert!(e.contains("not a PEM file"), "{e}");
         let e = endpoint("not a url", &security()).unwrap_err().to_string();
         assert!(e.contains("not a url") && e.contains("http://HOST:PORT"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_url_without_a_scheme_is_refused_at_once() {
+        for url in ["127.0.0.1:7171", "localhost:7171"] {
+            let e = connect(url, &security(), Duration::from_secs(30))
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("no scheme") && e.contains(&format!("use http://{url}")),
+                "{e}"
+            );
+        }
+        let e = endpoint("ftp://127.0.0.1:7171", &security()).unwrap_err().to_string();
+        assert!(e.contains("ftp://") && e.contains("http://HOST:PORT"), "{e}");
+        assert!(endpoint("http://127.0.0.1:7171", &security()).is_ok());
+    }
+
+    fn intercepted(method: &'static str, timeout: Option<Duration>) -> tonic::Request<()> {
+        let mut interceptor = CallInterceptor {
+            auth: AuthInterceptor::new(&RunToken::generate()).unwrap(),
+            deadline: Duration::from_secs(7),
+        };
+        let mut request = tonic::Request::new(());
+        request
+            .extensions_mut()
+            .insert(tonic::GrpcMethod::new("lockstep.v1.Coordinator", method));
+        if let Some(timeout) = timeout {
+            request.set_timeout(timeout);
+        }
+        interceptor.call(request).unwrap()
+    }
+
+    #[test]
+    fn calls_that_answer_once_get_a_deadline_and_long_lived_streams_none() {
+        let deadline = |r: &tonic::Request<()>| r.metadata().get(GRPC_TIMEOUT).map(|v| v.to_str().unwrap().to_string());
+        for method in ["GetStatus", "StopRun", "GetHistory"] {
+            assert_eq!(
+                deadline(&intercepted(method, None)).as_deref(),
+                Some("7000000u"),
+                "{method}"
+            );
+        }
+        for method in ["Session", "WatchStatus"] {
+            assert_eq!(deadline(&intercepted(method, None)), None, "{method}");
+        }
+        // A caller's own deadline stays.
+        let own = intercepted("GetStatus", Some(Duration::from_secs(1)));
+        assert_eq!(deadline(&own).as_deref(), Some("1000000u"));
+        assert!(own.metadata().get(AUTHORIZATION).is_some());
+    }
+
+    /// A port that accepts connections and never answers: a call that answers once gives up at its deadline instead
+    /// of waiting forever.
+    #[tokio::test]
+    async fn a_status_call_to_a_port_that_never_answers_ends_at_its_deadline() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let _silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let channel = endpoint(&url, &security()).unwrap().connect().await.unwrap();
+        let mut client = client_with_deadline(channel, &security(), Duration::from_millis(200)).unwrap();
+        // Not a timing check: only a guard that turns a hang (the bug) into a failure.
+        let answer = tokio::time::timeout(Duration::from_secs(120), client.get_status(proto::GetStatusRequest {}))
+            .await
+            .expect("GetStatus to a silent port must end at its deadline");
+        let status = answer.unwrap_err();
+        assert!(status.message().contains("Timeout expired"), "{status:?}");
     }
 }

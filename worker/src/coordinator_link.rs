@@ -1,8 +1,12 @@
-//! How a worker reaches its coordinator: the address, the route other workers use to reach this host, and the
-//! flags for the run token and TLS. The connection itself (TLS, the token on every call, retrying while the
-//! coordinator starts) is `lockstep_common::transport`, shared with the CLI.
-use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
+//! How a worker reaches its coordinator: the address, the route other workers use to reach this host, the flags for
+//! the run token and TLS, how long to wait between attempts to join, and which failures say the address is not a
+//! coordinator at all. The connection itself (TLS, the token on every call, retrying while the coordinator starts)
+//! is `lockstep_common::transport`, shared with the CLI.
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::path::PathBuf;
+use std::time::Duration;
+
+use rand::Rng;
 
 use lockstep_common::auth::{self, RunToken};
 use lockstep_common::transport::ClientSecurity;
@@ -62,16 +66,94 @@ pub fn resolve(url: &str) -> Result<SocketAddr> {
         .ok_or_else(|| bad("the --coordinator address resolves to nothing; use http://HOST:PORT".into()))
 }
 
-/// The local address this host would use to reach `peer`: the interface other workers can reach us on too.
-/// (Connecting a UDP socket sends nothing; it only asks the kernel for the route.)
-pub fn local_ip_towards(peer: SocketAddr) -> std::net::IpAddr {
-    let any: SocketAddr = if peer.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
-        .parse()
-        .unwrap_or(peer);
+/// The local address this host would use to reach `peer`: the interface other workers can reach us on too; `None`
+/// when there is no route. (Connecting a UDP socket sends nothing; it only asks the kernel for the route.)
+pub fn local_ip_towards(peer: SocketAddr) -> Option<IpAddr> {
+    let any = SocketAddr::new(unspecified_like(peer.ip()), 0);
     UdpSocket::bind(any)
         .and_then(|s| s.connect(peer).and_then(|()| s.local_addr()))
         .map(|a| a.ip())
-        .unwrap_or(any.ip())
+        .ok()
+        .filter(|ip| !ip.is_unspecified())
+}
+
+/// 0.0.0.0 or [::], in `ip`'s family.
+pub fn unspecified_like(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+    }
+}
+
+/// The address other workers dial for a ring listener bound at `bound`. A listener on every interface (0.0.0.0,
+/// [::]) cannot be advertised as such, since a peer on another host would dial itself: it is advertised at `route`,
+/// the address this host uses towards the coordinator, which is on the network the workers share.
+pub fn advertised_ring_addr(bound: SocketAddr, route: Option<IpAddr>) -> Result<SocketAddr> {
+    if !bound.ip().is_unspecified() {
+        return Ok(bound);
+    }
+    let usage = |why: &str| {
+        Error::Usage(format!(
+            "--ring-listen {bound}: {why}; give --ring-listen this host's IP address (with the port, 0 = any free \
+             one), the one other workers reach it at"
+        ))
+    };
+    match route {
+        // A [::] listener also accepts IPv4 (Linux's default), so either family of route will do.
+        Some(ip) if ip.is_ipv4() || bound.is_ipv6() => Ok(SocketAddr::new(ip, bound.port())),
+        Some(ip) => Err(usage(&format!(
+            "it listens on IPv4 only, but this host reaches the coordinator over IPv6 (from {ip})"
+        ))),
+        None => Err(usage(
+            "it listens on every interface, and this host has no route to the coordinator to tell which one other \
+             workers reach it at",
+        )),
+    }
+}
+
+/// Waits between attempts to join: doubling from `first` up to `cap`, and each a random draw from the upper half of
+/// that, so that the workers of a coordinator that went away do not all come back at the same instant.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    first: Duration,
+    cap: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    pub fn new(first: Duration, cap: Duration) -> Self {
+        Self {
+            first,
+            cap,
+            next: first,
+        }
+    }
+
+    /// How long to wait before the next attempt.
+    pub fn next_delay(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (base * 2).min(self.cap);
+        base.mul_f64(rand::rng().random_range(0.5..=1.0))
+    }
+
+    /// Back to `first`, after a session that held.
+    pub fn reset(&mut self) {
+        self.next = self.first;
+    }
+}
+
+/// Whether `status`, met while joining, says the address is served by something that is not a lockstep
+/// coordinator: HTTP/1 or not HTTP at all (tonic reports an HTTP/2 protocol error), an HTTP/2 server that is not
+/// gRPC (no gRPC status, a body that is not gRPC messages), or a gRPC server without the Coordinator service.
+/// Waiting will not change that; a coordinator that is down or restarting fails differently (refused, reset).
+pub fn not_a_coordinator(status: &tonic::Status) -> bool {
+    let message = status.message();
+    // Not Unavailable: a proxy in front of a restarting coordinator answers 502 or 503, mapped to that.
+    let malformed = matches!(status.code(), tonic::Code::Internal | tonic::Code::Unknown)
+        && (message.starts_with("protocol error") || message.starts_with("grpc-status header missing"));
+    // Unknown with this message is an I/O error (a reset) on the way, not the peer's answer.
+    let not_http2 = status.code() == tonic::Code::Internal && message.starts_with("h2 protocol error");
+    status.code() == tonic::Code::Unimplemented || malformed || not_http2
 }
 
 /// The name a worker gets without `--worker-id`: `HOST:PID`.
@@ -86,4 +168,113 @@ pub fn hostname() -> String {
         .filter(|s| !s.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_listener_on_every_interface_is_advertised_at_the_route_to_the_coordinator() {
+        let route = Some("10.1.2.3".parse().unwrap());
+        assert_eq!(
+            advertised_ring_addr(addr("0.0.0.0:44019"), route).unwrap(),
+            addr("10.1.2.3:44019")
+        );
+        assert_eq!(
+            advertised_ring_addr(addr("[::]:44019"), route).unwrap(),
+            addr("10.1.2.3:44019")
+        );
+        let v6 = Some("fd00::7".parse().unwrap());
+        assert_eq!(advertised_ring_addr(addr("[::]:9"), v6).unwrap(), addr("[fd00::7]:9"));
+        // A listener on one address is advertised as it is, whatever the route.
+        assert_eq!(
+            advertised_ring_addr(addr("192.168.0.5:9"), route).unwrap(),
+            addr("192.168.0.5:9")
+        );
+        assert_eq!(
+            advertised_ring_addr(addr("127.0.0.1:9"), None).unwrap(),
+            addr("127.0.0.1:9")
+        );
+    }
+
+    #[test]
+    fn an_every_interface_listener_that_cannot_be_advertised_names_the_flag() {
+        let e = advertised_ring_addr(addr("0.0.0.0:9"), None).unwrap_err().to_string();
+        assert!(e.contains("--ring-listen 0.0.0.0:9") && e.contains("no route"), "{e}");
+        let e = advertised_ring_addr(addr("0.0.0.0:9"), Some("fd00::7".parse().unwrap()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("IPv4 only") && e.contains("IPv6"), "{e}");
+    }
+
+    #[test]
+    fn the_route_to_loopback_is_loopback() {
+        assert_eq!(
+            local_ip_towards(addr("127.0.0.1:7070")),
+            Some("127.0.0.1".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_its_cap_and_resets() {
+        let (first, cap) = (Duration::from_millis(100), Duration::from_secs(5));
+        let mut backoff = Backoff::new(first, cap);
+        let mut base = first;
+        for _ in 0..12 {
+            let delay = backoff.next_delay();
+            assert!(delay >= base / 2 && delay <= base, "{delay:?} for {base:?}");
+            base = (base * 2).min(cap);
+        }
+        assert_eq!(base, cap);
+        backoff.reset();
+        assert!(backoff.next_delay() <= first);
+    }
+
+    #[test]
+    fn only_failures_that_waiting_cannot_fix_say_not_a_coordinator() {
+        use tonic::{Code, Status};
+        let foreign = [
+            Status::new(Code::Internal, "h2 protocol error: http2 error"),
+            Status::new(Code::Unimplemented, ""),
+            Status::new(
+                Code::Unimplemented,
+                "grpc-status header missing, mapped from HTTP status code 404",
+            ),
+            Status::new(
+                Code::Unknown,
+                "grpc-status header missing, mapped from HTTP status code 500",
+            ),
+            Status::new(
+                Code::Internal,
+                "grpc-status header missing, mapped from HTTP status code 400",
+            ),
+            Status::new(
+                Code::Internal,
+                "protocol error: received message with invalid compression flag: 60",
+            ),
+            Status::new(Code::Unknown, "protocol error: missing grpc-status trailer"),
+        ];
+        for status in foreign {
+            assert!(not_a_coordinator(&status), "{status:?}");
+        }
+        let transient = [
+            Status::new(Code::Unavailable, "tcp connect error"),
+            Status::new(Code::Unknown, "h2 protocol error: connection reset"),
+            Status::new(Code::Unavailable, "the coordinator is shutting down"),
+            Status::new(
+                Code::Unavailable,
+                "grpc-status header missing, mapped from HTTP status code 503",
+            ),
+            Status::new(Code::Cancelled, "Timeout expired"),
+            Status::new(Code::Internal, "cannot write the run state"),
+        ];
+        for status in transient {
+            assert!(!not_a_coordinator(&status), "{status:?}");
+        }
+    }
 }

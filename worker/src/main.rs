@@ -34,7 +34,9 @@ struct Args {
     /// CPU threads for tensor math (default: all cores). With several workers on one host, divide the cores.
     #[arg(long, env = "LOCKSTEP_THREADS")]
     threads: Option<usize>,
-    /// Address for the gradient ring listener (default: this host's address towards the coordinator, any port).
+    /// Address for the gradient ring listener (default: this host's address towards the coordinator, any port). One
+    /// on every interface (0.0.0.0:PORT, [::]:PORT) is announced to the other workers at the address towards the
+    /// coordinator, since they could not dial 0.0.0.0.
     #[arg(long, env = "LOCKSTEP_RING_LISTEN")]
     ring_listen: Option<String>,
     /// Name shown in status and logs (default: HOST:PID).

@@ -6,8 +6,12 @@
 //!   `Idle` and waits for its next assignment.
 //! - A collective that breaks (a peer died) is reported as a peer failure; the worker stays for the next generation.
 //!   Its own failure (bad data, out of memory) is reported and ends the worker.
-//! - A lost coordinator (stream closed or broken) stops training; the worker reconnects with backoff for up to
-//!   `reconnect_timeout` and joins again — the restarted coordinator resumes the run from its newest checkpoint.
+//! - A lost coordinator (stream closed or broken) does not stop training; the worker reconnects with backoff (jittered,
+//!   doubling to a few seconds) for up to `reconnect_timeout` and joins again — a restarted coordinator takes the
+//!   generation over, or resumes the run from its newest checkpoint.
+//! - Every attempt to join waits a bounded time for the coordinator's answer, and a signal ends the wait. Before its
+//!   first welcome, a worker whose coordinator address turns out to be something else (HTTP/1, not gRPC, no
+//!   Coordinator service) says so and ends, instead of retrying what waiting cannot fix.
 //! - The first SIGTERM/SIGINT votes to stop after the current step: all ranks pause at that step, rank 0 checkpoints
 //!   it, this worker leaves and the others re-form. A second signal stops at once.
 mod train;
@@ -15,7 +19,7 @@ mod train;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use lockstep_common::RunSpec;
@@ -33,13 +37,26 @@ use self::train::{Controls, Failure, Job, TrainEnd};
 use crate::checkpoint::{self, Retention};
 use crate::collective::{RingListener, offered_nccl_id};
 pub use crate::coordinator_link::default_worker_id;
-use crate::coordinator_link::{hostname, local_ip_towards, resolve};
+use crate::coordinator_link::{
+    Backoff, advertised_ring_addr, hostname, local_ip_towards, not_a_coordinator, resolve, unspecified_like,
+};
 use crate::error::{Error, Result};
 
 /// How long a worker whose training failed waits for the coordinator to acknowledge its error report.
 const REPORT_GRACE: Duration = Duration::from_secs(10);
 /// Heartbeat interval until the coordinator's welcome says otherwise.
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(2);
+/// The longest one attempt to join waits for the coordinator's answer to the Join (less when less of the time to
+/// reach it is left, but never under `JOIN_ANSWER_MIN`). A coordinator answers at once; a port that accepts and
+/// stays silent is not one, or a hung one.
+const JOIN_ANSWER: Duration = Duration::from_secs(10);
+const JOIN_ANSWER_MIN: Duration = Duration::from_secs(1);
+/// The wait between attempts to join starts here and doubles up to `RETRY_CAP`.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_CAP: Duration = Duration::from_secs(5);
+/// A session that held this long resets that wait; one that broke sooner counts as a failed attempt, so that a
+/// coordinator that welcomes and drops a worker at once is not retried in a tight loop.
+const STEADY_SESSION: Duration = Duration::from_secs(10);
 
 /// How a worker is started (the binary's flags).
 #[derive(Debug, Clone)]
@@ -100,16 +117,20 @@ struct Identity {
 /// Runs the worker to its end: `Ok` after the coordinator's stop or a graceful leave, `Err` on reject, its own
 /// failure, a second signal, or a coordinator unreachable for longer than `reconnect_timeout`.
 pub async fn run(opts: WorkerOptions, mut signals: Signals) -> Result<Exit> {
+    // A URL without a scheme, or TLS flags that do not fit it, fail now rather than after the connect timeout.
+    transport::endpoint(&opts.coordinator, &opts.security)?;
     let coordinator_addr: SocketAddr = resolve(&opts.coordinator)?;
+    let route = local_ip_towards(coordinator_addr);
     let listen = match &opts.ring_listen {
         Some(addr) => addr.clone(),
-        None => format!("{}:0", local_ip_towards(coordinator_addr)),
+        None => SocketAddr::new(route.unwrap_or_else(|| unspecified_like(coordinator_addr.ip())), 0).to_string(),
     };
     let listener = RingListener::bind(&listen)?;
+    let ring_addr = advertised_ring_addr(listener.local_addr(), route)?;
     let me = Identity {
         worker_id: opts.worker_id.clone().unwrap_or_else(default_worker_id),
         host: hostname(),
-        ring_addr: listener.local_addr().to_string(),
+        ring_addr: ring_addr.to_string(),
         listener: Arc::new(listener),
     };
     let span = info_span!("worker", worker = %me.worker_id);
@@ -121,6 +142,7 @@ pub async fn run(opts: WorkerOptions, mut signals: Signals) -> Result<Exit> {
         progress: Arc::default(),
         retention: None,
         pruning: None,
+        welcomed: false,
     };
     async move {
         let exit = serve(&opts, &me, &mut signals, &mut state).await;
@@ -137,46 +159,242 @@ pub async fn run(opts: WorkerOptions, mut signals: Signals) -> Result<Exit> {
 
 /// Sessions with the coordinator, one after another, until the worker's end.
 async fn serve(opts: &WorkerOptions, me: &Identity, signals: &mut Signals, state: &mut State) -> Result<Exit> {
-    let mut timeout = opts.connect_timeout;
+    let mut backoff = Backoff::new(RETRY_FIRST, RETRY_CAP);
+    let mut patience = Patience::new(opts.connect_timeout);
     loop {
-        let connected = tokio::select! {
-            connected = transport::connect(&opts.coordinator, &opts.security, timeout) => connected,
-            // A signal while the coordinator is unreachable: nobody can agree on a checkpoint; stop now.
-            _ = signals.changed() => {
-                stop(&mut state.training).await;
-                return Err(Error::Aborted("interrupted by a signal while the coordinator was unreachable".into()));
-            }
+        let attempt = tokio::select! {
+            attempt = join(opts, me, state, patience.left()) => attempt,
+            _ = signals.changed() => return interrupted(state).await,
         };
-        let client = match connected {
-            Ok(client) => client,
-            Err(e) => {
-                stop(&mut state.training).await;
-                return Err(e.into());
+        let (failed, lost_session) = match attempt {
+            Ok(joined) => {
+                state.welcomed |= joined.welcomed();
+                let began = Instant::now();
+                match session(opts, me, joined, signals, state).await {
+                    Ok(exit) => return Ok(exit),
+                    Err(SessionEnd::Fatal(e)) => return fail(state, e).await,
+                    Err(SessionEnd::Lost(e)) => {
+                        if began.elapsed() >= STEADY_SESSION {
+                            backoff.reset();
+                        }
+                        patience = Patience::new(opts.reconnect_timeout);
+                        (e, true)
+                    }
+                }
             }
+            Err(SessionEnd::Fatal(e)) => return fail(state, e).await,
+            Err(SessionEnd::Lost(e)) => (e, false),
         };
-        let ended = session(opts, me, client, signals, state).await;
-        match ended {
-            Ok(exit) => return Ok(exit),
-            Err(SessionEnd::Fatal(e)) => {
-                stop(&mut state.training).await;
-                return Err(e);
-            }
-            Err(SessionEnd::Lost(e)) if *signals.borrow() > 0 => {
-                stop(&mut state.training).await;
-                return Err(e);
-            }
-            Err(SessionEnd::Lost(e)) => {
-                // Training goes on: the coordinator is not on the data path, and a restarted one adopts the
-                // generation when every member is back. Reports wait in `events` meanwhile.
-                warn!(
-                    error = %e,
-                    secs = opts.reconnect_timeout.as_secs(),
-                    training = state.training.is_some(),
-                    "lost the coordinator; reconnecting"
-                );
-                timeout = opts.reconnect_timeout;
-            }
+        if *signals.borrow() > 0 {
+            return fail(state, failed).await;
         }
+        let delay = backoff.next_delay();
+        if patience.runs_out_within(delay) {
+            let e = patience.gave_up(opts, state.welcomed, &failed);
+            return fail(state, e).await;
+        }
+        if lost_session {
+            // Training goes on: the coordinator is not on the data path, and a restarted one adopts the generation
+            // when every member is back. Reports wait in `events` meanwhile.
+            warn!(
+                error = %failed,
+                secs = opts.reconnect_timeout.as_secs(),
+                training = state.training.is_some(),
+                retry_in = ?delay,
+                "lost the coordinator; reconnecting"
+            );
+        } else {
+            warn!(error = %failed, retry_in = ?delay, "could not join the coordinator; retrying");
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            _ = signals.changed() => return interrupted(state).await,
+        }
+    }
+}
+
+/// A signal while not joined: nobody can agree on a checkpoint; stop now.
+async fn interrupted(state: &mut State) -> Result<Exit> {
+    fail(
+        state,
+        Error::Aborted("interrupted by a signal while the coordinator was unreachable".into()),
+    )
+    .await
+}
+
+async fn fail(state: &mut State, e: Error) -> Result<Exit> {
+    stop(&mut state.training).await;
+    Err(e)
+}
+
+/// How long the worker keeps trying to join: from its start (`--connect-timeout-secs`), then from each loss of the
+/// coordinator (`--reconnect-timeout-secs`). Failed attempts in between do not restart it.
+struct Patience {
+    window: Duration,
+    /// `None`: a window too long to end.
+    until: Option<Instant>,
+}
+
+impl Patience {
+    fn new(window: Duration) -> Self {
+        Self {
+            window,
+            until: Instant::now().checked_add(window),
+        }
+    }
+
+    fn left(&self) -> Duration {
+        self.until
+            .map_or(Duration::MAX, |until| until.saturating_duration_since(Instant::now()))
+    }
+
+    fn runs_out_within(&self, wait: Duration) -> bool {
+        self.left() <= wait
+    }
+
+    /// The error a worker ends with when no attempt worked; `last` says why the last one did not.
+    fn gave_up(&self, opts: &WorkerOptions, welcomed: bool, last: &Error) -> Error {
+        let why = match last {
+            Error::Coordinator { message, .. } => message.clone(),
+            other => other.to_string(),
+        };
+        Error::Coordinator {
+            addr: opts.coordinator.clone(),
+            message: format!(
+                "could not {} within {:.0?}: {why}",
+                if welcomed { "rejoin" } else { "join" },
+                self.window
+            ),
+        }
+    }
+}
+
+/// A session the coordinator answered: the stream both ways and its first message (a Welcome, or a Reject).
+struct Joined {
+    up: Uplink,
+    inbound: tonic::Streaming<CoordinatorMessage>,
+    first: coordinator_message::Msg,
+}
+
+impl Joined {
+    fn welcomed(&self) -> bool {
+        matches!(self.first, coordinator_message::Msg::Welcome(_))
+    }
+}
+
+/// One attempt to join: connect, send the Join, and wait — a bounded time — for the coordinator's first answer. A
+/// port that accepts connections but never answers must not hold the worker forever.
+async fn join(opts: &WorkerOptions, me: &Identity, state: &State, left: Duration) -> Result<Joined, SessionEnd> {
+    let client = transport::connect(&opts.coordinator, &opts.security, left)
+        .await
+        .map_err(|e| SessionEnd::Fatal(e.into()))?;
+    let wait = left.clamp(JOIN_ANSWER_MIN, JOIN_ANSWER);
+    match tokio::time::timeout(wait, open(opts, me, state, client)).await {
+        Ok(joined) => joined,
+        Err(_) => Err(SessionEnd::Lost(Error::Coordinator {
+            addr: opts.coordinator.clone(),
+            message: format!(
+                "no answer to this worker's Join within {wait:.0?}; is this the --listen address of a \
+                 lockstep-coordinator?"
+            ),
+        })),
+    }
+}
+
+/// Opens the session with this worker's Join and reads the coordinator's first answer.
+async fn open(
+    opts: &WorkerOptions,
+    me: &Identity,
+    state: &State,
+    mut client: transport::CoordinatorClient,
+) -> Result<Joined, SessionEnd> {
+    let (up, up_rx) = mpsc::unbounded_channel();
+    let training = &state.training;
+    send(
+        &up,
+        worker_message::Msg::Join(Join {
+            protocol_version: lockstep_common::PROTOCOL_VERSION,
+            worker_id: me.worker_id.clone(),
+            host: me.host.clone(),
+            device: opts.device_name.clone(),
+            ring_addr: me.ring_addr.clone(),
+            spec_json: opts.spec.as_ref().map(RunSpec::to_json).unwrap_or_default(),
+            nccl_unique_id: offered_nccl_id(&opts.device),
+            training: training.is_some(),
+            training_generation: training.as_ref().map_or(0, |t| t.generation),
+            training_rank: training.as_ref().map_or(0, |t| t.rank),
+            training_step: state.progress.load(Ordering::Relaxed),
+        }),
+    );
+    let failed = |what: &str, status: tonic::Status| join_failed(opts, state.welcomed, what, &status);
+    let mut inbound = client
+        .session(UnboundedReceiverStream::new(up_rx))
+        .await
+        .map_err(|status| failed("session refused", status))?
+        .into_inner();
+    loop {
+        match inbound.message().await {
+            Ok(Some(CoordinatorMessage { msg: Some(first) })) => return Ok(Joined { up, inbound, first }),
+            Ok(Some(CoordinatorMessage { msg: None })) => {}
+            Ok(None) => {
+                return Err(SessionEnd::Lost(Error::Coordinator {
+                    addr: opts.coordinator.clone(),
+                    message: "closed the session before answering the Join".into(),
+                }));
+            }
+            Err(status) => return Err(failed("session failed", status)),
+        }
+    }
+}
+
+/// How a session that could not start ends: for good where joining again cannot help.
+fn join_failed(opts: &WorkerOptions, welcomed: bool, what: &str, status: &tonic::Status) -> SessionEnd {
+    let error = |message: String| Error::Coordinator {
+        addr: opts.coordinator.clone(),
+        message,
+    };
+    let detail = status_detail(status);
+    match status.code() {
+        // Joining again cannot fix these: a wrong token, a protocol mismatch, a server being told to stop.
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied | tonic::Code::InvalidArgument => {
+            SessionEnd::Fatal(error(format!("{what}: {detail}")))
+        }
+        // Only before the first welcome: a worker that has trained with this coordinator keeps trying while its
+        // training goes on, whatever answers at that address meanwhile.
+        _ if !welcomed && not_a_coordinator(status) => SessionEnd::Fatal(error(format!(
+            "does not speak the lockstep protocol ({detail}); is it a lockstep-coordinator's --listen address?"
+        ))),
+        _ => SessionEnd::Lost(error(format!("{what}: {detail}"))),
+    }
+}
+
+/// A failed call's message with its first cause, which tonic's message often leaves out ("transport error").
+fn status_detail(status: &tonic::Status) -> String {
+    let mut detail = if status.message().is_empty() {
+        format!("{:?}", status.code())
+    } else {
+        status.message().to_string()
+    };
+    let mut root = std::error::Error::source(status);
+    while let Some(cause) = root.and_then(std::error::Error::source) {
+        root = Some(cause);
+    }
+    if let Some(root) = root.map(ToString::to_string)
+        && !detail.contains(&root)
+    {
+        detail = format!("{detail}: {root}");
+    }
+    detail
+}
+
+/// The first message, read when the session opened, then the stream's.
+async fn next_message(
+    first: &mut Option<coordinator_message::Msg>,
+    inbound: &mut tonic::Streaming<CoordinatorMessage>,
+) -> Result<Option<CoordinatorMessage>, tonic::Status> {
+    match first.take() {
+        Some(msg) => Ok(Some(CoordinatorMessage { msg: Some(msg) })),
+        None => inbound.message().await,
     }
 }
 
@@ -193,6 +411,8 @@ struct State {
     retention: Option<Retention>,
     /// The prune in progress: the next one waits for it, and the worker does before it exits.
     pruning: Option<JoinHandle<()>>,
+    /// The coordinator has welcomed this worker at least once: it is a coordinator, whatever fails later.
+    welcomed: bool,
 }
 
 /// The training in progress, if any.
@@ -213,56 +433,24 @@ impl Training {
     }
 }
 
-/// One session: join, then serve the coordinator until it ends.
+/// One session, from the coordinator's first answer until it ends.
 async fn session(
     opts: &WorkerOptions,
     me: &Identity,
-    mut client: transport::CoordinatorClient,
+    joined: Joined,
     signals: &mut Signals,
     state: &mut State,
 ) -> Result<Exit, SessionEnd> {
-    let (up, up_rx) = mpsc::unbounded_channel();
+    let Joined { up, mut inbound, first } = joined;
+    let mut first = Some(first);
     let training = &mut state.training;
     let progress = state.progress.clone();
-    send(
-        &up,
-        worker_message::Msg::Join(Join {
-            protocol_version: lockstep_common::PROTOCOL_VERSION,
-            worker_id: me.worker_id.clone(),
-            host: me.host.clone(),
-            device: opts.device_name.clone(),
-            ring_addr: me.ring_addr.clone(),
-            spec_json: opts.spec.as_ref().map(RunSpec::to_json).unwrap_or_default(),
-            nccl_unique_id: offered_nccl_id(&opts.device),
-            training: training.is_some(),
-            training_generation: training.as_ref().map_or(0, |t| t.generation),
-            training_rank: training.as_ref().map_or(0, |t| t.rank),
-            training_step: progress.load(Ordering::Relaxed),
-        }),
-    );
     let lost = |message: String| {
         SessionEnd::Lost(Error::Coordinator {
             addr: opts.coordinator.clone(),
             message,
         })
     };
-    let mut inbound = client
-        .session(UnboundedReceiverStream::new(up_rx))
-        .await
-        .map_err(|e| {
-            let message = format!("session refused: {}", e.message());
-            match e.code() {
-                // Joining again cannot fix these: a wrong token, a protocol mismatch, a server being told to stop.
-                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied | tonic::Code::InvalidArgument => {
-                    SessionEnd::Fatal(Error::Coordinator {
-                        addr: opts.coordinator.clone(),
-                        message,
-                    })
-                }
-                _ => lost(message),
-            }
-        })?
-        .into_inner();
     info!(ring_addr = %me.ring_addr, coordinator = %opts.coordinator, "joined; waiting for an assignment");
 
     let mut heartbeat = tokio::time::interval(DEFAULT_HEARTBEAT);
@@ -272,7 +460,7 @@ async fn session(
 
     loop {
         tokio::select! {
-            msg = inbound.message() => {
+            msg = next_message(&mut first, &mut inbound) => {
                 let msg = match msg {
                     Ok(Some(CoordinatorMessage { msg: Some(m) })) => m,
                     Ok(Some(CoordinatorMessage { msg: None })) => continue,
