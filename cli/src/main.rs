@@ -666,7 +666,24 @@ async fn connect(url: &str, security: &SecurityArgs) -> anyhow::Result<Coordinat
 
 /// A refused call as one line: the coordinator's message (which says what to do) and the code.
 fn rpc_error(url: &str, status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("coordinator {url}: {} ({:?})", status.message(), status.code())
+    let said = format!("{} ({:?})", status.message(), status.code());
+    // The two that a wrong address gives: a port that accepts and never answers, and a server of another kind.
+    if matches!(status.code(), tonic::Code::Cancelled | tonic::Code::DeadlineExceeded)
+        && status.message().contains("Timeout expired")
+    {
+        return anyhow::anyhow!(
+            "coordinator {url}: no answer within {} s ({said}); is it a lockstep-coordinator's --listen address, and \
+             is the coordinator responsive?",
+            transport::CALL_DEADLINE.as_secs()
+        );
+    }
+    if transport::not_a_coordinator(&status) {
+        return anyhow::anyhow!(
+            "coordinator {url}: does not speak the lockstep protocol ({said}); is it a lockstep-coordinator's \
+             --listen address?"
+        );
+    }
+    anyhow::anyhow!("coordinator {url}: {said}")
 }
 
 async fn stop_cmd(args: StopArgs) -> anyhow::Result<ExitCode> {

@@ -142,20 +142,6 @@ impl Backoff {
     }
 }
 
-/// Whether `status`, met while joining, says the address is served by something that is not a lockstep
-/// coordinator: HTTP/1 or not HTTP at all (tonic reports an HTTP/2 protocol error), an HTTP/2 server that is not
-/// gRPC (no gRPC status, a body that is not gRPC messages), or a gRPC server without the Coordinator service.
-/// Waiting will not change that; a coordinator that is down or restarting fails differently (refused, reset).
-pub fn not_a_coordinator(status: &tonic::Status) -> bool {
-    let message = status.message();
-    // Not Unavailable: a proxy in front of a restarting coordinator answers 502 or 503, mapped to that.
-    let malformed = matches!(status.code(), tonic::Code::Internal | tonic::Code::Unknown)
-        && (message.starts_with("protocol error") || message.starts_with("grpc-status header missing"));
-    // Unknown with this message is an I/O error (a reset) on the way, not the peer's answer.
-    let not_http2 = status.code() == tonic::Code::Internal && message.starts_with("h2 protocol error");
-    status.code() == tonic::Code::Unimplemented || malformed || not_http2
-}
-
 /// The name a worker gets without `--worker-id`: `HOST:PID`.
 pub fn default_worker_id() -> String {
     format!("{}:{}", hostname(), std::process::id())
@@ -233,48 +219,5 @@ mod tests {
         assert_eq!(base, cap);
         backoff.reset();
         assert!(backoff.next_delay() <= first);
-    }
-
-    #[test]
-    fn only_failures_that_waiting_cannot_fix_say_not_a_coordinator() {
-        use tonic::{Code, Status};
-        let foreign = [
-            Status::new(Code::Internal, "h2 protocol error: http2 error"),
-            Status::new(Code::Unimplemented, ""),
-            Status::new(
-                Code::Unimplemented,
-                "grpc-status header missing, mapped from HTTP status code 404",
-            ),
-            Status::new(
-                Code::Unknown,
-                "grpc-status header missing, mapped from HTTP status code 500",
-            ),
-            Status::new(
-                Code::Internal,
-                "grpc-status header missing, mapped from HTTP status code 400",
-            ),
-            Status::new(
-                Code::Internal,
-                "protocol error: received message with invalid compression flag: 60",
-            ),
-            Status::new(Code::Unknown, "protocol error: missing grpc-status trailer"),
-        ];
-        for status in foreign {
-            assert!(not_a_coordinator(&status), "{status:?}");
-        }
-        let transient = [
-            Status::new(Code::Unavailable, "tcp connect error"),
-            Status::new(Code::Unknown, "h2 protocol error: connection reset"),
-            Status::new(Code::Unavailable, "the coordinator is shutting down"),
-            Status::new(
-                Code::Unavailable,
-                "grpc-status header missing, mapped from HTTP status code 503",
-            ),
-            Status::new(Code::Cancelled, "Timeout expired"),
-            Status::new(Code::Internal, "cannot write the run state"),
-        ];
-        for status in transient {
-            assert!(!not_a_coordinator(&status), "{status:?}");
-        }
     }
 }

@@ -27,7 +27,7 @@ use lockstep_common::proto::{
     CheckpointCommitted, CoordinatorMessage, FailureKind, Heartbeat, Idle, Join, WorkerError, WorkerMessage,
     coordinator_message, worker_message,
 };
-use lockstep_common::transport::{self, ClientSecurity};
+use lockstep_common::transport::{self, ClientSecurity, not_a_coordinator};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -37,9 +37,7 @@ use self::train::{Controls, Failure, Job, TrainEnd};
 use crate::checkpoint::{self, Retention};
 use crate::collective::{RingListener, offered_nccl_id};
 pub use crate::coordinator_link::default_worker_id;
-use crate::coordinator_link::{
-    Backoff, advertised_ring_addr, hostname, local_ip_towards, not_a_coordinator, resolve, unspecified_like,
-};
+use crate::coordinator_link::{Backoff, advertised_ring_addr, hostname, local_ip_towards, resolve, unspecified_like};
 use crate::error::{Error, Result};
 
 /// How long a worker whose training failed waits for the coordinator to acknowledge its error report.
