@@ -745,8 +745,19 @@ fn a_state_of_another_spec_is_refused_naming_the_field() {
             let message = e.to_string();
             assert!(message.contains("train.lr"), "{message}");
             assert!(message.contains("state/run.redb"), "{message}");
+            assert!(message.contains("resume it with its own config"), "{message}");
         }
     }
+    // A run that committed no checkpoint (a typo fixed after the first start): the advice is to start afresh.
+    let fresh = fold([run_record(&theirs), generation(0, 0), step_record(1)]);
+    let Err(e) = RunMachine::restore(spec(2, 100), fresh, "state/run.redb", std::time::Instant::now()) else {
+        panic!("a state of another spec was accepted")
+    };
+    let message = e.to_string();
+    assert!(
+        message.contains("committed no checkpoint") && message.contains("delete state/run.redb"),
+        "{message}"
+    );
 }
 
 #[test]

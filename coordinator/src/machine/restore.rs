@@ -32,9 +32,19 @@ impl RunMachine {
             let diff = RunSpec::from_json(&json)
                 .map(|theirs| theirs.training_diff(&machine.spec).join("; "))
                 .unwrap_or_else(|e| format!("its saved spec cannot be read: {e}"));
+            // A run that never committed a checkpoint has nothing to resume: say that starting afresh loses
+            // nothing (the usual case: a typo fixed after the first start).
+            let advice = if saved.checkpoints.is_empty() {
+                format!(
+                    "it has committed no checkpoint, so nothing is lost by starting afresh: delete {state} (or set \
+                     cluster.state_dir to a new directory)"
+                )
+            } else {
+                "resume it with its own config, or set cluster.state_dir to a new directory to start another run"
+                    .to_string()
+            };
             return Err(Error::StateConflict(format!(
-                "{state} holds run {name:?} with another training spec (saved vs this config: {diff}); resume it \
-                 with its own config, or set cluster.state_dir to a new directory to start another run"
+                "{state} holds run {name:?} with another training spec (saved vs this config: {diff}); {advice}"
             )));
         }
         machine.next_generation = saved.generations.last().map_or(0, |g| g.0 + 1);
