@@ -13,6 +13,7 @@ pub mod error;
 pub mod metrics;
 pub mod presets;
 pub mod spec;
+mod spec_types;
 pub mod telemetry;
 pub mod transport;
 

@@ -381,6 +381,13 @@ impl RunSpec {
         // Only `LOCKSTEP_<SECTION>__<KEY>` variables are spec keys; plain `LOCKSTEP_<FLAG>` variables belong to
         // the binaries' command-line flags and must not be mistaken for unknown keys.
         let prefix = format!("{ENV_PREFIX}_");
+        if let Some(p) = path {
+            let text = std::fs::read_to_string(p).map_err(|e| Error::Config {
+                path: shown.clone(),
+                message: format!("cannot read it: {e}"),
+            })?;
+            crate::spec_types::check(&shown, &text)?;
+        }
         let overrides: config::Map<String, String> = env
             .into_iter()
             .filter(|(k, _)| k.starts_with(&prefix) && k.contains("__"))
@@ -402,6 +409,7 @@ impl RunSpec {
     /// Parses TOML text (no environment), resolves the preset and `init_from` as [`RunSpec::load`] does, then
     /// validates.
     pub fn from_toml_str(text: &str) -> Result<Self> {
+        crate::spec_types::check("<inline>", text)?;
         Self::resolve("<inline>", |builder| {
             builder.add_source(config::File::from_str(text, config::FileFormat::Toml))
         })
