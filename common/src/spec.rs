@@ -388,10 +388,11 @@ impl RunSpec {
             })?;
             crate::spec_types::check(&shown, &text)?;
         }
-        let overrides: config::Map<String, String> = env
-            .into_iter()
-            .filter(|(k, _)| k.starts_with(&prefix) && k.contains("__"))
-            .collect();
+        let env: Vec<(String, String)> = env.into_iter().filter(|(k, _)| k.starts_with(&prefix)).collect();
+        if let Some(message) = crate::spec_types::misspelt_override(env.iter().map(|(k, _)| k.as_str())) {
+            return Err(Error::Config { path: shown, message });
+        }
+        let overrides: config::Map<String, String> = env.into_iter().filter(|(k, _)| k.contains("__")).collect();
         Self::resolve(&shown, |mut builder| {
             if let Some(p) = path {
                 builder = builder.add_source(config::File::from(p).format(config::FileFormat::Toml));
@@ -1103,6 +1104,13 @@ mod tests {
         let env = vec![("LOCKSTEP_TRAIN__BOGUS".to_string(), "1".to_string())];
         let err = RunSpec::load_with_env(None, env).unwrap_err().to_string();
         assert!(err.contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn an_env_override_with_one_underscore_is_refused_with_the_right_spelling() {
+        let env = vec![("LOCKSTEP_TRAIN_TOTAL_STEPS".to_string(), "5".to_string())];
+        let err = RunSpec::load_with_env(None, env).unwrap_err().to_string();
+        assert!(err.contains("LOCKSTEP_TRAIN__TOTAL_STEPS"), "{err}");
     }
 
     #[test]

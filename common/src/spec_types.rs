@@ -35,6 +35,25 @@ pub fn check(shown: &str, text: &str) -> Result<()> {
     Ok(())
 }
 
+/// The first of `vars` (environment variable names with the spec's prefix) that looks like a spec override written
+/// with one underscore after its section (`LOCKSTEP_TRAIN_TOTAL_STEPS`), which would otherwise be taken for no
+/// override at all; the message gives the spelling that works. The binaries' own variables name no section.
+pub fn misspelt_override<'a>(vars: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    let sections: Vec<String> = match serde_json::to_value(RunSpec::default()) {
+        Ok(Json::Object(fields)) => fields.keys().map(|k| k.to_uppercase()).collect(),
+        _ => return None,
+    };
+    let prefix = format!("{}_", crate::spec::ENV_PREFIX);
+    vars.into_iter().find_map(|var| {
+        let rest = var.strip_prefix(&prefix).filter(|_| !var.contains("__"))?;
+        let section = sections.iter().find(|s| rest.starts_with(&format!("{s}_")))?;
+        let key = &rest[section.len() + 1..];
+        Some(format!(
+            "{var}: a spec override separates section and key with two underscores: {prefix}{section}__{key}"
+        ))
+    })
+}
+
 /// What `value` should have been, when it does not have the type of `default` (a field's default value); `None`
 /// when it fits, or when the default says nothing about the type (an optional field that is unset by default).
 fn mismatch(default: &Json, value: &toml::Value) -> Option<&'static str> {
@@ -89,6 +108,24 @@ mod tests {
             let message = refused(text);
             assert!(message.contains(expected) && message.contains("run.toml"), "{message}");
         }
+    }
+
+    #[test]
+    fn an_override_with_one_underscore_is_named_with_the_spelling_that_works() {
+        let message = misspelt_override(["LOCKSTEP_TOKEN", "LOCKSTEP_TRAIN_TOTAL_STEPS"]).unwrap();
+        assert!(
+            message.starts_with("LOCKSTEP_TRAIN_TOTAL_STEPS:") && message.ends_with("LOCKSTEP_TRAIN__TOTAL_STEPS"),
+            "{message}"
+        );
+        // The binaries' own variables, and well-formed overrides, are not mistaken for one.
+        let fine = [
+            "LOCKSTEP_TOKEN_FILE",
+            "LOCKSTEP_LOG_FORMAT",
+            "LOCKSTEP_GPU_COMPOSED",
+            "LOCKSTEP_TRAIN__TOTAL_STEPS",
+            "LOCKSTEP_CHECKPOINT__DIR",
+        ];
+        assert_eq!(misspelt_override(fine), None);
     }
 
     #[test]
