@@ -45,6 +45,7 @@ fn worker_json(w: &WorkerStatus) -> Value {
         "last_step_ms": w.last_step_ms,
         "tokens_per_sec": w.tokens_per_sec,
         "param_checksum": w.param_checksum,
+        "silent_secs": w.silent_secs,
     })
 }
 
@@ -195,8 +196,8 @@ pub fn render_table(s: &RunStatus) -> String {
     }
     let _ = writeln!(
         out,
-        "{:<5} {:<20} {:<16} {:<7} {:<9} {:>7} {:>9} {:>12}  CHECKSUM",
-        "RANK", "WORKER", "HOST", "DEVICE", "STATE", "STEP", "STEP MS", "TOK/S"
+        "{:<5} {:<20} {:<16} {:<7} {:<9} {:>7} {:>9} {:>12} {:>7}  CHECKSUM",
+        "RANK", "WORKER", "HOST", "DEVICE", "STATE", "STEP", "STEP MS", "TOK/S", "HEARD"
     );
     for w in &s.workers {
         let rank = if w.rank < 0 {
@@ -206,7 +207,7 @@ pub fn render_table(s: &RunStatus) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<5} {:<20} {:<16} {:<7} {:<9} {:>7} {:>9.1} {:>12.0}  {}",
+            "{:<5} {:<20} {:<16} {:<7} {:<9} {:>7} {:>9.1} {:>12.0} {:>7}  {}",
             rank,
             w.worker_id,
             w.host,
@@ -215,6 +216,7 @@ pub fn render_table(s: &RunStatus) -> String {
             w.last_step,
             w.last_step_ms,
             w.tokens_per_sec,
+            format!("{} ago", duration(w.silent_secs)),
             w.param_checksum
         );
     }
@@ -236,6 +238,7 @@ mod tests {
             workers: vec![WorkerStatus {
                 rank: 1,
                 state: WorkerState::Training as i32,
+                silent_secs: 12.5,
                 ..Default::default()
             }],
             ..Default::default()
@@ -246,6 +249,8 @@ mod tests {
         assert!(v["val_loss"].is_null());
         assert!(v["val_perplexity"].is_null());
         assert_eq!(v["workers"][0]["state"], "training");
+        assert_eq!(v["workers"][0]["silent_secs"], 12.5);
+        assert!(render_table(&s).contains("13s ago"), "{}", render_table(&s));
         assert!(render_table(&s).contains("step 3/10"));
     }
 

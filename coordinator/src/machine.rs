@@ -136,7 +136,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn status(&self) -> proto::WorkerStatus {
+    fn status(&self, now: Instant) -> proto::WorkerStatus {
         proto::WorkerStatus {
             worker_id: self.id.clone(),
             rank: self.rank.map_or(-1, |r| i32::try_from(r).unwrap_or(i32::MAX)),
@@ -147,6 +147,7 @@ impl Worker {
             last_step_ms: self.last_step_ms,
             tokens_per_sec: self.tokens_per_sec,
             param_checksum: self.param_checksum.clone(),
+            silent_secs: now.saturating_duration_since(self.last_seen).as_secs_f64(),
         }
     }
 
@@ -392,7 +393,7 @@ impl RunMachine {
                 .workers
                 .iter()
                 .filter(|w| w.connected || w.rank.is_some())
-                .map(Worker::status)
+                .map(|w| w.status(now))
                 .collect(),
             last_checkpoint: self
                 .checkpoints

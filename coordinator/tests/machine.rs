@@ -865,3 +865,15 @@ fn random_event_orders_keep_the_invariants() {
         "{tally:?}"
     );
 }
+
+/// The status says how long ago each worker was last heard from, so a hung one shows before it is declared lost.
+#[test]
+fn status_says_how_long_each_worker_has_been_silent() {
+    let mut h = Harness::formed(100);
+    h.advance(3.0);
+    h.msg(1, heartbeat());
+    let status = h.status();
+    let silent = |id: &str| status.workers.iter().find(|w| w.worker_id == id).map(|w| w.silent_secs);
+    assert_eq!(silent("w0"), Some(0.0), "{status:?}");
+    assert_eq!(silent("w1"), Some(3.0), "{status:?}");
+}
