@@ -1,6 +1,9 @@
 //! The worker binary's answers to bad input: a non-zero exit and one `error:` line naming the problem.
 use std::process::Command;
 
+mod stderr_util;
+use stderr_util::one_error_line;
+
 /// The worker with `args` and a run token in its environment.
 fn run(args: &[&str]) -> (bool, String) {
     run_with_token(args, Some("worker-cli-tests-token-0123"))
@@ -14,13 +17,6 @@ fn run_with_token(args: &[&str], token: Option<&str>) -> (bool, String) {
     }
     let out = cmd.args(args).output().unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
-fn one_error_line(stderr: &str) -> &str {
-    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(errors.len(), 1, "{stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    errors[0]
 }
 
 #[test]

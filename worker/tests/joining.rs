@@ -9,6 +9,9 @@ use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::Duration;
 
+mod stderr_util;
+use stderr_util::one_error_line;
+
 use candle_core::Device;
 use futures::Stream;
 use lockstep_common::auth::RunToken;
@@ -207,13 +210,6 @@ async fn binary(args: &[&str], after_start: impl AsyncFnOnce(u32)) -> (bool, Str
         .expect("the worker must end on its own")
         .unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
-fn one_error_line(stderr: &str) -> &str {
-    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(errors.len(), 1, "{stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    errors[0]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
