@@ -518,6 +518,7 @@ async fn run_cmd(args: RunArgs) -> anyhow::Result<ExitCode> {
         eprintln!("error: {why}");
         return Ok(ExitCode::from(2));
     }
+    run::mark_kind(&out, if args.config.is_some() { run::CONFIG } else { run::DEMO })?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = args
         .threads_per_worker

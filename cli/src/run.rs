@@ -196,10 +196,39 @@ pub fn plan_config_run(out: &Path, spec: &RunSpec) -> Result<Start> {
     Ok(Start::Resume { name, checkpoint })
 }
 
+/// In a run directory, what kind of run `lockstep run` last started there: [`DEMO`] or [`CONFIG`]. The demo clears
+/// its directory; this says whether what it would clear is its own.
+const KIND_FILE: &str = ".lockstep-run";
+pub const DEMO: &str = "demo";
+pub const CONFIG: &str = "config";
+
+/// Records that `lockstep run` starts a run of `kind` in `out`.
+pub fn mark_kind(out: &Path, kind: &str) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(io(format!("create {}", out.display())))?;
+    let path = out.join(KIND_FILE);
+    std::fs::write(&path, kind).map_err(io(format!("write {}", path.display())))
+}
+
 /// Empties run directory `out` of the built-in demo's earlier state and checkpoints: the demo is a fresh run every
 /// time, and an older run's checkpoints left beside the new ones would be what `generate --checkpoint DIR` loads
-/// (it takes the newest step). Refused while a coordinator runs on that state.
+/// (it takes the newest step). Refused while a coordinator runs on that state, and when `out` holds a run started
+/// with --config (one the same command resumes; a demo's default --out may be a config run's, when both are named
+/// `addition-demo`). A directory with no mark is a demo's: before the mark, only the demo kept its state there.
 pub fn plan_demo_run(out: &Path) -> Result<Start> {
+    let kind = out.join(KIND_FILE);
+    match std::fs::read_to_string(&kind) {
+        Ok(k) if k.trim() == CONFIG => {
+            return Ok(Start::Refuse(format!(
+                "{} holds a run started with --config, which the demo would delete; use another --out for the \
+                 demo, or delete {} first",
+                out.display(),
+                out.display()
+            )));
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(format!("read {}", kind.display()))(e)),
+    }
     if let Err(refusal) = read_state(out)
         // A state that cannot be read is cleared all the same: nothing in it will be used.
         .unwrap_or(Ok(None))

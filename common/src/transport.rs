@@ -296,9 +296,25 @@ pub fn not_a_coordinator(status: &tonic::Status) -> bool {
     // Not Unavailable: a proxy in front of a restarting coordinator answers 502 or 503, mapped to that.
     let malformed = matches!(status.code(), tonic::Code::Internal | tonic::Code::Unknown)
         && (message.starts_with("protocol error") || message.starts_with("grpc-status header missing"));
-    // Unknown with this message is an I/O error (a reset) on the way, not the peer's answer.
-    let not_http2 = status.code() == tonic::Code::Internal && message.starts_with("h2 protocol error");
+    // Unknown with this message is an I/O error (a reset) on the way, not the peer's answer. Internal is also what a
+    // coordinator's graceful shutdown gives a stream it cuts (GOAWAY with NO_ERROR, h2's "not a result of an
+    // error"): that one a restarted coordinator answers, so it is not taken for a foreign server.
+    let not_http2 = status.code() == tonic::Code::Internal
+        && message.starts_with("h2 protocol error")
+        && !error_chain(status).contains("not a result of an error");
     status.code() == tonic::Code::Unimplemented || malformed || not_http2
+}
+
+/// `status`'s message and those of the errors under it, in one string.
+fn error_chain(status: &tonic::Status) -> String {
+    let mut text = status.message().to_string();
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
 }
 
 #[cfg(test)]
@@ -473,6 +489,10 @@ mod tests {
                 "grpc-status header missing, mapped from HTTP status code 503",
             ),
             Status::new(Code::Cancelled, "Timeout expired"),
+            Status::new(
+                Code::Internal,
+                "h2 protocol error: connection error received: not a result of an error",
+            ),
             Status::new(Code::Internal, "cannot write the run state"),
         ];
         for status in transient {

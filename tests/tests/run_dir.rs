@@ -123,6 +123,26 @@ fn the_demo_run_again_with_fewer_steps_leaves_only_its_own_checkpoints() {
     assert_eq!(checkpoints(&cwd.join("demo/checkpoints")), ["step-00000002"]);
 }
 
+/// The demo clears its run directory, but never one a --config run keeps (which the same command would resume):
+/// the demo's default --out is a config run's whenever both are named `addition-demo`.
+#[test]
+fn the_demo_refuses_to_clear_a_config_runs_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path();
+    write_config(&cwd.join("a.toml"), "run-a", 1e-2, 3);
+    let first = lockstep_run(cwd, &["--config", "a.toml", "--out", "out"]);
+    assert!(first.status.success(), "{}", text(&first));
+    let demo = lockstep_run(cwd, &["--steps", "2", "--out", "out"]);
+    assert_eq!(demo.status.code(), Some(2), "{}", text(&demo));
+    assert!(
+        String::from_utf8_lossy(&demo.stderr).contains("holds a run started with --config"),
+        "{}",
+        text(&demo)
+    );
+    assert_eq!(checkpoints(&cwd.join("out/checkpoints")), ["step-00000003"]);
+    assert!(cwd.join("out/state/run.redb").is_file());
+}
+
 /// A config run stopped after a checkpoint (its coordinator told to stop, as Ctrl-C does) is resumed by the same
 /// `lockstep run` command, from that checkpoint, to the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -78,7 +78,7 @@ pub fn local_ip_towards(peer: SocketAddr) -> Option<IpAddr> {
 }
 
 /// 0.0.0.0 or [::], in `ip`'s family.
-pub fn unspecified_like(ip: IpAddr) -> IpAddr {
+fn unspecified_like(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
         IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),

@@ -37,7 +37,7 @@ use self::train::{Controls, Failure, Job, TrainEnd};
 use crate::checkpoint::{self, Retention};
 use crate::collective::{RingListener, offered_nccl_id};
 pub use crate::coordinator_link::default_worker_id;
-use crate::coordinator_link::{Backoff, advertised_ring_addr, hostname, local_ip_towards, resolve, unspecified_like};
+use crate::coordinator_link::{Backoff, advertised_ring_addr, hostname, local_ip_towards, resolve};
 use crate::error::{Error, Result};
 
 /// How long a worker whose training failed waits for the coordinator to acknowledge its error report.
@@ -119,9 +119,17 @@ pub async fn run(opts: WorkerOptions, mut signals: Signals) -> Result<Exit> {
     transport::endpoint(&opts.coordinator, &opts.security)?;
     let coordinator_addr: SocketAddr = resolve(&opts.coordinator)?;
     let route = local_ip_towards(coordinator_addr);
-    let listen = match &opts.ring_listen {
-        Some(addr) => addr.clone(),
-        None => SocketAddr::new(route.unwrap_or_else(|| unspecified_like(coordinator_addr.ip())), 0).to_string(),
+    let listen = match (&opts.ring_listen, route) {
+        (Some(addr), _) => addr.clone(),
+        (None, Some(ip)) => SocketAddr::new(ip, 0).to_string(),
+        // Without a route there is no address to give the other workers; say so in terms of what was asked.
+        (None, None) => {
+            return Err(Error::Usage(format!(
+                "--coordinator {}: this host has no route to {coordinator_addr} (is the network up?), so it has no \
+                 address to give the other workers; or give --ring-listen this host's IP address",
+                opts.coordinator
+            )));
+        }
     };
     let listener = RingListener::bind(&listen)?;
     let ring_addr = advertised_ring_addr(listener.local_addr(), route)?;
