@@ -114,24 +114,6 @@ fn read_state(out: &Path) -> Result<Result<Option<Saved>, Start>> {
     }
 }
 
-/// The `step-*` directories in `dir` (none when it does not exist).
-fn step_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io(format!("read {}", dir.display()))(e)),
-    };
-    let mut found = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(io(format!("read {}", dir.display())))?;
-        if entry.file_name().to_string_lossy().starts_with("step-") && entry.path().is_dir() {
-            found.push(entry.path());
-        }
-    }
-    found.sort();
-    Ok(found)
-}
-
 /// What `lockstep run --config` does with run directory `out` for `spec` (whose state and checkpoint directories
 /// are already `out`'s): a new run, the saved run resumed, or a refusal. The state is only read, never changed.
 pub fn plan_config_run(out: &Path, spec: &RunSpec) -> Result<Start> {
@@ -143,7 +125,7 @@ pub fn plan_config_run(out: &Path, spec: &RunSpec) -> Result<Start> {
             // Checkpoints without the state that committed them: the new run's would be mixed with them, and
             // `generate --checkpoint DIR` would load whichever step is newest, perhaps the old run's.
             let checkpoints = checkpoint_dir(out);
-            if step_dirs(&checkpoints)?.is_empty() {
+            if lockstep_worker::checkpoint::step_dirs(&checkpoints)?.is_empty() {
                 return Ok(Start::Fresh);
             }
             return Ok(Start::Refuse(format!(

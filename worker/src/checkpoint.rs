@@ -225,7 +225,7 @@ fn to_json<T: Serialize>(value: &T) -> Result<String> {
 }
 
 /// `step-*` directories under `root` (complete or not), with their step numbers, oldest first.
-fn step_dirs(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
+pub fn step_dirs(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let entries = match std::fs::read_dir(root) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
